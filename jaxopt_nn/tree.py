@@ -61,8 +61,10 @@ def path_name(path: Sequence[Any]) -> str:
       ['Dense_0/kernel', 'layers/0/kernel']
     """
     keys = list(path)
-    while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and (
-        keys[-1].name in _VARIABLE_ATTRS
+    while (
+        keys
+        and isinstance(keys[-1], jax.tree_util.GetAttrKey)
+        and (keys[-1].name in _VARIABLE_ATTRS)
     ):
         keys.pop()
     return "/".join(_key_name(k) for k in keys)
@@ -112,9 +114,7 @@ def select(tree: PyTree, where: Where = None) -> PyTree:
 
     def broadcast(flag: Any, subtree: PyTree) -> PyTree:
         if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(
-                f"where must hold Python bools; got {type(flag).__name__} {flag!r}"
-            )
+            raise TypeError(f"where must hold Python bools; got {type(flag).__name__} {flag!r}")
         return jax.tree.map(lambda _: bool(flag), subtree)
 
     try:
@@ -148,9 +148,7 @@ def map_selected(
       ``tree`` unchanged elsewhere.
     """
     flags = select(tree, where)
-    return jax.tree.map(
-        lambda flag, leaf, *xs: fn(leaf, *xs) if flag else leaf, flags, tree, *rest
-    )
+    return jax.tree.map(lambda flag, leaf, *xs: fn(leaf, *xs) if flag else leaf, flags, tree, *rest)
 
 
 def count_params(tree: PyTree, where: Where | bool = True) -> int:
@@ -224,8 +222,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = []
     for r in cells:
         parts = [
-            c.rjust(w) if num else c.ljust(w)
-            for c, w, num in zip(r, widths, numeric, strict=True)
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
         ]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)

@@ -1,0 +1,894 @@
+"""Compressed, checksummed archive of a parameter pytree (Deep Compression storage).
+
+A tensor given a :class:`~jaxopt_nn.quantization.Codebook` is stored as the
+positions of its kept weights (relative indices: gaps, with a filler symbol
+when a gap is too long for the index width), the codebook index of each kept
+weight, both Huffman-coded, and the used centroids. Other selected tensors are
+stored sparse (positions + raw nonzero values) or raw, whichever is smaller;
+unselected leaves (biases, norm scales) are stored raw, optionally in a
+narrower float type. Everything but that optional cast is lossless: ``load``
+returns the same tree, shapes, dtypes and bits.
+
+The byte layout is documented in ``docs/archive-format.md``. Every file ends
+with a CRC32 of all bytes before it and each tensor's section carries its own
+CRC32, so a damaged file raises :class:`ArchiveError` instead of returning
+wrong weights.
+
+Example:
+  >>> import numpy as np
+  >>> params = {'dense': {'kernel': np.eye(4, dtype=np.float32), 'bias': np.ones(4, np.float32)}}
+  >>> restored = loads(dumps(params))
+  >>> np.array_equal(restored['dense']['kernel'], params['dense']['kernel'])
+  True
+  >>> [(t.name, t.method, t.kept) for t in inspect(dumps(params)).tensors]
+  [('dense/bias', 'raw', 4), ('dense/kernel', 'sparse', 4)]
+
+References:
+  Han, Mao and Dally, "Deep Compression: Compressing Deep Neural Networks with
+  Pruning, Trained Quantization and Huffman Coding", ICLR,
+  https://arxiv.org/abs/1510.00149, 2016 (section 2: relative indices with
+  filler zeros; section 4: Huffman coding of weights and indices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxopt_nn import huffman
+from jaxopt_nn import tree as tree_lib
+from jaxopt_nn.quantization import Codebook
+
+PyTree = Any
+
+MAGIC = b"JNZ"
+VERSION = 1
+_MAX_LENGTH = 15  # code length limit while <= 2**15 symbols are used (4-bit table entries)
+_MAX_INDEX_BITS = 16
+_MAX_HEADER = 1 << 26  # bytes of decompressed JSON accepted
+# Preset dictionary of the raw-deflate header: common keys and record prefixes.
+HEADER_DICTIONARY = (
+    b'"params":{"batch_stats":"mean":"var":"scale":["s",[":["r",[":["q",['
+    b'"bias":["r",[,"f4","f2"]"kernel":["q",[{"fc1":{"fc2":{"fc3":{"conv1":{"Dense_0":{'
+)
+
+_DTYPES = {
+    np.dtype(name).str[1:]: np.dtype(name)
+    for name in (
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+}
+_DTYPES["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_ITEMSIZE = {dtype.name: dtype.itemsize for dtype in _DTYPES.values()}
+_CENTROID_DTYPES = {b"e": np.dtype(np.float16), b"f": np.dtype(np.float32)}
+_METHODS = {"r": "raw", "s": "sparse", "q": "codebook"}
+
+
+class ArchiveError(ValueError):
+    """The bytes are not a valid archive: bad magic or version, truncated, corrupt."""
+
+
+class TensorInfo(NamedTuple):
+    """Storage of one leaf; ``nbytes = index_bytes + value_bytes + codebook_bytes + 4``."""
+
+    name: str  # readable path, e.g. 'fc1/kernel'
+    shape: tuple[int, ...]
+    dtype: str  # dtype of the leaf as loaded
+    method: str  # 'raw', 'sparse' or 'codebook'
+    size: int  # number of scalars
+    kept: int  # stored (nonzero / kept) scalars; size for raw
+    weight_bits: float  # bits per kept scalar for its value (Huffman average for codebooks)
+    index_bits: float  # bits per kept scalar for its position (Huffman average; 0 for raw)
+    index_bytes: int  # bytes of the position stream (index width, code table, chunk index, bits)
+    value_bytes: int  # bytes of the values (codebook-index stream or raw values)
+    codebook_bytes: int  # bytes of the centroids and their dtype tag
+    nbytes: int  # bytes of the whole section, CRC32 included
+
+
+class ArchiveInfo(NamedTuple):
+    """Byte accounting of an archive: ``header_bytes + sum(t.nbytes) == file_bytes``."""
+
+    tensors: list[TensorInfo]  # one per leaf, in the order stored
+    header_bytes: int  # magic, version, header length, compressed JSON header, file CRC32
+    file_bytes: int  # total size of the archive
+
+    @property
+    def original_bytes(self) -> int:
+        """Bytes of all leaves at their own dtype (the uncompressed size)."""
+        return sum(t.size * _ITEMSIZE[t.dtype] for t in self.tensors)
+
+    @property
+    def compression(self) -> float:
+        """``original_bytes / file_bytes``."""
+        return self.original_bytes / self.file_bytes
+
+    def table(self) -> str:
+        """Per-tensor table (Deep Compression style); the bytes column sums to the file size."""
+        rows = [
+            [
+                t.name,
+                "x".join(map(str, t.shape)) or "()",
+                t.method,
+                t.size,
+                f"{100 * t.kept / max(t.size, 1):.1f}%",
+                f"{t.weight_bits:.2f}",
+                f"{t.index_bits:.2f}",
+                t.nbytes,
+                f"{t.size * _ITEMSIZE[t.dtype] / t.nbytes:.1f}x",
+            ]
+            for t in self.tensors
+        ]
+        rows.append(["(header)", "", "", "", "", "", "", self.header_bytes, ""])
+        size = sum(t.size for t in self.tensors)
+        kept = sum(t.kept for t in self.tensors)
+        rows.append(
+            [
+                "total",
+                "",
+                "",
+                size,
+                f"{100 * kept / max(1, size):.1f}%",
+                "",
+                "",
+                self.file_bytes,
+                f"{self.compression:.1f}x",
+            ]
+        )
+        headers = [
+            "tensor",
+            "shape",
+            "method",
+            "weights",
+            "kept",
+            "weight bits",
+            "index bits",
+            "bytes",
+            "compression",
+        ]
+        return tree_lib.format_table(headers, rows)
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+class _Reader:
+    """Bounded reads from a section; running past its end is an ArchiveError."""
+
+    def __init__(self, data: bytes, what: str):
+        self.data, self.pos, self.what = data, 0, what
+
+    def read(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ArchiveError(
+                f"{self.what}: needs {n} more bytes at offset {self.pos}, "
+                f"only {len(self.data) - self.pos} left (inconsistent lengths)"
+            )
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def varint(self) -> int:
+        value = 0
+        for shift in range(0, 64, 7):
+            byte = self.read(1)[0]
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+        raise ArchiveError(f"{self.what}: malformed variable-length integer")
+
+
+def _pack_bits(values: np.ndarray, width: int) -> bytes:
+    bits = (values[:, None] >> np.arange(width - 1, -1, -1)) & 1
+    return np.packbits(bits.astype(np.uint8)).tobytes()
+
+
+def _unpack_bits(data: bytes, count: int, width: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(data, np.uint8))[: count * width].reshape(count, width)
+    return bits.astype(np.int64) @ (1 << np.arange(width - 1, -1, -1))
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def _stream_lengths(counts: np.ndarray) -> np.ndarray:
+    used = int(np.count_nonzero(counts))
+    limit = max(_MAX_LENGTH, (used - 1).bit_length())
+    lengths = huffman.code_lengths(counts, max_length=limit)
+    return lengths[: np.flatnonzero(lengths)[-1] + 1] if used else lengths[:0]
+
+
+def _chunk_size(count: int) -> int:
+    """Symbols per independently decodable chunk: few chunks for short streams, more lanes
+    for the lockstep decoder on long ones."""
+    return 4096 if count <= 2**16 else 1024
+
+
+def _chunk_dtype(lengths: np.ndarray) -> str:
+    return "<u2" if int(lengths.max()) <= _MAX_LENGTH else "<u4"
+
+
+def _stream_bytes(counts: np.ndarray) -> int:
+    """Exact size of the stream :func:`_write_stream` makes for symbols with these counts."""
+    count = int(counts.sum())
+    size = len(_varint_bytes(count))
+    if count:
+        lengths = _stream_lengths(counts)
+        num_bits = int(np.dot(counts[: lengths.size], lengths.astype(np.int64)))
+        num_chunks = -(-count // _chunk_size(count))
+        size += (
+            len(_varint_bytes(lengths.size))
+            + 1
+            + -(-lengths.size * int(lengths.max()).bit_length() // 8)
+            + (num_chunks - 1) * np.dtype(_chunk_dtype(lengths)).itemsize
+            + len(_varint_bytes(num_bits))
+            + (num_bits + 7) // 8
+        )
+    return size
+
+
+def _varint_bytes(value: int) -> bytearray:
+    out = bytearray()
+    _put_varint(out, value)
+    return out
+
+
+def _write_stream(out: bytearray, symbols: np.ndarray, num_symbols: int) -> None:
+    """count, code-length table, chunk bit lengths, bit count, packed codewords."""
+    _put_varint(out, symbols.size)
+    if not symbols.size:
+        return
+    lengths = _stream_lengths(np.bincount(symbols, minlength=num_symbols))
+    width = int(lengths.max()).bit_length()
+    _put_varint(out, lengths.size)
+    out.append(width)
+    out += _pack_bits(lengths.astype(np.int64), width)
+    stream = huffman.encode(symbols, lengths, chunk_size=_chunk_size(symbols.size))
+    out += np.diff(stream.chunk_offsets).astype(_chunk_dtype(lengths)).tobytes()
+    _put_varint(out, stream.num_bits)
+    out += stream.data
+
+
+def _read_stream(reader: _Reader, num_symbols: int) -> tuple[np.ndarray, int]:
+    """Inverse of :func:`_write_stream`: (symbols, payload bits)."""
+    count = reader.varint()
+    if not count:
+        return np.zeros(0, np.int64), 0
+    table_size = reader.varint()
+    if not 1 <= table_size <= num_symbols:
+        raise ArchiveError(
+            f"{reader.what}: code table of {table_size} symbols, alphabet has {num_symbols}"
+        )
+    width = reader.read(1)[0]
+    if not 1 <= width <= 5:
+        raise ArchiveError(f"{reader.what}: code-length width {width} not in [1, 5]")
+    lengths = _unpack_bits(reader.read(-(-table_size * width // 8)), table_size, width)
+    if not lengths.any():
+        raise ArchiveError(f"{reader.what}: code table assigns no codeword")
+    chunk_dtype = np.dtype(_chunk_dtype(lengths))
+    chunk_bits = np.frombuffer(
+        reader.read((-(-count // _chunk_size(count)) - 1) * chunk_dtype.itemsize), chunk_dtype
+    )
+    num_bits = reader.varint()
+    if count > num_bits:
+        raise ArchiveError(f"{reader.what}: {count} symbols cannot fit {num_bits} bits")
+    data = reader.read((num_bits + 7) // 8)
+    offsets = np.concatenate([[0], np.cumsum(chunk_bits, dtype=np.int64)])
+    try:
+        symbols = huffman.decode(
+            huffman.EncodedStream(data, num_bits, offsets, _chunk_size(count)), lengths, count
+        )
+    except ValueError as err:
+        raise ArchiveError(f"{reader.what}: {err}") from err
+    return symbols.astype(np.int64), num_bits
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def _gap_symbols(positions: np.ndarray, index_bits: int) -> np.ndarray:
+    """Relative indices: gap before each kept position, fillers for gaps >= 2**bits - 1."""
+    filler = (1 << index_bits) - 1
+    gaps = np.diff(positions, prepend=-1) - 1
+    fillers = gaps // filler
+    symbols = np.full(positions.size + int(fillers.sum()), filler, np.int64)
+    symbols[np.cumsum(fillers + 1) - 1] = gaps % filler
+    return symbols
+
+
+def _gap_counts(gaps: np.ndarray, index_bits: int) -> np.ndarray:
+    filler = (1 << index_bits) - 1
+    counts = np.bincount(gaps % filler, minlength=filler + 1)
+    counts[filler] += int((gaps // filler).sum())
+    return counts
+
+
+def _best_index_bits(positions: np.ndarray) -> int:
+    """Index width whose coded position stream is smallest (ties: the narrower)."""
+    gaps = np.diff(positions, prepend=-1) - 1
+    widest = min(_MAX_INDEX_BITS, int(gaps.max(initial=0) + 1).bit_length())
+    sizes = [_stream_bytes(_gap_counts(gaps, bits)) for bits in range(1, widest + 1)]
+    return 1 + int(np.argmin(sizes))
+
+
+def _positions(symbols: np.ndarray, index_bits: int, size: int, what: str) -> np.ndarray:
+    filler = (1 << index_bits) - 1
+    is_filler = symbols == filler
+    ends = np.cumsum(np.where(is_filler, filler, symbols + 1)) - 1
+    positions = ends[~is_filler]
+    if positions.size and positions[-1] >= size:
+        raise ArchiveError(f"{what}: kept position {positions[-1]} outside a tensor of {size}")
+    return positions
+
+
+# ----------------------------------------------------------------------------- leaves
+
+
+def _dtype_code(dtype: np.dtype, name: str) -> str:
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(
+            f"leaf {name!r} has dtype {dtype}, which the archive cannot store; "
+            f"supported: {sorted(str(d) for d in _DTYPE_CODES)}"
+        )
+    return _DTYPE_CODES[dtype]
+
+
+def _parse_dtype(code: str) -> np.dtype:
+    return _DTYPES[code]
+
+
+def _nonzero_bits(flat: np.ndarray) -> np.ndarray:
+    """Kept positions of a leaf: any bit set (so -0.0 is kept, bit-exact)."""
+    return np.flatnonzero(flat.view(f"u{flat.dtype.itemsize}"))
+
+
+def _encode_positions(out: bytearray, positions: np.ndarray, index_bits: int | None) -> None:
+    bits = _best_index_bits(positions) if index_bits is None else index_bits
+    out.append(bits)
+    _write_stream(out, _gap_symbols(positions, bits), 1 << bits)
+
+
+def _encode_codebook(
+    leaf: np.ndarray,
+    codebook: Codebook,
+    index_bits: int | None,
+    centroid_dtype: np.dtype | None,
+    name: str,
+) -> bytes:
+    mask = np.asarray(codebook.mask)
+    indices = np.asarray(codebook.indices)
+    centroids = np.asarray(codebook.centroids)
+    if mask.shape != leaf.shape or indices.shape != leaf.shape:
+        raise ValueError(
+            f"codebook for {name!r} has mask shape {mask.shape} and indices shape "
+            f"{indices.shape}; the leaf has shape {leaf.shape}"
+        )
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise TypeError(f"codebook leaf {name!r} must be floating; got dtype {leaf.dtype}")
+    positions = np.flatnonzero(mask.reshape(-1))
+    kept = indices.reshape(-1)[positions].astype(np.int64)
+    if kept.size and not 0 <= kept.min() <= kept.max() < centroids.size:
+        raise ValueError(
+            f"codebook for {name!r} has indices in [{kept.min()}, {kept.max()}] "
+            f"but {centroids.size} centroids"
+        )
+    used = np.flatnonzero(np.bincount(kept, minlength=centroids.size))
+    values = centroids.astype(leaf.dtype)[used]  # exactly what codebook_weights(..., dtype) holds
+    if centroid_dtype is None:
+        as_half = values.astype(np.float16).astype(leaf.dtype)
+        exact = np.array_equal(
+            as_half.view(f"u{leaf.dtype.itemsize}"), values.view(f"u{leaf.dtype.itemsize}")
+        )
+        centroid_dtype = np.dtype(np.float16 if exact else np.float32)
+    out = bytearray()
+    _encode_positions(out, positions, index_bits)
+    _write_stream(out, np.searchsorted(used, kept), used.size)
+    out += b"e" if centroid_dtype == np.float16 else b"f"
+    out += values.astype(centroid_dtype.newbyteorder("<")).tobytes()
+    return bytes(out)
+
+
+def _encode_sparse(flat: np.ndarray, index_bits: int | None) -> bytes:
+    positions = _nonzero_bits(flat)
+    out = bytearray()
+    _encode_positions(out, positions, index_bits)
+    out += flat[positions].astype(flat.dtype.newbyteorder("<")).tobytes()
+    return bytes(out)
+
+
+def _as_array(leaf: Any, name: str) -> np.ndarray:
+    array = np.asarray(leaf)
+    if array.dtype == object:
+        raise TypeError(f"leaf {name!r} is a {type(leaf).__name__}, not an array")
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
+
+
+def _encode_leaf(
+    name: str, leaf: np.ndarray, selected: bool, codebook: Codebook | None, options: dict
+) -> tuple[list, bytes]:
+    """(header record, section payload) of one leaf."""
+    dtype_code = _dtype_code(leaf.dtype, name)
+    stored = leaf.dtype
+    if codebook is not None:
+        method, payload = (
+            "q",
+            _encode_codebook(
+                leaf, codebook, options["index_bits"], options["centroid_dtype"], name
+            ),
+        )
+    else:
+        flat = leaf.reshape(-1)
+        method, payload = "r", None
+        if selected:
+            sparse = _encode_sparse(flat, options["index_bits"])
+            if len(sparse) < flat.nbytes:
+                method, payload = "s", sparse
+        elif options["raw_dtype"] is not None and jnp.issubdtype(leaf.dtype, jnp.floating):
+            stored = options["raw_dtype"]
+        if payload is None:
+            payload = flat.astype(stored.newbyteorder("<")).tobytes()
+    record = [method, list(leaf.shape), len(payload) + 4]
+    if stored != leaf.dtype:
+        record += [dtype_code, _dtype_code(stored, name)]
+    elif dtype_code != "f4":
+        record.append(dtype_code)
+    return record, payload
+
+
+def _decode_leaf(name: str, record: list, payload: bytes) -> tuple[np.ndarray, TensorInfo]:
+    method, shape = record[0], tuple(record[1])
+    dtype = _parse_dtype(record[3] if len(record) > 3 else "f4")
+    stored = _parse_dtype(record[4] if len(record) > 4 else _DTYPE_CODES[dtype])
+    size = int(np.prod(shape, dtype=np.int64))
+    reader = _Reader(payload, f"tensor {name!r}")
+    index_bytes = value_bytes = codebook_bytes = 0
+    index_bits = weight_bits = 0.0
+    if method == "r":
+        flat = np.frombuffer(reader.read(size * stored.itemsize), stored.newbyteorder("<"))
+        flat = flat.astype(dtype)
+        kept, value_bytes, weight_bits = size, reader.pos, 8.0 * stored.itemsize
+    else:
+        bits = reader.read(1)[0]
+        if not 1 <= bits <= _MAX_INDEX_BITS:
+            raise ArchiveError(f"tensor {name!r}: index width {bits} not in [1, {_MAX_INDEX_BITS}]")
+        gaps, position_bits = _read_stream(reader, 1 << bits)
+        positions = _positions(gaps, bits, size, reader.what)
+        kept, index_bytes = positions.size, reader.pos
+        if method == "q":
+            value_symbols, value_bits = _read_stream(reader, max(kept, 1))
+            if value_symbols.size != kept:
+                raise ArchiveError(
+                    f"tensor {name!r}: {value_symbols.size} codebook indices for "
+                    f"{kept} kept positions (inconsistent lengths)"
+                )
+            value_bytes = reader.pos - index_bytes
+            tag = reader.read(1)
+            if tag not in _CENTROID_DTYPES:
+                raise ArchiveError(f"tensor {name!r}: unknown centroid dtype tag {tag!r}")
+            centroid_dtype = _CENTROID_DTYPES[tag].newbyteorder("<")
+            num_centroids = int(value_symbols.max()) + 1 if kept else 0
+            centroids = np.frombuffer(
+                reader.read(num_centroids * centroid_dtype.itemsize), centroid_dtype
+            )
+            values = centroids.astype(dtype)[value_symbols]
+            codebook_bytes = reader.pos - index_bytes - value_bytes
+            weight_bits = value_bits / max(kept, 1)
+        else:
+            values = np.frombuffer(reader.read(kept * dtype.itemsize), dtype.newbyteorder("<"))
+            value_bytes, weight_bits = reader.pos - index_bytes, 8.0 * dtype.itemsize
+        index_bits = position_bits / max(kept, 1)
+        flat = np.zeros(size, dtype)
+        flat[positions] = values
+    if reader.pos != len(payload):
+        raise ArchiveError(
+            f"tensor {name!r}: {len(payload) - reader.pos} unexpected bytes at "
+            "the end of its section (inconsistent lengths)"
+        )
+    info = TensorInfo(
+        name,
+        shape,
+        dtype.name,
+        _METHODS[method],
+        size,
+        kept,
+        weight_bits,
+        index_bits,
+        index_bytes,
+        value_bytes,
+        codebook_bytes,
+        len(payload) + 4,
+    )
+    return flat.reshape(shape), info
+
+
+# ----------------------------------------------------------------------------- tree <-> header
+
+
+def _container_key(key: Any, name: str) -> tuple[bool, Any]:
+    """(is a sequence index, key) of one step of a key path."""
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return True, key.idx
+    if isinstance(key, jax.tree_util.DictKey):
+        value = key.key
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+        value = key.name
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+        value = key.key
+    else:
+        raise TypeError(f"leaf {name!r}: cannot store key {key!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
+        raise TypeError(f"leaf {name!r}: dict keys must be str or int; got {value!r}")
+    return False, value if isinstance(value, str) else int(value)
+
+
+def _strip_variable(path: tuple) -> tuple:
+    keys = list(path)
+    while (
+        keys
+        and isinstance(keys[-1], jax.tree_util.GetAttrKey)
+        and (keys[-1].name in tree_lib._VARIABLE_ATTRS)
+    ):
+        keys.pop()
+    return tuple(keys)
+
+
+class _Node:
+    def __init__(self, is_list: bool):
+        self.is_list, self.items = is_list, {}
+
+
+def _to_json(node: Any) -> Any:
+    if not isinstance(node, _Node):
+        return node
+    if node.is_list:
+        items = [None] * (max(node.items) + 1 if node.items else 0)
+        for index, child in node.items.items():
+            items[index] = _to_json(child)
+        return items
+    if all(isinstance(k, str) for k in node.items) and "#" not in node.items:
+        return {k: _to_json(v) for k, v in node.items.items()}
+    return {"#": [[k, _to_json(v)] for k, v in node.items.items()]}
+
+
+def _header_tree(paths: list[tuple], records: list[list]) -> Any:
+    if len(paths) == 1 and not paths[0]:
+        return records[0]
+    root = None
+    for path, record in zip(paths, records, strict=True):
+        name = tree_lib.path_name(path)
+        if not path:
+            raise TypeError("a tree with a bare leaf must hold no other leaf")
+        steps = [_container_key(k, name) for k in path]
+        if root is None:
+            root = _Node(steps[0][0])
+        node = root
+        for depth, (is_list, key) in enumerate(steps):
+            if node.is_list != is_list:
+                raise TypeError(f"leaf {name!r}: a node is both a sequence and a mapping")
+            if depth == len(steps) - 1:
+                node.items[key] = record
+            else:
+                node = node.items.setdefault(key, _Node(steps[depth + 1][0]))
+    return _to_json(root if root is not None else _Node(False))
+
+
+def _read_tree(node: Any, path: tuple, leaves: list) -> Any:
+    """Rebuild the tree with placeholders; collect (path, record) in order."""
+    if isinstance(node, list) and node and isinstance(node[0], str):
+        _check_record(node, path)
+        leaves.append((path, node))
+        return len(leaves) - 1
+    if isinstance(node, list):
+        return [
+            None if child is None else _read_tree(child, (*path, i), leaves)
+            for i, child in enumerate(node)
+        ]
+    if isinstance(node, dict) and set(node) == {"#"} and isinstance(node["#"], list):
+        items = node["#"]
+        if not all(
+            isinstance(i, list)
+            and len(i) == 2
+            and isinstance(i[0], (str, int))
+            and not isinstance(i[0], bool)
+            for i in items
+        ):
+            raise ArchiveError("header: malformed mapping entry")
+        return {k: _read_tree(v, (*path, k), leaves) for k, v in items}
+    if isinstance(node, dict):
+        return {k: _read_tree(v, (*path, k), leaves) for k, v in node.items()}
+    raise ArchiveError(f"header: unexpected node {node!r:.40} at {'/'.join(map(str, path))!r}")
+
+
+def _check_record(record: list, path: tuple) -> None:
+    name = "/".join(map(str, path))
+    ok = (
+        3 <= len(record) <= 5
+        and record[0] in _METHODS
+        and isinstance(record[1], list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in record[1])
+        and isinstance(record[2], int)
+        and not isinstance(record[2], bool)
+        and record[2] >= 4
+        and all(isinstance(c, str) and c in _DTYPES for c in record[3:])
+    )
+    if not ok:
+        raise ArchiveError(f"header: malformed record for tensor {name!r}: {record!r:.80}")
+
+
+def _fill(node: Any, arrays: list) -> Any:
+    if isinstance(node, int):
+        return arrays[node]
+    if isinstance(node, list):
+        return [None if child is None else _fill(child, arrays) for child in node]
+    return {k: _fill(v, arrays) for k, v in node.items()}
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_options(index_bits: Any, raw_dtype: Any, centroid_dtype: Any) -> dict:
+    if index_bits is not None and (
+        not isinstance(index_bits, (int, np.integer))
+        or isinstance(index_bits, bool)
+        or not 1 <= index_bits <= _MAX_INDEX_BITS
+    ):
+        raise ValueError(
+            f"index_bits must be None (choose per tensor) or an integer in "
+            f"[1, {_MAX_INDEX_BITS}]; got index_bits={index_bits!r}"
+        )
+    if raw_dtype is not None:
+        raw_dtype = np.dtype(raw_dtype)
+        if raw_dtype not in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+            raise ValueError(
+                "raw_dtype must be None, float16, bfloat16, float32 or float64; "
+                f"got raw_dtype={raw_dtype}"
+            )
+    if centroid_dtype is not None:
+        centroid_dtype = np.dtype(centroid_dtype)
+        if centroid_dtype not in (np.float16, np.float32):
+            raise ValueError(
+                "centroid_dtype must be None (lossless), float16 or float32; "
+                f"got centroid_dtype={centroid_dtype}"
+            )
+    return {"index_bits": index_bits, "raw_dtype": raw_dtype, "centroid_dtype": centroid_dtype}
+
+
+def dumps(
+    params: PyTree,
+    *,
+    codebooks: Mapping[str, Codebook] | None = None,
+    where: tree_lib.Where = None,
+    index_bits: int | None = None,
+    raw_dtype: Any = None,
+    centroid_dtype: Any = None,
+) -> bytes:
+    """Serialise a parameter pytree to archive bytes (see :func:`save`)."""
+    options = _check_options(index_bits, raw_dtype, centroid_dtype)
+    codebooks = dict(codebooks or {})
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    names = [tree_lib.path_name(path) for path, _ in flat]
+    unknown = sorted(set(codebooks) - set(names))
+    if unknown:
+        raise ValueError(f"codebooks names {unknown} are not leaves of params; leaves: {names}")
+    flags = jax.tree.leaves(tree_lib.select(params, where))
+    records, sections = [], bytearray()
+    for (_, leaf), name, flag in zip(flat, names, flags, strict=True):
+        record, payload = _encode_leaf(
+            name, _as_array(leaf, name), flag, codebooks.get(name), options
+        )
+        records.append(record)
+        sections += payload + zlib.crc32(payload).to_bytes(4, "little")
+    header = _header_tree([_strip_variable(path) for path, _ in flat], records)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICTIONARY)
+    compressed = packer.compress(text) + packer.flush()
+    out = bytearray(MAGIC)
+    out.append(VERSION)
+    _put_varint(out, len(compressed))
+    out += compressed
+    out += sections
+    out += zlib.crc32(out).to_bytes(4, "little")
+    return bytes(out)
+
+
+def save(
+    path: str | os.PathLike,
+    params: PyTree,
+    *,
+    codebooks: Mapping[str, Codebook] | None = None,
+    where: tree_lib.Where = None,
+    index_bits: int | None = None,
+    raw_dtype: Any = None,
+    centroid_dtype: Any = None,
+) -> int:
+    r"""Write a parameter pytree to a compressed archive, atomically.
+
+    Each leaf is stored by one of three methods:
+
+    * **codebook** -- leaves named in ``codebooks``: kept positions
+      (``codebook.mask``) as gaps, each Huffman-coded with a filler symbol
+      :math:`2^b - 1` that skips :math:`2^b - 1` positions when a gap is longer
+      (:math:`b` = ``index_bits``), the codebook index of each kept weight,
+      Huffman-coded, and the used centroids. ``load`` returns exactly
+      ``codebook_weights(codebook, leaf.dtype)`` (the leaf's own values are not
+      read); centroids are stored as float16 when that is exact, else float32.
+    * **sparse** -- other leaves selected by ``where``: positions of the
+      nonzero entries as above and their raw values, if smaller than raw.
+    * **raw** -- everything else, little-endian; unselected floating leaves
+      are cast to ``raw_dtype`` if given (lossy).
+
+    The file is written to a temporary file in the same directory and moved
+    over ``path`` with ``os.replace``, so readers never see a partial archive.
+
+    Args:
+      path: destination file.
+      params: a pytree of arrays: nested dicts / lists / tuples, Linen
+        ``{'params': ...}`` dicts, or an NNX ``nnx.State`` (stored as its
+        pure dict). Dict keys must be ``str`` or ``int``.
+      codebooks: mapping from leaf name (as :func:`jaxopt_nn.tree.path_name`,
+        e.g. ``'fc1/kernel'``) to its :class:`~jaxopt_nn.quantization.Codebook`.
+      where: which leaves without a codebook may be stored sparse (see
+        :func:`jaxopt_nn.tree.select`; default: kernels). The others are raw.
+      index_bits: width :math:`b` of a relative index, in [1, 16]; ``None``
+        picks, per tensor, the width giving the smallest position stream.
+      raw_dtype: float type for unselected floating leaves (e.g.
+        ``'float16'`` for biases); ``None`` keeps their dtype (lossless).
+      centroid_dtype: ``'float16'`` or ``'float32'`` to force the centroid
+        storage type; ``None`` stores them losslessly.
+
+    Returns:
+      The number of bytes written.
+
+    Raises:
+      ValueError: on out-of-range options, codebook names that are not
+        leaves, or codebooks whose shapes or indices do not fit their leaf.
+      TypeError: on leaves that are not arrays of a supported dtype.
+    """
+    data = dumps(
+        params,
+        codebooks=codebooks,
+        where=where,
+        index_bits=index_bits,
+        raw_dtype=raw_dtype,
+        centroid_dtype=centroid_dtype,
+    )
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(data)
+
+
+def _parse(data: bytes) -> tuple[Any, list[np.ndarray], ArchiveInfo]:
+    data = bytes(data)
+    if len(data) <= len(MAGIC) and MAGIC.startswith(data):
+        raise ArchiveError(f"truncated archive: {len(data)} bytes")
+    if data[: len(MAGIC)] != MAGIC:
+        raise ArchiveError(
+            f"not a jaxopt_nn archive: expected magic {MAGIC!r}, got {data[: len(MAGIC)]!r}"
+        )
+    if data[len(MAGIC)] != VERSION:
+        raise ArchiveError(
+            f"unsupported archive format version {data[len(MAGIC)]}; "
+            f"this reader supports version {VERSION}"
+        )
+    reader = _Reader(data[len(MAGIC) + 1 :], "archive header")
+    try:
+        compressed = reader.read(reader.varint())
+        unpacker = zlib.decompressobj(-15, zdict=HEADER_DICTIONARY)
+        text = unpacker.decompress(compressed, _MAX_HEADER)
+        if not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data:
+            raise ArchiveError("archive header: compressed JSON is truncated or has trailing data")
+        leaves: list = []
+        skeleton = _read_tree(json.loads(text), (), leaves)
+    except (ArchiveError, zlib.error, ValueError, RecursionError) as err:
+        if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise ArchiveError(
+                f"archive is corrupt or truncated: CRC32 of the file does not match ({err})"
+            ) from err
+        raise ArchiveError(f"archive header is malformed: {err}") from err
+    start = len(MAGIC) + 1 + reader.pos
+    expected = start + sum(record[2] for _, record in leaves) + 4
+    if expected != len(data):
+        raise ArchiveError(
+            f"archive is truncated or has extra bytes: it holds {len(data)} "
+            f"bytes, its header describes {expected}"
+        )
+    if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
+        raise ArchiveError("archive is corrupt: CRC32 of the file does not match")
+    arrays, infos = [], []
+    for path, record in leaves:
+        name = "/".join(map(str, path))
+        section = data[start : start + record[2]]
+        start += record[2]
+        payload = section[:-4]
+        if zlib.crc32(payload) != int.from_bytes(section[-4:], "little"):
+            raise ArchiveError(f"tensor {name!r}: section CRC32 does not match")
+        try:
+            array, info = _decode_leaf(name, record, payload)
+        except ArchiveError:
+            raise
+        except (ValueError, IndexError) as err:
+            raise ArchiveError(f"tensor {name!r}: {err}") from err
+        arrays.append(array)
+        infos.append(info)
+    header_bytes = len(data) - sum(info.nbytes for info in infos)
+    return skeleton, arrays, ArchiveInfo(infos, header_bytes, len(data))
+
+
+def loads(data: bytes) -> PyTree:
+    """Parameters from archive bytes (see :func:`load`)."""
+    skeleton, arrays, _ = _parse(data)
+    return _fill(skeleton, arrays)
+
+
+def load(path: str | os.PathLike) -> PyTree:
+    """Read an archive written by :func:`save`.
+
+    Args:
+      path: the archive file.
+
+    Returns:
+      The parameters as nested ``dict`` / ``list`` of NumPy arrays, with the
+      saved shapes, dtypes and keys (``str`` or ``int``); tuples come back as
+      lists and an NNX state as its pure dict (restore it with
+      ``nnx.replace_by_pure_dict``). Values are bit-exact, except leaves cast
+      by ``raw_dtype`` or ``centroid_dtype``.
+
+    Raises:
+      ArchiveError: if the file is not an archive, has an unknown version, is
+        truncated, or fails a CRC32 or consistency check.
+    """
+    with open(path, "rb") as file:
+        return loads(file.read())
+
+
+def inspect(source: str | os.PathLike | bytes) -> ArchiveInfo:
+    """Per-tensor storage and byte accounting of an archive (a path or its bytes).
+
+    The bytes of the tensors' sections plus ``header_bytes`` equal the file
+    size; ``ArchiveInfo.table()`` prints them Deep-Compression style.
+
+    Raises:
+      ArchiveError: as :func:`load`.
+    """
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        with open(source, "rb") as file:
+            source = file.read()
+    return _parse(source)[2]

@@ -1,0 +1,394 @@
+"""Datasets as NumPy arrays: scikit-learn's digits, MNIST-format IDX files, NPZ.
+
+Every loader returns a :class:`Dataset` of NHWC ``float32`` images and
+``int32`` labels, and checks what it reads: a bad file raises ``ValueError``
+(a missing one ``FileNotFoundError``) whose message names the file and the
+problem. :func:`batches` is the seeded shuffling batch iterator.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Dataset(NamedTuple):
+    """A train/test split of images and integer class labels."""
+
+    x_train: np.ndarray  # float32 (N, H, W, C)
+    y_train: np.ndarray  # int32 (N,)
+    x_test: np.ndarray  # float32 (M, H, W, C)
+    y_test: np.ndarray  # int32 (M,)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of one image, ``(H, W, C)``."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, ``max(label) + 1`` over both splits."""
+        return int(max(self.y_train.max(initial=-1), self.y_test.max(initial=-1))) + 1
+
+
+def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits, split stratified by class.
+
+    The 1797 images (pixel values 0..16) are scaled to ``[0, 1]``; the split
+    keeps the class proportions in both parts and depends only on ``seed``.
+
+    Args:
+      test_fraction: fraction of the examples held out for testing, in (0, 1).
+      seed: seed of the split.
+
+    Returns:
+      A :class:`Dataset` with images of shape ``(N, 8, 8, 1)``.
+
+    Raises:
+      ValueError: if ``test_fraction`` is not in (0, 1).
+
+    Example:
+      >>> data = load_digits()
+      >>> data.x_train.shape, data.x_test.shape, data.num_classes
+      ((1347, 8, 8, 1), (450, 8, 8, 1), 10)
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1); got test_fraction={test_fraction!r}")
+    from sklearn.datasets import load_digits as _sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = _sklearn_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[..., None]
+    y = bunch.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    return Dataset(x_train, y_train, x_test, y_test)
+
+
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int | Sequence[int],
+    shuffle: bool = True,
+    drop_remainder: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Iterate over ``(x, y)`` mini-batches, shuffled with a seeded permutation.
+
+    Args:
+      x: inputs, leading axis = examples.
+      y: labels, same leading size as ``x``.
+      batch_size: examples per batch, a positive int.
+      seed: seed of the permutation; an int or a sequence of ints (e.g.
+        ``(seed, epoch)`` for a fresh order each epoch).
+      shuffle: if False, keep the order (``seed`` is then unused).
+      drop_remainder: drop the last batch if it holds fewer than
+        ``batch_size`` examples.
+
+    Returns:
+      An iterator of NumPy ``(x_batch, y_batch)`` pairs.
+
+    Raises:
+      ValueError: if ``batch_size`` is not a positive int or the leading sizes
+        of ``x`` and ``y`` differ.
+
+    Example:
+      >>> x, y = np.arange(10.0), np.arange(10)
+      >>> [len(b) for b, _ in batches(x, y, 4, seed=0)]
+      [4, 4, 2]
+      >>> sorted(np.concatenate([b for _, b in batches(x, y, 4, seed=0)]).tolist())
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or (batch_size < 1)
+    ):
+        raise ValueError(f"batch_size must be a positive int; got batch_size={batch_size!r}")
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length; got {len(x)} and {len(y)}")
+    n = len(x)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx], y[idx]
+
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): all big-endian.
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError.
+        raise ValueError(f"{path}: corrupt or truncated gzip data ({err})") from err
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (raw or ``.gz``) into a NumPy array.
+
+    The header is two zero bytes, a type code, the number of dimensions, then
+    one big-endian uint32 per dimension; the data follows in C order.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The array, in native byte order.
+
+    Raises:
+      FileNotFoundError: if the file does not exist.
+      ValueError: if the magic number is wrong, the type code unknown, or the
+        data is truncated or followed by trailing bytes.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise ValueError(f"{path}: truncated header: {len(raw)} bytes, need at least 4")
+    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(
+            f"{path}: wrong magic number 0x{raw[:4].hex()}; expected 0x0000TTNN with "
+            f"type code TT in {sorted(f'{c:02x}' for c in _IDX_DTYPES)}"
+        )
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated header: {len(raw)} bytes, need {header}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = math.prod(shape) * dtype.itemsize
+    found = len(raw) - header
+    if found < expected:
+        raise ValueError(
+            f"{path}: truncated data: shape {shape} needs {expected} bytes, found {found}"
+        )
+    if found > expected:
+        raise ValueError(
+            f"{path}: {found - expected} trailing bytes after the data of shape {shape}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def _find_idx_file(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    # The MNIST mirrors also spell the files with a dot: train-images.idx3-ubyte.
+    dotted = stem.replace("-idx", ".idx")
+    for name in (dotted, dotted + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{directory}: missing IDX file {stem} (or {stem}.gz)")
+
+
+def _images(x: np.ndarray, source: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(
+            f"{source}: images must have 3 or 4 dimensions (N, H, W[, C]); got shape {x.shape}"
+        )
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    if np.issubdtype(x.dtype, np.floating):
+        return x.astype(np.float32)
+    raise ValueError(
+        f"{source}: images must be uint8 (scaled by 1/255) or floating point; got dtype {x.dtype}"
+    )
+
+
+def _labels(y: np.ndarray, source: str) -> np.ndarray:
+    if y.ndim != 1:
+        raise ValueError(f"{source}: labels must have shape (N,); got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be integers; got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{source}: labels out of range: found {y.min()}..{y.max()}")
+    return y.astype(np.int32)
+
+
+def _checked_dataset(
+    arrays: dict[str, np.ndarray], sources: dict[str, str], num_classes: int | None
+) -> Dataset:
+    x_train = _images(arrays["x_train"], sources["x_train"])
+    x_test = _images(arrays["x_test"], sources["x_test"])
+    y_train = _labels(arrays["y_train"], sources["y_train"])
+    y_test = _labels(arrays["y_test"], sources["y_test"])
+    for x, y, xs, ys in (
+        (x_train, y_train, "x_train", "y_train"),
+        (x_test, y_test, "x_test", "y_test"),
+    ):
+        if len(x) != len(y):
+            raise ValueError(
+                f"{sources[ys]}: shape/label mismatch: {len(y)} labels for "
+                f"{len(x)} images in {sources[xs]}"
+            )
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"{sources['x_test']}: image shape {x_test.shape[1:]} differs from the "
+            f"training images' {x_train.shape[1:]} in {sources['x_train']}"
+        )
+    if len(y_train) == 0:
+        raise ValueError(f"{sources['y_train']}: no training examples")
+    if num_classes is None:
+        num_classes = int(y_train.max()) + 1
+    for y, ys in ((y_train, "y_train"), (y_test, "y_test")):
+        if y.size and y.max() >= num_classes:
+            raise ValueError(
+                f"{sources[ys]}: labels out of range: found label {int(y.max())}, "
+                f"expected 0..{num_classes - 1}"
+            )
+    return Dataset(x_train, y_train, x_test, y_test)
+
+
+def _check_num_classes(num_classes: int | None) -> None:
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(
+            f"num_classes must be a positive int or None; got num_classes={num_classes!r}"
+        )
+
+
+def load_idx(directory: str | os.PathLike, *, num_classes: int | None = None) -> Dataset:
+    """Load an MNIST-format dataset from a directory of IDX files.
+
+    The directory holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each raw or
+    gzipped (``.gz``). uint8 images are scaled to ``[0, 1]``.
+
+    Args:
+      directory: the directory.
+      num_classes: labels must lie in ``[0, num_classes)``; ``None`` infers it
+        as ``max(y_train) + 1`` (the test labels are then checked against it).
+
+    Returns:
+      A :class:`Dataset` with images of shape ``(N, H, W, 1)``.
+
+    Raises:
+      FileNotFoundError: if the directory or one of the four files is missing.
+      ValueError: if a file is corrupt (see :func:`read_idx`), the number of
+        labels differs from the number of images, or a label is out of range.
+    """
+    _check_num_classes(num_classes)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory of IDX files")
+    paths = {key: _find_idx_file(directory, stem) for key, stem in _IDX_FILES.items()}
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    return _checked_dataset(arrays, {k: str(p) for k, p in paths.items()}, num_classes)
+
+
+def load_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Dataset:
+    """Load a dataset from an ``.npz`` file with ``x_train, y_train, x_test, y_test``.
+
+    Images may be ``(N, H, W)`` or ``(N, H, W, C)``, uint8 (scaled to
+    ``[0, 1]``) or floating point; labels are integers of shape ``(N,)``.
+
+    Args:
+      path: the file (read with ``allow_pickle=False``).
+      num_classes: as in :func:`load_idx`.
+
+    Returns:
+      A :class:`Dataset`.
+
+    Raises:
+      FileNotFoundError: if the file does not exist.
+      ValueError: if it is not a valid NPZ archive, lacks one of the four
+        arrays, or the arrays disagree (see :func:`load_idx`).
+
+    Example:
+      >>> import tempfile, os
+      >>> rng = np.random.default_rng(0)
+      >>> arrays = dict(x_train=rng.random((6, 4, 4), dtype=np.float32),
+      ...               y_train=np.array([0, 1, 2, 0, 1, 2]),
+      ...               x_test=rng.random((2, 4, 4), dtype=np.float32), y_test=np.array([2, 0]))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     np.savez(os.path.join(d, 'toy.npz'), **arrays)
+      ...     data = load_npz(os.path.join(d, 'toy.npz'))
+      >>> data.x_train.shape, data.y_test.dtype.name, data.num_classes
+      ((6, 4, 4, 1), 'int32', 3)
+    """
+    _check_num_classes(num_classes)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"holds a single {type(loaded).__name__}, not named arrays")
+        with loaded as npz:
+            found = sorted(npz.files)
+            arrays = {key: npz[key] for key in _IDX_FILES if key in found}
+    except (ValueError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
+        # A pickle or unknown format is refused with ValueError by np.load.
+        raise ValueError(f"{path}: not a valid or complete .npz archive ({err})") from err
+    missing = [key for key in _IDX_FILES if key not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {missing}; found {found}")
+    sources = {key: f"{path}[{key}]" for key in _IDX_FILES}
+    return _checked_dataset(arrays, sources, num_classes)
+
+
+def load(spec: str, *, num_classes: int | None = None) -> Dataset:
+    """Load ``'digits'``, an IDX directory, or an ``.npz`` file.
+
+    Args:
+      spec: ``'digits'`` (:func:`load_digits`), a directory (:func:`load_idx`)
+        or a path ending in ``.npz`` (:func:`load_npz`).
+      num_classes: passed to the file loaders.
+
+    Returns:
+      A :class:`Dataset`.
+
+    Raises:
+      FileNotFoundError: if the path does not exist.
+      ValueError: if the path is a file that is not ``.npz``, or the loader
+        rejects it.
+
+    Example:
+      >>> load('digits').x_test.shape
+      (450, 8, 8, 1)
+    """
+    if spec == "digits":
+        return load_digits()
+    path = Path(spec)
+    if path.is_dir():
+        return load_idx(path, num_classes=num_classes)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data {spec!r} not found: expected 'digits', an IDX directory or an .npz file"
+        )
+    if path.suffix != ".npz":
+        raise ValueError(
+            f"{path}: unsupported data file; expected 'digits', an IDX directory or an .npz file"
+        )
+    return load_npz(path, num_classes=num_classes)

@@ -1,0 +1,712 @@
+r"""Adam and RMSprop as optax gradient transformations, with optional 8-bit state.
+
+The float path follows optax 0.2.8 operation for operation (so results agree
+to float32 rounding); ``eight_bit=True`` stores the moments of large tensors
+block-wise quantized to one byte per element plus one float32 scale per block
+(Dettmers et al. 2021) and decodes them inside the update.
+
+Building blocks ``scale_by_adam``, ``scale_by_rms`` and ``scale_by_stddev``
+return :class:`optax.GradientTransformationExtraArgs`; the aliases ``adam``,
+``adamw`` and ``rmsprop`` chain them with :func:`optax.scale_by_learning_rate`
+(and :func:`optax.add_decayed_weights`, :func:`optax.trace`), exactly as optax
+does, so every optax wrapper (``chain``, ``inject_hyperparams``, ``masked``,
+``MultiSteps``) and ``nnx.Optimizer`` compose with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_nn._blockwise import (
+    BlockQuantization,
+    Code,
+    QuantizedArray,
+    dequantize,
+    quantize,
+)
+
+__all__ = [
+    "BlockQuantization",
+    "QuantizedArray",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "ScaleByStddevState",
+    "adam",
+    "adamw",
+    "rmsprop",
+    "scale_by_adam",
+    "scale_by_rms",
+    "scale_by_stddev",
+]
+
+EightBit = bool | BlockQuantization
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`."""
+
+    count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
+    mu: optax.Updates  # tree of params: mu_dtype (or param dtype), or QuantizedArray if 8-bit
+    nu: optax.Updates  # tree of params: param dtype, or QuantizedArray if 8-bit
+
+
+class ScaleByRmsState(NamedTuple):
+    """State of :func:`scale_by_rms`."""
+
+    count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
+    nu: optax.Updates  # tree of params: param dtype, or QuantizedArray if 8-bit
+
+
+class ScaleByStddevState(NamedTuple):
+    """State of :func:`scale_by_stddev`."""
+
+    count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
+    mu: optax.Updates  # tree of params, param dtype
+    nu: optax.Updates  # tree of params, param dtype
+
+
+# ---------------------------------------------------------------------------
+# Argument checks (plain Python numbers only: inject_hyperparams passes arrays).
+
+
+def _is_plain_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_unit_interval(name: str, value: object) -> None:
+    if _is_plain_number(value) and not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
+
+
+def _check_non_negative(name: str, value: object) -> None:
+    if _is_plain_number(value) and not value >= 0.0:
+        raise ValueError(f"{name} must be >= 0; got {name}={value!r}")
+
+
+def _check_scalar_or_schedule(name: str, value: object) -> None:
+    if not (
+        callable(value) or _is_plain_number(value) or isinstance(value, (jax.Array, np.ndarray))
+    ):
+        raise ValueError(
+            f"{name} must be a number or a schedule (a callable step -> value); "
+            f"got {name}={value!r}"
+        )
+
+
+def _quantization(eight_bit: EightBit) -> BlockQuantization | None:
+    if isinstance(eight_bit, BlockQuantization):
+        return eight_bit
+    if isinstance(eight_bit, (bool, np.bool_)):
+        return BlockQuantization() if eight_bit else None
+    raise TypeError(f"eight_bit must be a bool or a BlockQuantization; got eight_bit={eight_bit!r}")
+
+
+def _canonical_dtype(mu_dtype: Any) -> Any:
+    if mu_dtype is None:
+        return None
+    dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"mu_dtype must be a floating dtype or None; got mu_dtype={mu_dtype!r}")
+    return dtype
+
+
+# ---------------------------------------------------------------------------
+# Moments: tree maps that skip ``None`` updates, and the (maybe 8-bit) storage.
+
+
+def _map(fn: Callable[..., Any], updates: optax.Updates, *rest: Any) -> Any:
+    """``jax.tree.map`` over ``updates``' leaves; ``None`` leaves stay ``None``.
+
+    Subtrees of ``rest`` at a leaf of ``updates`` (a :class:`QuantizedArray`)
+    reach ``fn`` whole.
+    """
+    return jax.tree.map(
+        lambda g, *xs: None if g is None else fn(g, *xs),
+        updates,
+        *rest,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _init_moment(
+    params: optax.Params,
+    fill: Any,
+    dtype: Any,
+    quantization: BlockQuantization | None,
+    code: Code,
+) -> optax.Updates:
+    def init(p: jax.Array) -> jax.Array | QuantizedArray:
+        if quantization is not None and quantization.applies_to(p):
+            return quantize(jnp.full(p.shape, fill, jnp.float32), code, quantization.block_size)
+        return jnp.full_like(p, fill, dtype=dtype)
+
+    return jax.tree.map(init, params)
+
+
+def _quantized(stored: Any) -> QuantizedArray | None:
+    """The :class:`QuantizedArray` in ``stored``, ``None`` for a plain array.
+
+    Wrappers that rebuild the state as another pytree with the same leaves
+    (``nnx.Optimizer`` under ``nnx.jit`` turns the NamedTuple into an
+    ``nnx.State``) are accepted: the fields are read in order.
+    """
+    if isinstance(stored, (jax.Array, np.ndarray)):
+        return None
+    return QuantizedArray(*jax.tree.leaves(stored))
+
+
+def _load(stored: Any, g: jax.Array, code: Code) -> jax.Array:
+    """The moment as an array: 8-bit moments are decoded to the gradient's dtype."""
+    q = _quantized(stored)
+    if q is None:
+        return stored
+    return dequantize(q, code, g.shape).astype(g.dtype)
+
+
+def _store(value: jax.Array, stored: Any, code: Code) -> Any:
+    """``value`` in the storage format (dtype, or 8-bit container and block size) of ``stored``."""
+    q = _quantized(stored)
+    if q is None:
+        return value.astype(stored.dtype)
+    new = quantize(value, code, q.codes.shape[1])
+    return jax.tree.unflatten(jax.tree.structure(stored), list(new))
+
+
+def _ema(
+    updates: optax.Updates, stored: optax.Updates, decay: Any, order: int, code: Code
+) -> optax.Updates:
+    """``(1 - decay) * g**order + decay * moment`` (optax's ``update_moment``)."""
+    return _map(lambda g, s: (1 - decay) * (g**order) + decay * _load(s, g, code), updates, stored)
+
+
+def _bias_correction(moment: optax.Updates, decay: Any, count: jax.Array) -> optax.Updates:
+    """``moment / (1 - decay**count)``, the correction computed in float32."""
+    correction = 1 - decay**count
+    return _map(lambda t: t / correction.astype(t.dtype), moment)
+
+
+def _store_tree(
+    updates: optax.Updates, values: optax.Updates, stored: optax.Updates, code: Code
+) -> optax.Updates:
+    return _map(lambda _, v, s: _store(v, s, code), updates, values, stored)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks.
+
+
+def scale_by_adam(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    *,
+    nesterov: bool = False,
+    eight_bit: EightBit = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescale updates by Adam's bias-corrected moments (see :func:`adam`).
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added to the second moment inside the square root, >= 0.
+      mu_dtype: dtype of the first moment (``None``: the params' dtype).
+      nesterov: use Nesterov momentum (NAdam, Dozat 2016).
+      eight_bit: ``True`` or a :class:`BlockQuantization` stores both moments
+        of large tensors block-wise in 8 bits (see :func:`adam`).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`ScaleByAdamState`.
+
+    Raises:
+      ValueError: if ``b1`` or ``b2`` is outside [0, 1), ``eps`` or
+        ``eps_root`` is negative, or ``mu_dtype`` is not floating.
+      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+    """
+    _check_unit_interval("b1", b1)
+    _check_unit_interval("b2", b2)
+    _check_non_negative("eps", eps)
+    _check_non_negative("eps_root", eps_root)
+    mu_dtype = _canonical_dtype(mu_dtype)
+    quantization = _quantization(eight_bit)
+
+    def init_fn(params: optax.Params) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=_init_moment(params, 0.0, mu_dtype, quantization, "signed"),
+            nu=_init_moment(params, 0.0, None, quantization, "sqrt"),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByAdamState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByAdamState]:
+        del params, extra_args
+        mu = _ema(updates, state.mu, b1, 1, "signed")
+        nu = _ema(updates, state.nu, b2, 2, "sqrt")
+        count = optax.safe_increment(state.count)
+        if nesterov:
+            mu_hat = _map(
+                lambda m, g: b1 * m + (1 - b1) * g,
+                _bias_correction(mu, b1, optax.safe_increment(count)),
+                _bias_correction(updates, b1, count),
+            )
+        else:
+            mu_hat = _bias_correction(mu, b1, count)
+        nu_hat = _bias_correction(nu, b2, count)
+        new_updates = _map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
+        return new_updates, ScaleByAdamState(
+            count=count,
+            mu=_store_tree(updates, mu, state.mu, "signed"),
+            nu=_store_tree(updates, nu, state.nu, "sqrt"),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _rms_scaling(eps: Any, eps_in_sqrt: bool) -> Callable[[jax.Array], jax.Array]:
+    if eps_in_sqrt:
+        return lambda v: jax.lax.rsqrt(v + eps)
+    return lambda v: 1 / (jnp.sqrt(v) + eps)
+
+
+def scale_by_rms(
+    decay: float | jax.Array = 0.9,
+    eps: float | jax.Array = 1e-8,
+    initial_scale: float | jax.Array = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    eight_bit: EightBit = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescale updates by the root of the mean square of gradients (see :func:`rmsprop`).
+
+    Args:
+      decay: decay of the second moment, in [0, 1).
+      eps: stabiliser of the denominator, >= 0.
+      initial_scale: initial second moment, >= 0.
+      eps_in_sqrt: add ``eps`` inside the square root (optax) or outside
+        (PyTorch).
+      bias_correction: divide the second moment by ``1 - decay**t``.
+      eight_bit: ``True`` or a :class:`BlockQuantization` stores the second
+        moment of large tensors block-wise in 8 bits.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`ScaleByRmsState`.
+
+    Raises:
+      ValueError: if ``decay`` is outside [0, 1) or ``eps``/``initial_scale``
+        is negative.
+      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+    """
+    _check_unit_interval("decay", decay)
+    _check_non_negative("eps", eps)
+    _check_non_negative("initial_scale", initial_scale)
+    quantization = _quantization(eight_bit)
+    scaling = _rms_scaling(eps, eps_in_sqrt)
+
+    def init_fn(params: optax.Params) -> ScaleByRmsState:
+        return ScaleByRmsState(
+            count=jnp.zeros([], jnp.int32),
+            nu=_init_moment(params, initial_scale, None, quantization, "sqrt"),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByRmsState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByRmsState]:
+        del params, extra_args
+        nu = _ema(updates, state.nu, decay, 2, "sqrt")
+        count = optax.safe_increment(state.count)
+        nu_hat = _bias_correction(nu, decay, count) if bias_correction else nu
+        new_updates = _map(lambda g, v: scaling(v) * g, updates, nu_hat)
+        return new_updates, ScaleByRmsState(
+            count=count, nu=_store_tree(updates, nu, state.nu, "sqrt")
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_stddev(
+    decay: float | jax.Array = 0.9,
+    eps: float | jax.Array = 1e-8,
+    initial_scale: float | jax.Array = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescale updates by the root of the centered mean square (see :func:`rmsprop`).
+
+    The state stays in floating point: the variance ``nu - mu**2`` of two
+    8-bit moments could turn negative.
+
+    Args:
+      decay: decay of both moments, in [0, 1).
+      eps: stabiliser of the denominator, >= 0.
+      initial_scale: initial second moment, >= 0.
+      eps_in_sqrt: add ``eps`` inside the square root (optax) or outside
+        (PyTorch).
+      bias_correction: divide both moments by ``1 - decay**t``.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`ScaleByStddevState`.
+
+    Raises:
+      ValueError: if ``decay`` is outside [0, 1) or ``eps``/``initial_scale``
+        is negative.
+    """
+    _check_unit_interval("decay", decay)
+    _check_non_negative("eps", eps)
+    _check_non_negative("initial_scale", initial_scale)
+    scaling = _rms_scaling(eps, eps_in_sqrt)
+
+    def init_fn(params: optax.Params) -> ScaleByStddevState:
+        return ScaleByStddevState(
+            count=jnp.zeros([], jnp.int32),
+            mu=_init_moment(params, 0.0, None, None, "signed"),
+            nu=_init_moment(params, initial_scale, None, None, "sqrt"),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByStddevState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByStddevState]:
+        del params, extra_args
+        mu = _ema(updates, state.mu, decay, 1, "signed")
+        nu = _ema(updates, state.nu, decay, 2, "sqrt")
+        count = optax.safe_increment(state.count)
+        if bias_correction:
+            mu_hat, nu_hat = _bias_correction(mu, decay, count), _bias_correction(nu, decay, count)
+        else:
+            mu_hat, nu_hat = mu, nu
+        new_updates = _map(lambda g, m, v: scaling(v - m * m) * g, updates, mu_hat, nu_hat)
+        return new_updates, ScaleByStddevState(
+            count=count,
+            mu=_store_tree(updates, mu, state.mu, "signed"),
+            nu=_store_tree(updates, nu, state.nu, "sqrt"),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Optimizers.
+
+
+def adam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    *,
+    nesterov: bool = False,
+    eight_bit: EightBit = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""The Adam optimizer (Kingma & Ba 2014, Algorithm 1), optionally with 8-bit state.
+
+    With learning rate :math:`\alpha_t`, ``b1``, ``b2``, ``eps``, ``eps_root``
+    written :math:`\beta_1, \beta_2, \varepsilon, \bar\varepsilon` and
+    :math:`m_0 = v_0 = 0`, step :math:`t \ge 1` with gradient :math:`g_t` is
+
+    .. math::
+
+      \begin{align*}
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
+        \hat m_t &= m_t / (1 - \beta_1^t), \qquad
+        \hat v_t = v_t / (1 - \beta_2^t), \\
+        u_t &= -\alpha_t \, \hat m_t / \left(\sqrt{\hat v_t + \bar\varepsilon}
+        + \varepsilon\right).
+      \end{align*}
+
+    ``nesterov=True`` replaces :math:`\hat m_t` by
+    :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`
+    (NAdam). In floating point the result equals ``optax.adam`` with the same
+    arguments.
+
+    **8-bit state.** ``eight_bit=True`` (or a :class:`BlockQuantization`)
+    stores :math:`m` and :math:`v` of every floating tensor with at least
+    ``min_size`` (4096) elements as one byte per element plus one float32
+    scale per block of ``block_size`` (256) elements: :math:`m` with a signed
+    8-bit float code (4 exponent, 3 mantissa bits), :math:`\sqrt{v}` with an
+    unsigned one (4 exponent, 4 mantissa bits), each scaled by the block's
+    absolute maximum. The moments are decoded, updated as above, and encoded
+    again inside the update. State memory is about 2.03 bytes per element
+    instead of 8 (0.254x); smaller tensors keep floating-point moments.
+
+    Args:
+      learning_rate: a number or a schedule ``step -> learning rate``.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0 (for meta-gradients).
+      mu_dtype: dtype of the first moment (``None``: the params' dtype).
+      nesterov: use Nesterov momentum (NAdam).
+      eight_bit: ``False`` (floating-point state), ``True`` (8-bit block-wise
+        state with default settings) or a :class:`BlockQuantization`.
+
+    Returns:
+      ``optax.chain(scale_by_adam(...), optax.scale_by_learning_rate(learning_rate))``.
+
+    Raises:
+      ValueError: if ``b1``/``b2`` lie outside [0, 1), ``eps``/``eps_root`` are
+        negative, ``learning_rate`` is neither a number nor a callable, or
+        ``mu_dtype`` is not floating.
+      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from jaxopt_nn import optim
+      >>> params = {'w': jnp.array([1.0, -2.0, 3.0])}
+      >>> grads = {'w': jnp.array([0.5, -0.5, 2.0])}
+      >>> tx = optim.adam(0.1)
+      >>> updates, state = tx.update(grads, tx.init(params))
+      >>> [round(float(u), 4) for u in updates['w']]
+      [-0.1, 0.1, -0.1]
+      >>> reference, _ = optax.adam(0.1).update(grads, optax.adam(0.1).init(params))
+      >>> bool(jnp.array_equal(updates['w'], reference['w']))
+      True
+
+    References:
+      Kingma, Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014 (Algorithm 1).
+
+      Dozat, `Incorporating Nesterov Momentum into Adam
+      <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
+
+      Dettmers, Lewis, Shleifer, Zettlemoyer, `8-bit Optimizers via Block-wise
+      Quantization <https://arxiv.org/abs/2110.02861>`_, 2021.
+
+    .. warning::
+      Like optax and PyTorch this follows Algorithm 1 of Kingma & Ba, not the
+      formulation before Section 2.1 that TensorFlow uses.
+    """
+    _check_scalar_or_schedule("learning_rate", learning_rate)
+    return optax.chain(
+        scale_by_adam(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+            eight_bit=eight_bit,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    nesterov: bool = False,
+    eight_bit: EightBit = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+
+    As :func:`adam`, with the update
+
+    .. math::
+
+      u_t = -\alpha_t \left( \hat m_t / \left(\sqrt{\hat v_t + \bar\varepsilon}
+      + \varepsilon\right) + \lambda \theta_t \right),
+
+    where :math:`\lambda` is ``weight_decay`` and :math:`\theta_t` the
+    params. Like optax and PyTorch, the decay is multiplied by the learning
+    rate. In floating point the result equals ``optax.adamw``.
+
+    Args:
+      learning_rate: a number or a schedule ``step -> learning rate``.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: dtype of the first moment (``None``: the params' dtype).
+      weight_decay: :math:`\lambda`, a number or a schedule.
+      mask: which leaves decay: a pytree of bools with the structure of (a
+        prefix of) the params, or a callable ``params -> such a pytree``;
+        ``None`` decays every leaf. Adam itself applies to every leaf.
+      nesterov: use Nesterov momentum (NAdamW).
+      eight_bit: 8-bit block-wise moments, as in :func:`adam`.
+
+    Returns:
+      ``optax.chain(scale_by_adam(...), optax.add_decayed_weights(weight_decay,
+      mask), optax.scale_by_learning_rate(learning_rate))``; the update needs
+      ``params``.
+
+    Raises:
+      ValueError: as :func:`adam`, or if ``weight_decay`` is neither a number
+        nor a callable.
+      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_nn import optim
+      >>> params = {'w': jnp.array([1.0, -2.0]), 'b': jnp.array([1.0, 1.0])}
+      >>> grads = {'w': jnp.array([0.5, -0.5]), 'b': jnp.array([1.0, -1.0])}
+      >>> tx = optim.adamw(0.1, weight_decay=0.5, mask={'w': True, 'b': False})
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> {k: [round(float(u), 4) for u in v] for k, v in updates.items()}
+      {'b': [-0.1, 0.1], 'w': [-0.15, 0.2]}
+
+    References:
+      Loshchilov, Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+
+      Kingma, Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014.
+    """
+    _check_scalar_or_schedule("learning_rate", learning_rate)
+    _check_scalar_or_schedule("weight_decay", weight_decay)
+    return optax.chain(
+        scale_by_adam(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+            eight_bit=eight_bit,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: float | jax.Array = 0.9,
+    eps: float | jax.Array = 1e-8,
+    initial_scale: float | jax.Array = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | jax.Array | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    eight_bit: EightBit = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""RMSprop (Hinton 2012), optionally centered (Graves 2013), with momentum.
+
+    With decay :math:`\rho`, :math:`v_0 = ` ``initial_scale`` and
+    :math:`m_0 = 0`:
+
+    .. math::
+
+      \begin{align*}
+        v_t &= \rho v_{t-1} + (1 - \rho) g_t^2, \qquad
+        m_t = \rho m_{t-1} + (1 - \rho) g_t \quad \text{(centered only)}, \\
+        s_t &= v_t \;\text{or}\; v_t - m_t^2 \;\text{(centered)}, \qquad
+        u_t = -\alpha_t \, g_t / \sqrt{s_t + \varepsilon}
+        \;\text{or}\; -\alpha_t \, g_t / (\sqrt{s_t} + \varepsilon),
+      \end{align*}
+
+    the second form with ``eps_in_sqrt=False`` (PyTorch's). With
+    ``bias_correction`` the moments are divided by :math:`1 - \rho^t`. With
+    ``momentum`` :math:`\mu`, the updates pass through
+    ``optax.trace(decay=momentum, nesterov=nesterov)`` after the learning
+    rate. In floating point the result equals ``optax.rmsprop``.
+
+    Args:
+      learning_rate: a number or a schedule ``step -> learning rate``.
+      decay: :math:`\rho`, in [0, 1).
+      eps: stabiliser of the denominator, >= 0.
+      initial_scale: :math:`v_0`, >= 0 (PyTorch uses 0, TF1 uses 1).
+      eps_in_sqrt: add ``eps`` inside the square root (optax) or outside
+        (PyTorch).
+      centered: divide by the root of the variance instead of the second
+        moment.
+      momentum: heavy-ball momentum in [0, 1), or ``None`` for none.
+      nesterov: Nesterov momentum (only used with ``momentum``).
+      bias_correction: bias-correct the moments.
+      eight_bit: 8-bit block-wise storage of :math:`v` (see :func:`adam`);
+        not available with ``centered=True``.
+
+    Returns:
+      The chain ``scale_by_rms`` (or ``scale_by_stddev``),
+      ``optax.scale_by_learning_rate``, and ``optax.trace`` if ``momentum``.
+
+    Raises:
+      ValueError: if ``decay``/``momentum`` lie outside [0, 1), ``eps`` or
+        ``initial_scale`` is negative, ``learning_rate`` is neither a number
+        nor a callable, or ``eight_bit`` is requested with ``centered=True``.
+      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_nn import optim
+      >>> tx = optim.rmsprop(0.01, decay=0.5, eps_in_sqrt=False)
+      >>> params = jnp.array([1.0, 2.0])
+      >>> updates, _ = tx.update(jnp.array([2.0, -1.0]), tx.init(params))
+      >>> print(updates.round(5))
+      [-0.01414  0.01414]
+
+    References:
+      Hinton, `Overview of mini-batch gradient descent
+      <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
+
+      Graves, `Generating Sequences With Recurrent Neural Networks
+      <https://arxiv.org/abs/1308.0850>`_, 2013 (Eq. 38-41, centered).
+
+    .. warning::
+      The default ``eps_in_sqrt=True`` follows optax; PyTorch's RMSprop is
+      ``eps_in_sqrt=False``.
+    """
+    _check_scalar_or_schedule("learning_rate", learning_rate)
+    if momentum is not None:
+        _check_unit_interval("momentum", momentum)
+    if centered:
+        if _quantization(eight_bit) is not None:
+            raise ValueError(
+                "eight_bit must be False with centered=True (the variance of two 8-bit "
+                f"moments can turn negative); got eight_bit={eight_bit!r}"
+            )
+        scale: optax.GradientTransformation = scale_by_stddev(
+            decay=decay,
+            eps=eps,
+            initial_scale=initial_scale,
+            eps_in_sqrt=eps_in_sqrt,
+            bias_correction=bias_correction,
+        )
+    else:
+        scale = scale_by_rms(
+            decay=decay,
+            eps=eps,
+            initial_scale=initial_scale,
+            eps_in_sqrt=eps_in_sqrt,
+            bias_correction=bias_correction,
+            eight_bit=eight_bit,
+        )
+    return optax.chain(
+        scale,
+        optax.scale_by_learning_rate(learning_rate),
+        optax.trace(decay=momentum, nesterov=nesterov)
+        if momentum is not None
+        else optax.identity(),
+    )

@@ -1,0 +1,446 @@
+"""Tests for jaxopt_nn.archive: bit-exact round trips, byte accounting, corruption handling."""
+
+import json
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jaxopt_nn import archive
+from jaxopt_nn.archive import ArchiveError
+from jaxopt_nn.quantization import Codebook, codebook_weights
+
+
+def bits_of(x):
+    x = np.asarray(x)
+    return x.view(f"u{x.dtype.itemsize}") if x.dtype != np.bool_ else x
+
+
+def assert_bit_exact(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    np.testing.assert_array_equal(bits_of(actual), bits_of(expected))
+
+
+def assert_trees_bit_exact(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    jax.tree.map(assert_bit_exact, actual, expected)
+
+
+def random_codebook(rng, shape, keep, bits):
+    mask = rng.random(shape) < keep
+    centroids = np.sort(rng.normal(size=2**bits)).astype(np.float32)
+    indices = rng.integers(0, 2**bits, shape).astype(np.uint8 if bits <= 8 else np.uint16)
+    return Codebook(
+        jnp.asarray(centroids), jnp.asarray(np.where(mask, indices, 0)), jnp.asarray(mask)
+    )
+
+
+def pruned_quantized_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    codebooks = {
+        "fc1/kernel": random_codebook(rng, (64, 300), 0.08, 5),
+        "fc2/kernel": random_codebook(rng, (300, 100), 0.1, 5),
+        "conv/kernel": random_codebook(rng, (3, 3, 4, 8), 0.3, 8),
+    }
+    params = {
+        "fc1": {"kernel": codebook_weights(codebooks["fc1/kernel"]), "bias": rng.normal(size=300)},
+        "fc2": {"kernel": codebook_weights(codebooks["fc2/kernel"]), "bias": rng.normal(size=100)},
+        "conv": {"kernel": codebook_weights(codebooks["conv/kernel"])},
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return params, codebooks
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_pruned_quantized_tree_round_trips_bit_exact(tmp_path):
+    params, codebooks = pruned_quantized_tree()
+    path = tmp_path / "model.jnz"
+    written = archive.save(path, params, codebooks=codebooks)
+    assert written == os.path.getsize(path)
+    restored = archive.load(path)
+    assert_trees_bit_exact(restored, jax.tree.map(np.asarray, params))
+    for name, codebook in codebooks.items():
+        layer, leaf = name.split("/")
+        assert_bit_exact(restored[layer][leaf], np.asarray(codebook_weights(codebook)))
+    methods = {t.name: t.method for t in archive.inspect(path).tensors}
+    assert methods == {
+        "conv/kernel": "codebook",
+        "fc1/bias": "raw",
+        "fc1/kernel": "codebook",
+        "fc2/bias": "raw",
+        "fc2/kernel": "codebook",
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float64])
+def test_codebook_leaf_returns_codebook_weights_in_leaf_dtype(dtype):
+    rng = np.random.default_rng(1)
+    codebook = random_codebook(rng, (40, 30), 0.2, 4)
+    leaf = np.zeros((40, 30), dtype)  # the leaf's own values are not stored
+    restored = archive.loads(archive.dumps({"w": leaf}, codebooks={"w": codebook}))
+    if dtype == np.float64:  # no float64 in JAX without x64; the float32 values widen exactly
+        expected = np.asarray(codebook_weights(codebook)).astype(np.float64)
+    else:
+        expected = np.asarray(codebook_weights(codebook, dtype))
+    assert_bit_exact(restored["w"], expected)
+
+
+def test_linen_dict_with_mixed_leaves_round_trips_bit_exact():
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=(20, 10)).astype(np.float32)
+    kernel[rng.random(kernel.shape) < 0.9] = 0.0
+    kernel[0, :3] = [-0.0, np.nan, np.inf]
+    params = {
+        "params": {
+            "Dense_0": {"kernel": kernel, "bias": rng.normal(size=10).astype(np.float32)},
+            "Embed_0": {"embedding": rng.normal(size=(7, 3)).astype(ml_dtypes.bfloat16)},
+            "scale": np.float32(1.5),
+        },
+        "batch_stats": {"mean": rng.normal(size=4), "count": np.arange(4, dtype=np.int32)},
+        "flags": np.array([True, False, True]),
+        "steps": np.uint64(2**63 + 5),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    restored = archive.loads(archive.dumps(params))
+    assert_trees_bit_exact(restored, jax.tree.map(np.asarray, params))
+    kinds = {t.name: t.method for t in archive.inspect(archive.dumps(params)).tensors}
+    assert kinds["params/Dense_0/kernel"] == "sparse"  # 90% zeros: smaller than raw
+    assert kinds["params/Embed_0/embedding"] == "raw"  # dense: raw is smaller
+
+
+def test_structure_with_lists_tuples_int_keys_and_hash_key():
+    leaf = np.arange(3, dtype=np.float32)
+    params = {
+        "layers": [{"w": leaf}, None, {"w": leaf + 1}],
+        "pair": (leaf, leaf * 2),
+        "by_index": {0: {"w": leaf}, 1: {"w": leaf}},
+        "odd": {"#": leaf, "x": leaf},
+    }
+    restored = archive.loads(archive.dumps(params))
+    expected = {
+        "layers": [{"w": leaf}, None, {"w": leaf + 1}],
+        "pair": [leaf, leaf * 2],
+        "by_index": {0: {"w": leaf}, 1: {"w": leaf}},
+        "odd": {"#": leaf, "x": leaf},
+    }
+    assert_trees_bit_exact(restored, expected)
+    assert list(restored["by_index"]) == [0, 1]
+    assert_bit_exact(archive.loads(archive.dumps(leaf)), leaf)
+    assert archive.loads(archive.dumps({})) == {}
+
+
+class _Net(nnx.Module):
+    def __init__(self, *, rngs):
+        self.layers = nnx.List([nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 4, rngs=rngs)])
+        self.norm = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nnx.relu(layer(x))
+        return self.norm(x)
+
+
+def test_nnx_state_round_trips_through_pure_dict(tmp_path):
+    model = _Net(rngs=nnx.Rngs(0))
+    state = nnx.state(model)
+    kernel = model.layers[0].kernel[...]
+    codebook = Codebook(
+        jnp.array([-0.25, 0.5], jnp.float32), (kernel > 0).astype(jnp.uint8), jnp.abs(kernel) > 0.2
+    )
+    path = tmp_path / "nnx.jnz"
+    archive.save(path, state, codebooks={"layers/0/kernel": codebook})
+    restored = archive.load(path)
+    fresh = _Net(rngs=nnx.Rngs(1))
+    fresh_state = nnx.state(fresh)
+    nnx.replace_by_pure_dict(fresh_state, jax.tree.map(jnp.asarray, restored))
+    nnx.update(fresh, fresh_state)
+    expected = nnx.to_pure_dict(state)
+    expected["layers"][0]["kernel"] = codebook_weights(codebook)
+    assert_trees_bit_exact(
+        jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(fresh))),
+        jax.tree.map(np.asarray, expected),
+    )
+    x = jnp.ones((2, 8))
+    nnx.update(model, nnx.state(fresh))
+    np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    shape=st.lists(st.integers(0, 30), min_size=0, max_size=3),
+    keep=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([np.float32, np.float16, np.int8, np.uint16, np.float64]),
+    index_bits=st.one_of(st.none(), st.integers(1, 16)),
+    bits=st.integers(1, 10),
+)
+def test_round_trip_property(seed, shape, keep, dtype, index_bits, bits):
+    rng = np.random.default_rng(seed)
+    dense = (rng.normal(size=shape) * 50).astype(dtype)
+    dense = np.where(rng.random(shape) < keep, dense, np.zeros((), dtype))
+    codebook = random_codebook(rng, tuple(shape), keep, bits)
+    params = {"dense": dense, "quantized": np.zeros(shape, np.float32)}
+    data = archive.dumps(
+        params,
+        codebooks={"quantized": codebook},
+        where=lambda name, leaf: True,
+        index_bits=index_bits,
+    )
+    restored = archive.loads(data)
+    assert_bit_exact(restored["dense"], dense)
+    assert_bit_exact(restored["quantized"], np.asarray(codebook_weights(codebook)))
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_raw_dtype_casts_only_unselected_floating_leaves():
+    params, codebooks = pruned_quantized_tree()
+    params["fc1"]["step"] = np.int32(7)
+    restored = archive.loads(archive.dumps(params, codebooks=codebooks, raw_dtype="float16"))
+    bias = np.asarray(params["fc1"]["bias"])
+    assert_bit_exact(restored["fc1"]["bias"], bias.astype(np.float16).astype(np.float32))
+    assert_bit_exact(restored["fc1"]["step"], np.int32(7))
+    assert_bit_exact(restored["fc1"]["kernel"], np.asarray(params["fc1"]["kernel"]))
+    info = {t.name: t for t in archive.inspect(archive.dumps(params, raw_dtype="float16")).tensors}
+    assert info["fc1/bias"].nbytes == 300 * 2 + 4
+    assert info["fc1/bias"].weight_bits == 16.0
+
+
+def test_centroids_are_stored_as_float16_only_when_exact():
+    rng = np.random.default_rng(3)
+    codebook = random_codebook(rng, (50, 50), 0.3, 5)
+    exact = codebook._replace(centroids=codebook.centroids.astype(jnp.float16).astype(jnp.float32))
+    leaf = {"w": np.zeros((50, 50), np.float32)}
+    inexact_info = archive.inspect(archive.dumps(leaf, codebooks={"w": codebook})).tensors[0]
+    exact_info = archive.inspect(archive.dumps(leaf, codebooks={"w": exact})).tensors[0]
+    used = np.unique(np.asarray(codebook.indices)[np.asarray(codebook.mask)]).size
+    assert inexact_info.codebook_bytes == 1 + 4 * used
+    assert exact_info.codebook_bytes == 1 + 2 * used
+    forced = archive.loads(archive.dumps(leaf, codebooks={"w": codebook}, centroid_dtype="float16"))
+    half = codebook._replace(centroids=codebook.centroids.astype(jnp.float16).astype(jnp.float32))
+    assert_bit_exact(forced["w"], np.asarray(codebook_weights(half)))
+
+
+def test_automatic_index_bits_is_no_larger_than_any_fixed_width():
+    rng = np.random.default_rng(4)
+    codebook = random_codebook(rng, (200, 100), 0.05, 5)
+    leaf = {"w": np.zeros((200, 100), np.float32)}
+
+    def index_bytes(bits):
+        data = archive.dumps(leaf, codebooks={"w": codebook}, index_bits=bits)
+        return archive.inspect(data).tensors[0].index_bytes
+
+    auto = index_bytes(None)
+    assert all(auto <= index_bytes(bits) for bits in range(1, 11))
+
+
+def test_fillers_encode_gaps_longer_than_the_index_width():
+    weight = np.zeros(1000, np.float32)
+    weight[[0, 1, 300, 301, 999]] = [1.0, 2.0, 3.0, 4.0, 5.0]
+    for bits in (1, 2, 3, 9, 10):
+        restored = archive.loads(
+            archive.dumps({"w": weight}, where=lambda n, x: True, index_bits=bits)
+        )
+        assert_bit_exact(restored["w"], weight)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def test_byte_accounting_sums_to_the_file_size(tmp_path):
+    params, codebooks = pruned_quantized_tree()
+    path = tmp_path / "m.jnz"
+    archive.save(path, params, codebooks=codebooks, raw_dtype="float16")
+    info = archive.inspect(path)
+    assert info.header_bytes + sum(t.nbytes for t in info.tensors) == os.path.getsize(path)
+    assert info.file_bytes == os.path.getsize(path)
+    for t in info.tensors:
+        assert t.index_bytes + t.value_bytes + t.codebook_bytes + 4 == t.nbytes
+    fc1 = {t.name: t for t in info.tensors}["fc1/kernel"]
+    mask = np.asarray(codebooks["fc1/kernel"].mask)
+    assert fc1.kept == int(mask.sum()) and fc1.size == mask.size
+    assert fc1.value_bytes >= fc1.weight_bits * fc1.kept / 8
+    assert fc1.index_bytes >= fc1.index_bits * fc1.kept / 8
+    assert 0 < fc1.weight_bits <= 8  # 5-bit indices, Huffman-coded
+    original = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    assert info.original_bytes == original
+    np.testing.assert_allclose(info.compression, original / os.path.getsize(path), rtol=1e-12)
+    table = info.table()
+    assert "fc1/kernel" in table and "(header)" in table
+    assert f"{os.path.getsize(path):,}" in table.splitlines()[-1]
+
+
+def test_header_is_compact_for_a_small_mlp():
+    params, codebooks = pruned_quantized_tree()
+    info = archive.inspect(archive.dumps(params, codebooks=codebooks, raw_dtype="float16"))
+    assert info.header_bytes < 100
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "m.jnz"
+    archive.save(path, {"w": np.ones(3, np.float32)})
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="cannot store"):
+        archive.save(path, {"w": "text"})
+    assert path.read_bytes() == before
+    archive.save(str(path), {"w": np.zeros(3, np.float32)})
+    assert sorted(os.listdir(tmp_path)) == ["m.jnz"]
+    assert_bit_exact(archive.load(path)["w"], np.zeros(3, np.float32))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def small_archive():
+    params, codebooks = pruned_quantized_tree()
+    params = {"fc2": params["fc2"]}
+    return archive.dumps(params, codebooks={"fc2/kernel": codebooks["fc2/kernel"]})
+
+
+def test_archive_error_is_a_value_error():
+    assert issubclass(ArchiveError, ValueError)
+
+
+def test_wrong_magic_and_unknown_version():
+    data = small_archive()
+    with pytest.raises(ArchiveError, match="not a jaxopt_nn archive"):
+        archive.loads(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ArchiveError, match="unsupported archive format version 2"):
+        archive.loads(data[:3] + b"\x02" + data[4:])
+    with pytest.raises(ArchiveError, match="truncated archive"):
+        archive.loads(data[:2])
+
+
+def test_every_truncation_raises():
+    data = small_archive()
+    for end in range(len(data)):
+        with pytest.raises(ArchiveError):
+            archive.loads(data[:end])
+    with pytest.raises(ArchiveError, match="truncated or has extra bytes"):
+        archive.loads(data + b"\0")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_flipped_or_truncated_bytes_always_raise(data):
+    blob = bytearray(small_archive())
+    flips = data.draw(
+        st.lists(
+            st.tuples(st.integers(0, len(blob) - 1), st.integers(1, 255)), min_size=1, max_size=4
+        )
+    )
+    for position, xor in flips:
+        blob[position] ^= xor
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    if bytes(blob) == small_archive():
+        return
+    with pytest.raises(ArchiveError):
+        archive.loads(bytes(blob))
+
+
+def rebuild(data, edit_header):
+    """An archive with an edited header and valid checksums (consistency checks only)."""
+    size = data[4]
+    unpacker = zlib.decompressobj(-15, zdict=archive.HEADER_DICTIONARY)
+    header = json.loads(unpacker.decompress(data[5 : 5 + size]))
+    header = edit_header(header)
+    packer = zlib.compressobj(
+        9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, archive.HEADER_DICTIONARY
+    )
+    text = packer.compress(json.dumps(header).encode()) + packer.flush()
+    assert len(text) < 128
+    body = data[:4] + bytes([len(text)]) + text + data[5 + size : -4]
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def test_inconsistent_lengths_with_valid_checksums_raise():
+    data = small_archive()
+
+    def shrink_kernel(header):
+        header["fc2"]["kernel"][1] = [10, 10]
+        return header
+
+    with pytest.raises(ArchiveError, match="outside a tensor"):
+        archive.loads(rebuild(data, shrink_kernel))
+
+    def grow_bias(header):
+        header["fc2"]["bias"][1] = [101]
+        return header
+
+    with pytest.raises(ArchiveError, match=r"fc2/bias.: needs 404 more bytes"):
+        archive.loads(rebuild(data, grow_bias))
+
+    def bad_method(header):
+        header["fc2"]["bias"][0] = "z"
+        return header
+
+    with pytest.raises(ArchiveError, match="malformed record"):
+        archive.loads(rebuild(data, bad_method))
+
+    def as_sparse(header):
+        header["fc2"]["kernel"][0] = "s"
+        return header
+
+    with pytest.raises(ArchiveError, match="fc2/kernel"):
+        archive.loads(rebuild(data, as_sparse))
+
+
+def test_flipped_byte_in_a_section_is_reported_even_with_a_valid_file_crc():
+    data = bytearray(small_archive())
+    data[-10] ^= 1
+    body = bytes(data[:-4])
+    with pytest.raises(ArchiveError, match="section CRC32 does not match"):
+        archive.loads(body + zlib.crc32(body).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"index_bits": 0}, ValueError, "index_bits must be None"),
+        ({"index_bits": 17}, ValueError, "index_bits must be None"),
+        ({"raw_dtype": "int8"}, ValueError, "raw_dtype must be"),
+        ({"centroid_dtype": "float64"}, ValueError, "centroid_dtype must be"),
+        ({"codebooks": {"nope": None}}, ValueError, r"codebooks names \['nope'\]"),
+    ],
+)
+def test_dumps_rejects_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        archive.dumps({"w": np.ones((2, 2), np.float32)}, **kwargs)
+
+
+def test_dumps_rejects_bad_codebooks_and_leaves():
+    rng = np.random.default_rng(5)
+    codebook = random_codebook(rng, (4, 4), 0.5, 2)
+    with pytest.raises(ValueError, match="mask shape"):
+        archive.dumps({"w": np.ones((4, 5), np.float32)}, codebooks={"w": codebook})
+    too_few = codebook._replace(
+        centroids=codebook.centroids[:1],
+        indices=jnp.ones((4, 4), jnp.uint8),
+        mask=jnp.ones((4, 4), bool),
+    )
+    with pytest.raises(ValueError, match="but 1 centroids"):
+        archive.dumps({"w": np.ones((4, 4), np.float32)}, codebooks={"w": too_few})
+    with pytest.raises(TypeError, match="must be floating"):
+        archive.dumps({"w": np.ones((4, 4), np.int32)}, codebooks={"w": codebook})
+    with pytest.raises(TypeError, match="cannot store"):
+        archive.dumps({"w": np.ones(2, np.complex64)})
+    with pytest.raises(TypeError, match="not an array"):
+        archive.dumps({"w": object()})
+    with pytest.raises(TypeError, match="keys must be str or int"):
+        archive.dumps({(1, 2): np.ones(2, np.float32)})

@@ -1,0 +1,460 @@
+"""Adam/RMSprop transforms: equality with optax, composition, 8-bit state."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxopt_nn import optim
+from jaxopt_nn._blockwise import dequantize, quantize
+
+STEPS = 100
+SCHEDULE = optax.linear_schedule(1e-2, 1e-3, transition_steps=50)
+SMALL = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "c": jnp.float32(0.5)}
+
+
+def _noise(params, steps=STEPS, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=(steps,) + p.shape), p.dtype), params
+    )
+
+
+def _run(txs, params, steps=STEPS):
+    """100 steps of each transform in ``txs`` in one jitted scan per transform.
+
+    Gradients are ``0.1 * params + noise``, so the trajectory feeds back into
+    them. Returns ``[(final params, final state, stacked updates), ...]``.
+    """
+    noise = _noise(params, steps)
+
+    @jax.jit
+    def run(params, noise):
+        out = []
+        for tx in txs:
+
+            def step(carry, n, tx=tx):
+                p, s = carry
+                g = jax.tree.map(lambda a, b: 0.1 * a + b, p, n)
+                u, s = tx.update(g, s, p)
+                return (optax.apply_updates(p, u), s), u
+
+            (p, s), us = jax.lax.scan(step, (params, tx.init(params)), noise)
+            out.append((p, s, us))
+        return out
+
+    return run(params, noise)
+
+
+def _assert_trees_close(actual, desired, rtol=1e-6, atol=0.0):
+    assert jax.tree.structure(actual) == jax.tree.structure(desired)
+    for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
+        assert a.dtype == d.dtype
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(d, np.float32), rtol=rtol, atol=atol
+        )
+
+
+def _state_bytes(state):
+    return sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def _assert_grid_matches_optax(cases, ours_factory, optax_factory, moments):
+    """Run every case (a kwargs dict) in one jit for ours and optax; compare all steps."""
+    txs = [tx for kwargs in cases for tx in (ours_factory(**kwargs), optax_factory(**kwargs))]
+    results = _run(txs, SMALL)
+    for kwargs, ours, theirs in zip(cases, results[::2], results[1::2], strict=True):
+        try:
+            _assert_trees_close(ours[2], theirs[2])  # every step's updates
+            _assert_trees_close(ours[0], theirs[0])
+            _assert_trees_close(moments(ours[1][0]), moments(theirs[1][0]))
+        except AssertionError as err:
+            raise AssertionError(f"differs from optax with {kwargs}") from err
+        assert int(ours[1][0].count) == STEPS
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_adam_and_adamw_match_optax_for_every_combination(name, nesterov):
+    cases = []
+    for eps_root, mu_dtype, scheduled in itertools.product(
+        [0.0, 1e-3], [None, jnp.bfloat16], [False, True]
+    ):
+        kwargs = dict(
+            learning_rate=SCHEDULE if scheduled else 1e-2,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+        )
+        if name == "adamw":
+            kwargs.update(
+                weight_decay=optax.linear_schedule(0.1, 0.0, 80) if scheduled else 0.1,
+                mask={"w": True, "c": False} if eps_root else None,
+            )
+        cases.append(kwargs)
+    _assert_grid_matches_optax(
+        cases, getattr(optim, name), getattr(optax, name), lambda s: (s.mu, s.nu)
+    )
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_rmsprop_matches_optax_for_every_combination(centered, bias_correction):
+    cases = [
+        dict(
+            learning_rate=SCHEDULE if scheduled else 1e-2,
+            decay=0.95,
+            initial_scale=0.1 if centered else 0.0,
+            eps_in_sqrt=eps_in_sqrt,
+            centered=centered,
+            momentum=momentum,
+            nesterov=nesterov,
+            bias_correction=bias_correction,
+        )
+        for (momentum, nesterov), eps_in_sqrt, scheduled in itertools.product(
+            [(None, False), (0.9, False), (0.9, True)], [False, True], [False, True]
+        )
+    ]
+    _assert_grid_matches_optax(cases, optim.rmsprop, optax.rmsprop, lambda s: s.nu)
+
+
+def _nnx_params():
+    return nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
+
+
+_TREES = {
+    "nested_with_none_and_scalar": lambda: {
+        "params": {"dense": {"kernel": jnp.ones((3, 2)), "bias": None}, "scale": jnp.float32(2.0)},
+        "layers": [jnp.arange(4.0), None],
+    },
+    "nnx_state": _nnx_params,
+    "bfloat16": lambda: {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.zeros(3, jnp.bfloat16)},
+}
+
+
+@pytest.mark.parametrize("tree_name", sorted(_TREES))
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_pytree_kinds_match_optax_and_keep_dtypes(tree_name, name):
+    params = _TREES[tree_name]()
+    kwargs = {"learning_rate": 1e-2}
+    ours, theirs = _run([getattr(optim, name)(**kwargs), getattr(optax, name)(**kwargs)], params)
+    rtol = 1e-2 if tree_name == "bfloat16" else 1e-6
+    _assert_trees_close(ours[2], theirs[2], rtol=rtol, atol=1e-6)  # also checks dtypes
+    _assert_trees_close(ours[0], theirs[0], rtol=rtol)
+    assert jax.tree.structure(ours[0]) == jax.tree.structure(params)
+    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(ours[0]), strict=True):
+        assert q.dtype == p.dtype
+    state_in = jax.tree.map(lambda x: x.dtype, getattr(optim, name)(1e-2).init(params))
+    assert jax.tree.map(lambda x: x.dtype, ours[1]) == state_in
+
+
+def test_count_saturates_instead_of_overflowing():
+    tx = optim.scale_by_adam()
+    state = tx.init(SMALL)._replace(count=jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+    _, state = tx.update(SMALL, state)
+    assert int(state.count) == np.iinfo(np.int32).max
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs, match",
+    [
+        (optim.adam, dict(learning_rate=0.1, b1=1.0), r"b1 must lie in \[0, 1\); got b1=1.0"),
+        (optim.adam, dict(learning_rate=0.1, b2=-0.1), r"b2 must lie in \[0, 1\); got b2=-0.1"),
+        (optim.adam, dict(learning_rate=0.1, eps=-1e-8), r"eps must be >= 0; got eps=-1e-08"),
+        (optim.adam, dict(learning_rate=0.1, eps_root=-1.0), r"eps_root must be >= 0"),
+        (optim.adam, dict(learning_rate="fast"), r"learning_rate must be a number or a schedule"),
+        (optim.adam, dict(learning_rate=0.1, mu_dtype=jnp.int32), r"mu_dtype must be a floating"),
+        (optim.adamw, dict(learning_rate=0.1, weight_decay="x"), r"weight_decay must be a number"),
+        (optim.rmsprop, dict(learning_rate=None), r"learning_rate must be a number or a schedule"),
+        (optim.rmsprop, dict(learning_rate=0.1, decay=1.5), r"decay must lie in \[0, 1\)"),
+        (optim.rmsprop, dict(learning_rate=0.1, momentum=1.0), r"momentum must lie in \[0, 1\)"),
+        (optim.rmsprop, dict(learning_rate=0.1, initial_scale=-1.0), r"initial_scale must be >= 0"),
+        (optim.rmsprop, dict(learning_rate=0.1, centered=True, eight_bit=True),
+         r"eight_bit must be False with centered=True"),
+        (optim.scale_by_stddev, dict(eps=-1.0), r"eps must be >= 0"),
+    ],
+)
+def test_bad_hyperparameters_raise_at_construction(factory, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_size=0), r"block_size must be an int >= 1; got block_size=0"),
+        (dict(block_size=2.5), r"block_size must be an int >= 1; got block_size=2.5"),
+        (dict(min_size=-1), r"min_size must be an int >= 0; got min_size=-1"),
+    ],
+)
+def test_bad_block_quantization_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        optim.BlockQuantization(**kwargs)
+
+
+def test_eight_bit_of_wrong_type_raises():
+    with pytest.raises(TypeError, match=r"eight_bit must be a bool or a BlockQuantization"):
+        optim.adam(0.1, eight_bit=8)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def test_inside_chain_after_clipping_matches_optax():
+    ours, theirs = _run(
+        [
+            optax.chain(optax.clip_by_global_norm(0.5), optim.adam(1e-2)),
+            optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2)),
+        ],
+        SMALL,
+    )
+    _assert_trees_close(ours[2], theirs[2])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("adam", dict(learning_rate=1e-2, b1=0.8, eps_root=1e-6)),
+        ("rmsprop", dict(learning_rate=SCHEDULE, decay=0.8, momentum=0.5)),
+    ],
+)
+def test_inject_hyperparams_matches_optax_and_the_plain_call(name, kwargs):
+    ours, theirs, plain = _run(
+        [
+            optax.inject_hyperparams(getattr(optim, name))(**kwargs),
+            optax.inject_hyperparams(getattr(optax, name))(**kwargs),
+            getattr(optim, name)(**kwargs),
+        ],
+        SMALL,
+    )
+    _assert_trees_close(ours[2], theirs[2])
+    # Injected hyperparameters are float32 arrays, so ``1 - b1`` rounds in
+    # float32 instead of float64: agreement to float32 rounding, not bits.
+    _assert_trees_close(ours[2], plain[2], rtol=1e-4, atol=1e-9)
+
+
+def test_inject_hyperparams_with_8bit_state_gives_the_plain_updates():
+    # Decays stay Python floats (static), so the 8-bit codes round identically.
+    kwargs = dict(learning_rate=1e-2, eight_bit=optim.BlockQuantization(8, min_size=8))
+    inject = optax.inject_hyperparams(optim.adam, static_args=("b1", "b2", "eps", "eps_root"))
+    injected, plain = _run([inject(**kwargs), optim.adam(**kwargs)], SMALL)
+    _assert_trees_close(injected[2], plain[2])
+    assert injected[1].inner_state[0].mu["w"].codes.dtype == jnp.uint8
+
+
+def test_multisteps_matches_optax():
+    ours, theirs = _run(
+        [optax.MultiSteps(optim.adam(1e-2), 3), optax.MultiSteps(optax.adam(1e-2), 3)], SMALL
+    )
+    _assert_trees_close(ours[2], theirs[2])
+
+
+def test_multisteps_accepts_8bit_state():
+    tx = optax.MultiSteps(optim.adam(1e-2, eight_bit=optim.BlockQuantization(8, 8)), 2)
+    params, state, _ = _run([tx], SMALL, steps=6)[0]
+    assert int(state.gradient_step) == 3
+    assert state.inner_opt_state[0].nu["w"].codes.dtype == jnp.uint8
+
+
+def test_masked_matches_optax():
+    mask = {"w": True, "c": False}
+    ours, theirs = _run(
+        [optax.masked(optim.rmsprop(1e-2), mask), optax.masked(optax.rmsprop(1e-2), mask)], SMALL
+    )
+    _assert_trees_close(ours[2], theirs[2])
+    # The masked-out leaf receives the raw gradient ``0.1 * p + noise`` each step.
+    p, expected = np.float32(SMALL["c"]), []
+    for n in np.asarray(_noise(SMALL)["c"]):
+        expected.append(np.float32(0.1) * p + n)
+        p = p + expected[-1]
+    np.testing.assert_allclose(ours[2]["c"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_nnx_optimizer_matches_optax(eight_bit):
+    def train(tx):
+        model = nnx.Linear(64, 80, rngs=nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        x = jnp.linspace(-1.0, 1.0, 3 * 64).reshape(3, 64)
+
+        @nnx.jit
+        def step(model, optimizer):
+            grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+            optimizer.update(model, grads)
+
+        for _ in range(5):
+            step(model, optimizer)
+        return nnx.state(model, nnx.Param)
+
+    reference = train(optax.adam(1e-2))
+    result = train(optim.adam(1e-2, eight_bit=eight_bit))
+    if eight_bit:  # the 64x80 kernel's moments are 8-bit; steps stay close
+        _assert_trees_close(result, reference, rtol=0, atol=3e-3)
+    else:
+        _assert_trees_close(result, reference)
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_jit_does_not_recompile_on_the_second_step(eight_bit):
+    traces = []
+    tx = optim.adam(1e-2, eight_bit=optim.BlockQuantization(8, 8) if eight_bit else False)
+
+    @jax.jit
+    def step(params, state):
+        traces.append(None)
+        updates, state = tx.update(params, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = SMALL, tx.init(SMALL)
+    for _ in range(3):
+        params, state = step(params, state)
+    assert len(traces) == 1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_state_survives_orbax_round_trip(tmp_path, eight_bit):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tx = optim.adam(1e-2, eight_bit=optim.BlockQuantization(8, 8) if eight_bit else False)
+    _, state, _ = _run([tx], SMALL, steps=3)[0]
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(
+            tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        )
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    updates, _ = tx.update(SMALL, restored, SMALL)
+    expected, _ = tx.update(SMALL, state, SMALL)
+    _assert_trees_close(updates, expected, rtol=0)
+
+
+# --------------------------------------------------------------------------- 8-bit state
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 700),
+    st.integers(1, 64),
+    st.floats(-30, 30),
+    st.integers(0, 2**31 - 1),
+)
+def test_signed_code_error_is_relative(size, block_size, log_scale, seed):
+    x = np.random.default_rng(seed).standard_t(2, size=size).astype(np.float32) * np.float32(
+        2.0**log_scale
+    )
+    q = quantize(jnp.asarray(x), "signed", block_size)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (-(-size // block_size), block_size)
+    y = np.asarray(dequantize(q, "signed", x.shape))
+    blocks = np.pad(np.abs(x), (0, q.codes.size - size)).reshape(q.codes.shape)
+    absmax = np.repeat(blocks.max(axis=1), block_size)[:size]
+    # 3 mantissa bits: half a unit is 1/16 of the value; below 2**-15 of the
+    # block maximum values flush to zero.
+    assert np.all(np.abs(y - x) <= np.abs(x) / 16 + 2.0**-14 * absmax)
+    assert np.all(np.sign(y) * np.sign(x) >= 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 64), st.floats(-30, 30), st.integers(0, 2**31 - 1))
+def test_sqrt_code_error_is_relative_in_the_root_and_never_rounds_to_zero(
+    size, block_size, log_scale, seed
+):
+    root = np.abs(np.random.default_rng(seed).standard_t(2, size=size)).astype(np.float32)
+    x = root * root * np.float32(2.0**log_scale)
+    q = quantize(jnp.asarray(x), "sqrt", block_size)
+    y = np.asarray(dequantize(q, "sqrt", x.shape))
+    r, s = np.sqrt(x), np.sqrt(y)
+    blocks = np.pad(r, (0, q.codes.size - size)).reshape(q.codes.shape)
+    rmax = np.repeat(blocks.max(axis=1), block_size)[:size]
+    assert np.all(np.abs(s - r) <= r / 32 * 1.0001 + 2.0**-15 * rmax)
+    floor = np.where(rmax > 0, 2.0**-15 * rmax / 1.9375 * 0.999, 0)
+    assert np.all(s >= np.minimum(r * (1 - 1 / 32), floor))  # small roots round up
+
+
+def test_zero_blocks_decode_to_zero():
+    for code in ("signed", "sqrt"):
+        q = quantize(jnp.zeros((5, 7)), code, 16)
+        np.testing.assert_array_equal(dequantize(q, code, (5, 7)), np.zeros((5, 7)))
+
+
+def _lenet_params():
+    from jaxopt_nn.models import LeNet300100
+
+    return nnx.state(LeNet300100(64, rngs=nnx.Rngs(0)), nnx.Param)
+
+
+def test_8bit_state_is_under_0_3x_of_float32_adam_counting_scales_and_small_leaves():
+    params = _lenet_params()
+    state8 = optim.adam(1e-3, eight_bit=True).init(params)
+    state32 = optim.adam(1e-3).init(params)
+    quant = optim.BlockQuantization()
+    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    expected = 4  # count
+    for p in jax.tree.leaves(params):
+        n = math.prod(p.shape)
+        if n >= quant.min_size:
+            expected += 2 * (-(-n // quant.block_size)) * (quant.block_size + 4)
+        else:
+            expected += 2 * n * p.dtype.itemsize
+    assert _state_bytes(state8) == expected
+    assert _state_bytes(state32) == 8 * n_params + 4
+    assert _state_bytes(state8) <= 0.3 * _state_bytes(state32)
+    inner = state8[0]
+    kinds = jax.tree.map(
+        lambda p, m: type(m).__name__, params, inner.mu,
+        is_leaf=lambda x: isinstance(x, optim.QuantizedArray),
+    )
+    assert kinds["fc1"]["kernel"] == "QuantizedArray" and kinds["fc1"]["bias"] == "ArrayImpl"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_8bit_keeps_dtypes_and_tracks_float_state(name, dtype):
+    # 70 * 70 = 4900 elements: not a multiple of the block size (padding).
+    params = {"w": jnp.linspace(-1, 1, 4900, dtype=dtype).reshape(70, 70), "b": jnp.ones(3, dtype)}
+    factory = getattr(optim, name)
+    (p8, s8, u8), (p32, _, _) = _run(
+        [factory(1e-2, eight_bit=True), factory(1e-2)], params, steps=50
+    )
+    assert jax.tree.map(lambda x: x.dtype, u8) == jax.tree.map(lambda x: x.dtype, params)
+    assert jax.tree.map(lambda x: x.dtype, s8) == jax.tree.map(
+        lambda x: x.dtype, factory(1e-2, eight_bit=True).init(params)
+    )
+    moved = np.abs(np.asarray(p32["w"], np.float32) - np.asarray(params["w"], np.float32))
+    error = np.abs(np.asarray(p8["w"], np.float32) - np.asarray(p32["w"], np.float32))
+    assert np.median(moved) > 0.1
+    assert np.median(error) < 0.05 * np.median(moved)
+    np.testing.assert_array_equal(p8["b"], p32["b"])  # small leaves stay in floating point
+
+
+def test_8bit_adam_trains_lenet_on_digits_within_one_point_of_float32():
+    from jaxopt_nn import data, train
+    from jaxopt_nn.models import LeNet300100
+
+    digits = data.load_digits()
+    accuracy = {}
+    for eight_bit in (False, True):
+        result = train.fit(
+            LeNet300100(64, rngs=nnx.Rngs(0)), optim.adam(1e-3, eight_bit=eight_bit), digits,
+            epochs=15, batch_size=64, progress=False,
+        )
+        metrics = train.evaluate(result.graphdef, result.state, digits.x_test, digits.y_test)
+        accuracy[eight_bit] = metrics["accuracy"]
+    assert accuracy[False] > 0.9
+    assert abs(accuracy[True] - accuracy[False]) <= 0.01

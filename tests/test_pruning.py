@@ -1,0 +1,541 @@
+"""Tests for jaxopt_nn.pruning: masks, schedules, the prune transform, export."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen, nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import sparse as jsparse
+
+from jaxopt_nn import pruning
+
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+def _round_f32(s, size):
+    """``round(s * size)`` as the transform forms it for a traced float32 ``s``."""
+    return int(np.round(np.float32(s) * np.float32(size)))
+
+
+def _jitted_value(sched, t):
+    """The schedule's value as the jitted transform computes it (ulps may differ eagerly)."""
+    return jax.jit(sched)(t)
+
+
+def _reference_pruned(scores, k):
+    """NumPy reference: the ``k`` lowest scores, ties by flat index (stable sort)."""
+    flat = np.asarray(scores).ravel()
+    pruned = np.zeros(flat.size, bool)
+    pruned[np.argsort(flat, kind="stable")[:k]] = True
+    return pruned.reshape(np.shape(scores))
+
+
+def _weights(draw_shape, seed, ties):
+    rng = np.random.default_rng(seed)
+    if ties:  # few distinct magnitudes and both signs: many exact ties
+        return rng.integers(-3, 4, size=draw_shape).astype(np.float32)
+    return rng.standard_normal(draw_shape).astype(np.float32)
+
+
+# A fixed pool of shapes keeps the number of compilations (and the runtime) small.
+shapes = st.sampled_from([(1, 1), (1, 7), (3, 4), (6, 5), (2, 3, 4), (4, 1, 3)])
+
+
+# ------------------------------------------------------------------- masks
+
+
+@SETTINGS
+@given(shape=shapes, sparsity=st.floats(0.0, 0.99), seed=st.integers(0, 99), ties=st.booleans())
+def test_magnitude_layer_masks_prune_exactly_the_k_smallest_with_index_tie_break(
+    shape, sparsity, seed, ties
+):
+    w = _weights(shape, seed, ties)
+    params = {"w": jnp.asarray(w), "b": jnp.ones(3)}
+    masks = pruning.magnitude_masks(params, sparsity)
+    k = round(sparsity * w.size)
+    assert masks["b"] is None
+    np.testing.assert_array_equal(~np.asarray(masks["w"]), _reference_pruned(np.abs(w), k))
+    # Traced sparsity (as inside the transform): same selection, float32 rounding.
+    traced = jax.jit(lambda p, s: pruning.magnitude_masks(p, s))(params, np.float32(sparsity))
+    np.testing.assert_array_equal(
+        ~np.asarray(traced["w"]), _reference_pruned(np.abs(w), _round_f32(sparsity, w.size))
+    )
+
+
+@SETTINGS
+@given(
+    shape_list=st.lists(shapes, min_size=1, max_size=3),
+    sparsity=st.floats(0.0, 0.99),
+    seed=st.integers(0, 99),
+    ties=st.booleans(),
+)
+def test_magnitude_global_masks_rank_all_leaves_together(shape_list, sparsity, seed, ties):
+    params = {f"l{i}": jnp.asarray(_weights(s, seed + i, ties)) for i, s in enumerate(shape_list)}
+    masks = pruning.magnitude_masks(params, sparsity, scope="global")
+    leaves = jax.tree.leaves(params)
+    flat = np.concatenate([np.abs(np.asarray(x)).ravel() for x in leaves])
+    expected = _reference_pruned(flat, round(sparsity * flat.size))
+    got = np.concatenate([~np.asarray(m).ravel() for m in jax.tree.leaves(masks)])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_magnitude_masks_accept_per_leaf_sparsity_and_where():
+    params = {"a": jnp.arange(1.0, 13.0).reshape(3, 4), "b": jnp.arange(1.0, 21.0).reshape(4, 5)}
+    masks = pruning.magnitude_masks(params, {"a": 0.25, "b": 0.5})
+    assert int((~masks["a"]).sum()) == 3 and int((~masks["b"]).sum()) == 10
+    only_b = pruning.magnitude_masks(params, 0.5, where=lambda name, _: name == "b")
+    assert only_b["a"] is None and int((~only_b["b"]).sum()) == 10
+
+
+@SETTINGS
+@given(shape=shapes, s1=st.floats(0.0, 0.99), s2=st.floats(0.0, 0.99), seed=st.integers(0, 99))
+def test_random_masks_are_exact_deterministic_and_nested(shape, s1, s2, seed):
+    lo, hi = sorted((s1, s2))
+    params = {"w": jnp.zeros(shape)}
+    key = jax.random.key(seed)
+    m_lo = np.asarray(pruning.random_masks(key, params, lo)["w"])
+    m_hi = np.asarray(pruning.random_masks(key, params, hi)["w"])
+    size = math.prod(shape)
+    assert (~m_lo).sum() == round(lo * size) and (~m_hi).sum() == round(hi * size)
+    assert not np.any(~m_lo & m_hi), "a higher sparsity must prune a superset"
+    np.testing.assert_array_equal(m_lo, np.asarray(pruning.random_masks(key, params, lo)["w"]))
+
+
+def _groups(x, m, axis):
+    return np.moveaxis(np.asarray(x), axis, -1).reshape(-1, m)
+
+
+@SETTINGS
+@given(
+    rows=st.sampled_from([1, 3]),
+    groups=st.sampled_from([1, 2]),
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 8), (4, 4)]),
+    axis=st.sampled_from([0, -1]),
+    seed=st.integers(0, 99),
+    ties=st.booleans(),
+)
+def test_nm_masks_keep_the_n_largest_of_every_group(rows, groups, nm, axis, seed, ties):
+    n, m = nm
+    shape = (groups * m, rows) if axis == 0 else (rows, groups * m)
+    w = _weights(shape, seed, ties)
+    mask = pruning.nm_masks({"w": jnp.asarray(w)}, n, m, axis=axis)["w"]
+    expected = np.stack([~_reference_pruned(g, m - n) for g in _groups(np.abs(w), m, axis)])
+    np.testing.assert_array_equal(_groups(mask, m, axis), expected)
+    assert np.all(_groups(mask, m, axis).sum(axis=1) == n)
+
+
+@SETTINGS
+@given(sparsity=st.floats(0.0, 0.99), seed=st.integers(0, 99), scope=st.sampled_from(["layer",
+                                                                                        "global"]))
+def test_nm_masks_with_sparsity_are_exact_and_keep_n_per_group(sparsity, seed, scope):
+    params = {"a": jnp.asarray(_weights((4, 8), seed, False)),
+              "b": jnp.asarray(_weights((3, 4), seed + 1, True))}
+    masks = pruning.nm_masks(params, 2, 4, sparsity=sparsity, scope=scope)
+    for name, mask in masks.items():
+        assert np.all(_groups(mask, 4, -1).sum(axis=1) >= 2), name
+        full = np.asarray(pruning.nm_masks(params, 2, 4)[name])
+        assert not np.any(~np.asarray(mask) & full), "only N:M candidates may be pruned"
+    sizes = {"a": 32, "b": 12}
+    if scope == "layer":
+        for name, size in sizes.items():
+            assert (~np.asarray(masks[name])).sum() == min(round(sparsity * size), size // 2)
+    else:
+        total = sum((~np.asarray(mk)).sum() for mk in masks.values())
+        assert total == min(round(sparsity * 44), 22)
+
+
+@SETTINGS
+@given(shape=shapes, sparsity=st.floats(0.0, 0.99), axis=st.sampled_from([0, -1]),
+       norm=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_structured_masks_zero_whole_channels_of_smallest_norm(shape, sparsity, axis, norm, seed):
+    w = _weights(shape, seed, False)
+    mask = np.asarray(pruning.structured_masks({"w": jnp.asarray(w)}, sparsity, axis=axis,
+                                               norm=norm)["w"])
+    per_channel = np.moveaxis(mask, axis, 0).reshape(shape[axis], -1)
+    assert np.all(per_channel.all(axis=1) | ~per_channel.any(axis=1)), "channels are all or none"
+    rows = np.moveaxis(w, axis, 0).reshape(shape[axis], -1)
+    norms = np.linalg.norm(rows, ord=norm, axis=1).astype(np.float32)
+    expected = _reference_pruned(norms, round(sparsity * shape[axis]))
+    np.testing.assert_array_equal(~per_channel[:, 0], expected)
+
+
+def test_erk_mean_equals_target_and_small_layers_stay_dense():
+    params = {"tiny": jnp.zeros((2, 2)), "mid": jnp.zeros((64, 32)), "big": jnp.zeros((300, 300))}
+    for target in (0.5, 0.9, 0.98):
+        s = pruning.erk(params, target)
+        sizes = {k: v.size for k, v in params.items()}
+        mean = sum(s[k] * sizes[k] for k in s) / sum(sizes.values())
+        np.testing.assert_allclose(mean, target, rtol=0, atol=1e-9)
+        assert all(0.0 <= v < 1.0 for v in s.values())
+        assert s["tiny"] == 0.0 and s["mid"] < s["big"]
+        masks = pruning.magnitude_masks(params, s)
+        for k, mk in masks.items():
+            assert (~np.asarray(mk)).sum() == round(s[k] * sizes[k])
+    uniform = pruning.erk(params, 0.7, power_scale=0.0)
+    np.testing.assert_allclose(list(uniform.values()), 0.7, atol=1e-12)
+
+
+def test_apply_masks_zeroes_pruned_entries_as_positive_zero():
+    params = {"w": jnp.array([[-1.0, 2.0], [-3.0, 4.0]]), "b": jnp.array([-5.0])}
+    masks = {"w": jnp.array([[False, True], [False, True]]), "b": None}
+    out = pruning.apply_masks(params, masks)
+    np.testing.assert_array_equal(out["w"], np.asarray(params["w"]) * np.asarray(masks["w"]))
+    assert not np.signbit(np.asarray(out["w"])).any()
+    assert out["b"] is params["b"]
+
+
+@SETTINGS
+@given(shape=shapes, seed=st.integers(0, 99))
+def test_pack_masks_round_trips(shape, seed):
+    mask = np.random.default_rng(seed).random(shape) < 0.5
+    packed = pruning.pack_masks({"w": jnp.asarray(mask), "b": None})
+    assert packed["w"].dtype == jnp.uint8 and packed["w"].size == math.ceil(mask.size / 8)
+    restored = pruning.unpack_masks(packed, {"w": jnp.zeros(shape), "b": jnp.zeros(2)})
+    np.testing.assert_array_equal(restored["w"], mask)
+    assert restored["b"] is None
+
+
+def test_sparsity_summary_counts_nonzeros_and_prints_a_table():
+    params = {"w": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "v": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    summary = pruning.sparsity_summary(params)
+    assert [(r.name, r.size, r.nonzeros) for r in summary.rows] == [("v", 6, 6), ("w", 4, 1)]
+    np.testing.assert_allclose(summary.total.sparsity, 3 / 10, atol=1e-12)
+    text = str(summary)
+    assert text.splitlines()[0].split() == ["name", "size", "nonzeros", "sparsity"]
+    assert "total" in text.splitlines()[-1]
+
+
+def test_to_sparse_round_trips_exactly_and_multiplies_like_dense(getkey):
+    w = jax.random.normal(getkey(), (16, 8))
+    params = {"w": w, "b": jnp.ones(8)}
+    pruned = pruning.apply_masks(params, pruning.magnitude_masks(params, 0.9))
+    sp = pruning.to_sparse(pruned)
+    assert isinstance(sp["w"], jsparse.BCOO) and not isinstance(sp["b"], jsparse.BCOO)
+    assert sp["w"].nse == np.count_nonzero(np.asarray(pruned["w"]))
+    back = pruning.from_sparse(sp)
+    assert back["w"].dtype == pruned["w"].dtype
+    np.testing.assert_array_equal(back["w"], pruned["w"])
+    x = jax.random.normal(getkey(), (3, 16))
+    np.testing.assert_allclose(x @ sp["w"], x @ pruned["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_to_sparse_works_on_nnx_state():
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    pruned = pruning.apply_masks(state, pruning.magnitude_masks(state, 0.5))
+    back = pruning.from_sparse(pruning.to_sparse(pruned))
+    for a, b in zip(jax.tree.leaves(pruned), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------- schedules
+
+
+def test_polynomial_schedule_follows_zhu_gupta_at_update_steps_and_holds_between():
+    sf, si, t0, t1, dt = 0.9, 0.1, 10, 47, 5
+    sched = pruning.polynomial_schedule(sf, t0, t1, initial_sparsity=si, frequency=dt)
+    updates = [t for t in range(70) if bool(sched.is_update_step(t))]
+    assert updates == [*range(t0, t1, dt), t1]
+    last = None
+    for t in range(70):
+        if t < t0:
+            expected = 0.0
+        else:
+            if t in updates:
+                last = t
+            expected = sf + (si - sf) * (1 - (last - t0) / (t1 - t0)) ** 3
+        np.testing.assert_allclose(float(sched(t)), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(sched(1000)), sf, rtol=1e-7)
+    traced = jax.jit(jax.vmap(sched))(jnp.arange(70))
+    np.testing.assert_allclose(traced, [sched(t) for t in range(70)], rtol=1e-6)
+
+
+def test_one_shot_and_constant_schedules():
+    sched = pruning.one_shot(4, 0.75)
+    np.testing.assert_array_equal([float(sched(t)) for t in range(6)], [0, 0, 0, 0, 0.75, 0.75])
+    assert [bool(sched.is_update_step(t)) for t in range(6)] == [False] * 4 + [True, False]
+    const = pruning.constant(0.5, frequency=3)
+    assert float(const(11)) == 0.5
+    assert [bool(const.is_update_step(t)) for t in range(7)] == [
+        True, False, False, True, False, False, True]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _p():
+    return {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: pruning.magnitude_masks(_p(), 1.0), ValueError, r"sparsity must lie in \[0, 1\)"),
+        (lambda: pruning.magnitude_masks(_p(), -0.1), ValueError, "sparsity=-0.1"),
+        (lambda: pruning.magnitude_masks(_p(), 0.5, scope="net"), ValueError, "scope"),
+        (lambda: pruning.magnitude_masks(_p(), 0.5, where=lambda *_: False), ValueError, "where"),
+        (lambda: pruning.magnitude_masks(_p(), {"x": 0.5}), ValueError, "missing"),
+        (lambda: pruning.magnitude_masks(_p(), {"w": 1.5}), ValueError, "sparsity"),
+        (lambda: pruning.magnitude_masks(_p(), {"w": 0.5}, scope="global"), ValueError,
+         "single number"),
+        (lambda: pruning.random_masks(jax.random.key(0), _p(), 1.2), ValueError, "sparsity"),
+        (lambda: pruning.nm_masks(_p(), 5, 4), ValueError, "n must satisfy n <= m"),
+        (lambda: pruning.nm_masks(_p(), 0, 4), ValueError, "n must be an integer"),
+        (lambda: pruning.nm_masks(_p(), 2, 3), ValueError, "m must divide"),
+        (lambda: pruning.nm_masks(_p(), 2, 4, axis=2), ValueError, "axis"),
+        (lambda: pruning.nm_masks(_p(), 2, 4, sparsity=1.0), ValueError, "sparsity"),
+        (lambda: pruning.structured_masks(_p(), 0.5, norm=3), ValueError, "norm"),
+        (lambda: pruning.structured_masks(_p(), 1.0), ValueError, "sparsity"),
+        (lambda: pruning.erk(_p(), 1.0), ValueError, "sparsity"),
+        (lambda: pruning.polynomial_schedule(0.9, 10, 10), ValueError, "end_step"),
+        (lambda: pruning.polynomial_schedule(0.9, 10, 5), ValueError, "end_step"),
+        (lambda: pruning.polynomial_schedule(1.0, 0, 5), ValueError, "final_sparsity"),
+        (lambda: pruning.polynomial_schedule(0.9, 0, 5, initial_sparsity=-1.0), ValueError,
+         "initial_sparsity"),
+        (lambda: pruning.polynomial_schedule(0.9, -1, 5), ValueError, "begin_step"),
+        (lambda: pruning.polynomial_schedule(0.9, 0, 5, frequency=0), ValueError, "frequency"),
+        (lambda: pruning.polynomial_schedule(0.9, 0, 5, power=0.0), ValueError, "power"),
+        (lambda: pruning.one_shot(-1, 0.5), ValueError, "step"),
+        (lambda: pruning.one_shot(0, 1.0), ValueError, "sparsity"),
+        (lambda: pruning.constant(0.5, frequency=0), ValueError, "frequency"),
+        (lambda: pruning.prune("fast"), TypeError, "schedule"),
+        (lambda: pruning.prune(0.5, method="lottery"), ValueError, "method"),
+        (lambda: pruning.prune(0.5, scope="net"), ValueError, "scope"),
+        (lambda: pruning.prune(0.5, distribution="normal"), ValueError, "distribution"),
+        (lambda: pruning.prune(0.5, method="nm"), ValueError, "n must be an integer"),
+        (lambda: pruning.prune(0.5, method="nm", n=5, m=4), ValueError, "n must satisfy"),
+        (lambda: pruning.prune(0.9, method="nm", n=2, m=4), ValueError, "final_sparsity=0.9"),
+        (lambda: pruning.prune(0.5, n=2, m=4), ValueError, "only used by method='nm'"),
+        (lambda: pruning.prune(0.5, method="random"), ValueError, "key"),
+        (lambda: pruning.prune(0.5, key=jax.random.key(0)), ValueError, "key"),
+        (lambda: pruning.prune(0.5, method="structured", scope="global"), ValueError, "scope"),
+        (lambda: pruning.prune(0.5, method="structured", norm=0), ValueError, "norm"),
+        (lambda: pruning.prune(0.5, distribution="erk", scope="global"), ValueError,
+         "distribution='erk'"),
+        (lambda: pruning.prune(0.5, where=lambda *_: False).init(_p()), ValueError, "where"),
+        (lambda: pruning.prune(0.5, method="nm", n=1, m=2).init({"w": jnp.ones((2, 3))}),
+         ValueError, "m must divide"),
+        (lambda: pruning.prune(0.5).update(_p(), pruning.prune(0.5).init(_p())), ValueError,
+         "params"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# --------------------------------------------------------------- transform
+
+
+def _mlp_params(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "l1": {"kernel": jax.random.normal(k1, (16, 24)), "bias": jnp.zeros(24)},
+        "l2": {"kernel": jax.random.normal(k2, (24, 8)), "bias": jnp.zeros(8)},
+    }
+
+
+def _loss(params, x, y):
+    h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"][None, :])
+    return jnp.mean((h @ params["l2"]["kernel"] + params["l2"]["bias"][None, :] - y) ** 2)
+
+
+def _optimizers():
+    opts = {"optax.adam": optax.adam(1e-2), "optax.rmsprop": optax.rmsprop(1e-2),
+            "optax.sgd": optax.sgd(1e-2, momentum=0.9)}
+    from jaxopt_nn import optim
+
+    opts["jaxopt_nn.adam"] = optim.adam(1e-2)
+    opts["jaxopt_nn.rmsprop"] = optim.rmsprop(1e-2)
+    return opts
+
+
+def _run(tx, params, steps, key, check=None):
+    x = jax.random.normal(key, (32, 16))
+    y = jnp.sin(x[:, :8])
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        grads = jax.grad(_loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for t in range(steps):
+        params, state = step(params, state)
+        if check is not None:
+            check(t, params, state)
+    return params, state, len(traces)
+
+
+def _prune_state(state):
+    return next(s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+        s, pruning.PruneState)) if isinstance(s, pruning.PruneState))
+
+
+@pytest.mark.parametrize("opt", list(_optimizers()))
+def test_prune_after_optimizer_keeps_pruned_weights_exactly_zero_on_schedule(opt, getkey):
+    sched = pruning.polynomial_schedule(0.8, 5, 40, frequency=5)
+    tx = optax.chain(_optimizers()[opt], pruning.prune(sched))
+
+    def check(t, params, state):
+        masks = _prune_state(state).masks
+        assert masks["l1"]["bias"] is None
+        for name in ("l1", "l2"):
+            w, mk = np.asarray(params[name]["kernel"]), np.asarray(masks[name]["kernel"])
+            np.testing.assert_array_equal(w[~mk].view(np.uint32), 0)  # bit-exact +0.0
+            assert (w == 0).sum() == (~mk).sum() == _round_f32(_jitted_value(sched, t), w.size), (t, name)
+
+    params, _, compiles = _run(tx, _mlp_params(getkey()), 50, getkey(), check)
+    assert compiles == 1
+    assert np.count_nonzero(np.asarray(params["l1"]["bias"])) > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "magnitude", "scope": "global"},
+        {"method": "random", "key": jax.random.key(3)},
+        {"method": "magnitude", "distribution": "erk"},
+        {"method": "structured", "norm": 1},
+    ],
+)
+def test_prune_methods_follow_the_schedule(kwargs, getkey):
+    sched = pruning.polynomial_schedule(0.75, 0, 20, frequency=4)
+    tx = optax.chain(optax.adam(1e-2), pruning.prune(sched, **kwargs))
+    params, state, compiles = _run(tx, _mlp_params(getkey()), 25, getkey())
+    kernels = [np.asarray(params[n]["kernel"]) for n in ("l1", "l2")]
+    zeros = sum((k == 0).sum() for k in kernels)
+    sizes = [k.size for k in kernels]
+    if kwargs["method"] == "structured":
+        for k in kernels:
+            assert (k == 0).all(axis=0).sum() == round(0.75 * k.shape[1])
+    elif kwargs.get("scope") == "global":
+        assert zeros == round(0.75 * sum(sizes))
+    elif kwargs.get("distribution") == "erk":
+        s = pruning.erk(params, 0.75)
+        for n, k in zip(("l1", "l2"), kernels, strict=True):
+            assert abs((k == 0).sum() - s[f"{n}/kernel"] * k.size) <= 1
+    else:
+        assert [(k == 0).sum() for k in kernels] == [round(0.75 * n) for n in sizes]
+    assert compiles == 1
+
+
+def test_nm_prune_is_gradual_and_ends_exactly_n_of_m(getkey):
+    sched = pruning.polynomial_schedule(0.5, 0, 30, frequency=3)
+    tx = optax.chain(optax.adam(1e-2), pruning.prune(sched, method="nm", n=2, m=4))
+    seen = []
+
+    def check(t, params, state):
+        for name in ("l1", "l2"):
+            w = np.asarray(params[name]["kernel"])
+            assert np.all(_groups(w != 0, 4, -1).sum(axis=1) >= 2)
+            assert (w == 0).sum() == _round_f32(_jitted_value(sched, t), w.size)
+        seen.append(float(sched(t)))
+
+    params, _, _ = _run(tx, _mlp_params(getkey()), 35, getkey(), check)
+    assert seen[0] == 0.0 and 0.0 < seen[3] < seen[9] < 0.5, "N:M must ramp, not jump to N:M"
+    for name in ("l1", "l2"):
+        assert np.all(_groups(np.asarray(params[name]["kernel"]) != 0, 4, -1).sum(axis=1) == 2)
+
+
+def test_prune_masks_change_only_on_update_steps(getkey):
+    sched = pruning.polynomial_schedule(0.6, 2, 12, frequency=5)
+    tx = optax.chain(optax.adam(1e-2), pruning.prune(sched))
+    history = []
+    _run(tx, _mlp_params(getkey()), 15, getkey(),
+         lambda t, p, s: history.append(np.asarray(_prune_state(s).masks["l1"]["kernel"])))
+    for t in range(1, 15):
+        if not bool(sched.is_update_step(t)):
+            np.testing.assert_array_equal(history[t], history[t - 1])
+
+
+def test_prune_with_inner_keeps_moments_of_pruned_weights_zero(getkey):
+    sched = pruning.polynomial_schedule(0.7, 0, 20, frequency=2)
+    tx = pruning.prune(sched, inner=optax.adam(1e-2))
+    params, state, compiles = _run(tx, _mlp_params(getkey()), 30, getkey())
+    adam_state = state.inner_state[0]
+    for name in ("l1", "l2"):
+        mk = np.asarray(state.masks[name]["kernel"])
+        assert (np.asarray(params[name]["kernel"])[~mk] == 0).all()
+        np.testing.assert_array_equal(np.asarray(adam_state.mu[name]["kernel"])[~mk], 0)
+        np.testing.assert_array_equal(np.asarray(adam_state.nu[name]["kernel"])[~mk], 0)
+        assert (~mk).sum() == round(0.7 * mk.size)
+    assert compiles == 1
+
+
+def test_prune_works_with_nnx_optimizer():
+    model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    tx = optax.chain(optax.adam(1e-2), pruning.prune(pruning.one_shot(1, 0.5)))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y = jnp.ones((4, 8)), jnp.zeros((4, 4))
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+
+    for _ in range(3):
+        step(model, optimizer)
+    for layer in model.layers:
+        assert (np.asarray(layer.kernel[...]) == 0).sum() == layer.kernel[...].size // 2
+        assert np.count_nonzero(np.asarray(layer.bias[...])) > 0
+
+
+def test_prune_works_with_linen_dicts():
+    module = linen.Dense(6)
+    variables = module.init(jax.random.key(0), jnp.ones((1, 5)))
+    tx = optax.chain(optax.sgd(0.1), pruning.prune(0.5))
+    state = tx.init(variables)
+    grads = jax.tree.map(jnp.ones_like, variables)
+    updates, state = tx.update(grads, state, variables)
+    new = optax.apply_updates(variables, updates)
+    assert (np.asarray(new["params"]["kernel"]) == 0).sum() == 15
+    np.testing.assert_array_equal(new["params"]["bias"], variables["params"]["bias"] - 0.1)
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_prune_state_round_trips_through_orbax(inner, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = _mlp_params(jax.random.key(0))
+    tx = pruning.prune(0.5, inner=optax.adam(1e-3) if inner else None)
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "state", state)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(tmp_path / "state", jax.tree.map(
+            ocp.utils.to_shape_dtype_struct, state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lenet_300_100_pruned_to_90_percent_stays_within_one_point_of_dense():
+    from jaxopt_nn import data, models, train
+
+    ds = data.load_digits()
+    epochs = 30
+    steps = epochs * (len(ds.x_train) // 128)
+    results = {}
+    for name, extra in {
+        "dense": [],
+        "pruned": [pruning.prune(pruning.polynomial_schedule(0.9, 0, steps // 2, frequency=10))],
+    }.items():
+        model = models.LeNet300100(64, rngs=nnx.Rngs(0))
+        fit = train.fit(model, optax.chain(optax.adam(2e-3), *extra), ds, epochs=epochs,
+                        progress=False)
+        results[name] = fit
+    acc = {k: train.evaluate(r.graphdef, r.state, ds.x_test, ds.y_test)["accuracy"]
+           for k, r in results.items()}
+    summary = pruning.sparsity_summary(results["pruned"].state.params)
+    assert [round(r.sparsity, 3) for r in summary.rows] == [0.9, 0.9, 0.9]
+    assert acc["pruned"] >= acc["dense"] - 0.01, acc
