@@ -184,16 +184,25 @@ def main() -> None:
         json.dump(results, file, indent=2)
 
     for title, case, reference in [
-        ("(a) Laplace, 32 symbols", case_a, f"entropy {case_a['entropy_bits']:.3f} bits, "
-         f"Huffman optimum {case_a['huffman_optimum_bits']:.3f} bits"),
-        ("(b) 90% pruned, 5-bit", case_b, "dense stream entropy "
-         f"{case_b['dense_stream_entropy_bits']:.3f} bits/weight"),
+        (
+            "(a) Laplace, 32 symbols",
+            case_a,
+            f"entropy {case_a['entropy_bits']:.3f} bits, "
+            f"Huffman optimum {case_a['huffman_optimum_bits']:.3f} bits",
+        ),
+        (
+            "(b) 90% pruned, 5-bit",
+            case_b,
+            f"dense stream entropy {case_b['dense_stream_entropy_bits']:.3f} bits/weight",
+        ),
     ]:
         print(f"{title}: {reference}")
         print(f"  {'method':16s} {'bits/sym':>9s} {'enc MSym/s':>11s} {'dec MSym/s':>11s}")
         for name, row in case["methods"].items():
-            print(f"  {name:16s} {row['bits_per_symbol']:9.3f} {row['encode_msym_s']:11.2f} "
-                  f"{row['decode_msym_s']:11.2f}")
+            print(
+                f"  {name:16s} {row['bits_per_symbol']:9.3f} {row['encode_msym_s']:11.2f} "
+                f"{row['decode_msym_s']:11.2f}"
+            )
     print(f"decode speed-up vs dahuffman: {results['decode_speedup_vs_dahuffman']:.0f}x")
     print(f"wrote {out}")
 

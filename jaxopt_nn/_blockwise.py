@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,24 @@ def quantize(x: jax.Array, code: Code, block_size: int) -> QuantizedArray:
         c = jnp.where(c < 1, 0, jnp.minimum(c, 127))
         codes = jnp.where(blocks < 0, c | 128, c)
     return QuantizedArray(codes.astype(jnp.uint8), scales)
+
+
+def filled(shape: tuple[int, ...], fill: Any, code: Code, block_size: int) -> QuantizedArray:
+    """``quantize(jnp.full(shape, fill), code, block_size)`` without a block reduction.
+
+    Every block holds ``fill`` (and padding zeros), so its maximum is ``fill``:
+    built directly, nothing for XLA to constant-fold when ``init`` is jitted.
+    ``fill`` must be >= 0 (moments start at zero or ``initial_scale``).
+    """
+    size = math.prod(shape)
+    n_blocks = -(-size // block_size)
+    fill = jnp.asarray(fill, jnp.float32)
+    magnitude = jnp.sqrt(fill) if code == "sqrt" else fill
+    scales = jnp.full((n_blocks,), magnitude / _largest(code), jnp.float32)
+    largest_code = 255 if code == "sqrt" else 127
+    used = jnp.arange(n_blocks * block_size).reshape(n_blocks, block_size) < size
+    codes = jnp.where(used & (fill > 0), largest_code, 0).astype(jnp.uint8)
+    return QuantizedArray(codes, scales)
 
 
 def dequantize(q: QuantizedArray, code: Code, shape: tuple[int, ...]) -> jax.Array:

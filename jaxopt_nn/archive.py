@@ -83,6 +83,8 @@ _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _ITEMSIZE = {dtype.name: dtype.itemsize for dtype in _DTYPES.values()}
 _CENTROID_DTYPES = {b"e": np.dtype(np.float16), b"f": np.dtype(np.float32)}
 _METHODS = {"r": "raw", "s": "sparse", "q": "codebook"}
+# Root keys of a header that carries metadata: {"#m": metadata, "#t": tree}.
+_META_KEY, _TREE_KEY = "#m", "#t"
 
 
 class ArchiveError(ValueError):
@@ -112,6 +114,7 @@ class ArchiveInfo(NamedTuple):
     tensors: list[TensorInfo]  # one per leaf, in the order stored
     header_bytes: int  # magic, version, header length, compressed JSON header, file CRC32
     file_bytes: int  # total size of the archive
+    metadata: dict[str, Any] | None = None  # the JSON metadata given to save, if any
 
     @property
     def original_bytes(self) -> int:
@@ -571,7 +574,8 @@ def _to_json(node: Any) -> Any:
         for index, child in node.items.items():
             items[index] = _to_json(child)
         return items
-    if all(isinstance(k, str) for k in node.items) and "#" not in node.items:
+    # Keys starting with '#' are reserved for the header's own structure.
+    if all(isinstance(k, str) and not k.startswith("#") for k in node.items):
         return {k: _to_json(v) for k, v in node.items.items()}
     return {"#": [[k, _to_json(v)] for k, v in node.items.items()]}
 
@@ -652,6 +656,17 @@ def _fill(node: Any, arrays: list) -> Any:
 # ----------------------------------------------------------------------------- public API
 
 
+def _check_metadata(metadata: Any) -> dict[str, Any] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict or None; got {type(metadata).__name__}")
+    try:
+        return json.loads(json.dumps(dict(metadata)))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"metadata must be JSON-serialisable: {err}") from err
+
+
 def _check_options(index_bits: Any, raw_dtype: Any, centroid_dtype: Any) -> dict:
     if index_bits is not None and (
         not isinstance(index_bits, (int, np.integer))
@@ -687,9 +702,11 @@ def dumps(
     index_bits: int | None = None,
     raw_dtype: Any = None,
     centroid_dtype: Any = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Serialise a parameter pytree to archive bytes (see :func:`save`)."""
     options = _check_options(index_bits, raw_dtype, centroid_dtype)
+    metadata = _check_metadata(metadata)
     codebooks = dict(codebooks or {})
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     names = [tree_lib.path_name(path) for path, _ in flat]
@@ -705,6 +722,8 @@ def dumps(
         records.append(record)
         sections += payload + zlib.crc32(payload).to_bytes(4, "little")
     header = _header_tree([_strip_variable(path) for path, _ in flat], records)
+    if metadata is not None:
+        header = {_META_KEY: metadata, _TREE_KEY: header}
     text = json.dumps(header, separators=(",", ":")).encode()
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICTIONARY)
     compressed = packer.compress(text) + packer.flush()
@@ -726,6 +745,7 @@ def save(
     index_bits: int | None = None,
     raw_dtype: Any = None,
     centroid_dtype: Any = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> int:
     r"""Write a parameter pytree to a compressed archive, atomically.
 
@@ -761,6 +781,8 @@ def save(
         ``'float16'`` for biases); ``None`` keeps their dtype (lossless).
       centroid_dtype: ``'float16'`` or ``'float32'`` to force the centroid
         storage type; ``None`` stores them losslessly.
+      metadata: optional JSON-serialisable dict kept in the header (e.g. the
+        model's name); read back by :func:`inspect` as ``info.metadata``.
 
     Returns:
       The number of bytes written.
@@ -777,7 +799,20 @@ def save(
         index_bits=index_bits,
         raw_dtype=raw_dtype,
         centroid_dtype=centroid_dtype,
+        metadata=metadata,
     )
+    return write_atomic(path, data)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> int:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    Readers see the old file or the new one, never a partial write; on any
+    error the temporary file is removed and ``path`` is left as it was.
+
+    Returns:
+      The number of bytes written.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -816,7 +851,12 @@ def _parse(data: bytes) -> tuple[Any, list[np.ndarray], ArchiveInfo]:
         if not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data:
             raise ArchiveError("archive header: compressed JSON is truncated or has trailing data")
         leaves: list = []
-        skeleton = _read_tree(json.loads(text), (), leaves)
+        document, metadata = json.loads(text), None
+        if isinstance(document, dict) and set(document) == {_META_KEY, _TREE_KEY}:
+            metadata, document = document[_META_KEY], document[_TREE_KEY]
+            if not isinstance(metadata, dict):
+                raise ArchiveError("archive header: metadata is not a JSON object")
+        skeleton = _read_tree(document, (), leaves)
     except (ArchiveError, zlib.error, ValueError, RecursionError) as err:
         if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
             raise ArchiveError(
@@ -849,7 +889,7 @@ def _parse(data: bytes) -> tuple[Any, list[np.ndarray], ArchiveInfo]:
         arrays.append(array)
         infos.append(info)
     header_bytes = len(data) - sum(info.nbytes for info in infos)
-    return skeleton, arrays, ArchiveInfo(infos, header_bytes, len(data))
+    return skeleton, arrays, ArchiveInfo(infos, header_bytes, len(data), metadata)
 
 
 def loads(data: bytes) -> PyTree:

@@ -342,12 +342,13 @@ def load_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Data
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError(f"holds a single {type(loaded).__name__}, not named arrays")
-        with loaded as npz:
-            found = sorted(npz.files)
-            arrays = {key: npz[key] for key in _IDX_FILES if key in found}
+        with open(path, "rb") as f:  # our handle: closed even if np.load fails
+            npz = np.load(f, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise ValueError(f"holds a single {type(npz).__name__}, not named arrays")
+            with npz:
+                found = sorted(npz.files)
+                arrays = {key: npz[key] for key in _IDX_FILES if key in found}
     except (ValueError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
         # A pickle or unknown format is refused with ValueError by np.load.
         raise ValueError(f"{path}: not a valid or complete .npz archive ({err})") from err

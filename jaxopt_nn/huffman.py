@@ -229,16 +229,16 @@ def encode(
     # bits long), and every word holds the start of a codeword, so OR-reducing
     # per starting word and folding the low halves into the next word packs all.
     aligned = canonical_codes(lengths).astype(np.uint64) << (64 - lengths).astype(np.uint64)
-    position_dtype = np.uint32 if symbols.size * int(lengths.max()) < 2**32 else np.uint64
-    symbol_lengths = lengths.astype(np.uint8).take(symbols)
+    index = symbols.astype(np.intp, copy=False)
+    symbol_lengths = lengths.astype(np.uint8).take(index)
     if not symbol_lengths.all():
         missing = int(symbols[np.argmin(symbol_lengths)])
         raise ValueError(f"symbol {missing} occurs in symbols but has code length 0")
-    ends = np.cumsum(symbol_lengths, dtype=position_dtype)
+    ends = np.cumsum(symbol_lengths, dtype=np.uint64)
     starts = ends - symbol_lengths
     num_bits = int(ends[-1])
-    placed = aligned.take(symbols) >> (starts & 31)
-    words = starts >> 5
+    placed = aligned.take(index) >> (starts & np.uint64(31))
+    words = starts >> np.uint64(5)
     firsts = np.flatnonzero(words[1:] != words[:-1])
     firsts += 1
     ored = np.bitwise_or.reduceat(placed, np.concatenate([[0], firsts]))

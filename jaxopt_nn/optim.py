@@ -28,6 +28,7 @@ from jaxopt_nn._blockwise import (
     Code,
     QuantizedArray,
     dequantize,
+    filled,
     quantize,
 )
 
@@ -143,7 +144,7 @@ def _init_moment(
 ) -> optax.Updates:
     def init(p: jax.Array) -> jax.Array | QuantizedArray:
         if quantization is not None and quantization.applies_to(p):
-            return quantize(jnp.full(p.shape, fill, jnp.float32), code, quantization.block_size)
+            return filled(p.shape, fill, code, quantization.block_size)
         return jnp.full_like(p, fill, dtype=dtype)
 
     return jax.tree.map(init, params)

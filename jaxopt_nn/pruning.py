@@ -14,9 +14,10 @@ is formed in float32). Weights are ranked by score (``|w|`` for magnitude
 pruning) and the lowest-ranked are pruned. **Equal scores are ordered by flat
 position**: among tied weights the one with the smaller row-major index is
 pruned first (global scope: leaves in ``jax.tree.leaves`` order, then
-row-major). The selection is a sort-based threshold (``jnp.sort`` then a
-cumulative count of ties), so the number of zeros may be a traced value and
-one compiled function serves every sparsity of a schedule.
+row-major). The selection sorts the scores once (as integer bit patterns),
+reads the ``k``-th smallest and resolves ties with a cumulative count, so the
+number of zeros ``k`` may be a traced value and one compiled function serves
+every sparsity of a schedule.
 """
 
 from __future__ import annotations
@@ -121,23 +122,35 @@ def _num_pruned(sparsity: Any, size: int) -> Any:
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
 
 
-def _lowest(scores: jax.Array, k: Any, eligible: jax.Array | None = None) -> jax.Array:
-    """Bool mask of exactly ``k`` lowest ``scores`` (1-D); ties: smaller index first.
+def _sort_key(scores: jax.Array) -> jax.Array:
+    """Integer keys ordered like the non-negative float ``scores``.
 
-    With ``eligible``, only eligible entries can be chosen and ``k`` is capped
+    For non-negative IEEE floats the bit pattern is monotone in the value, and
+    integer sorts are several times faster than float sorts on CPU.
+    """
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    return jax.lax.bitcast_convert_type(scores, jnp.int32 if scores.itemsize == 4 else jnp.int64)
+
+
+def _lowest(scores: jax.Array, k: Any, eligible: jax.Array | None = None) -> jax.Array:
+    """Bool mask of exactly ``k`` lowest non-negative ``scores`` (1-D); ties: smaller index first.
+
+    The ``k``-th smallest key is found with one sort; entries below it are
+    pruned, and of the entries equal to it the first ``k - #below`` in index
+    order. With ``eligible`` only eligible entries count and ``k`` is capped
     at their number.
     """
     if scores.size == 0:
         return jnp.zeros(scores.shape, bool)
+    keys = _sort_key(scores)
     if eligible is not None:
-        scores = jnp.where(eligible, scores, jnp.inf)
+        keys = jnp.where(eligible, keys, jnp.iinfo(keys.dtype).max)
         k = jnp.minimum(k, jnp.sum(eligible, dtype=jnp.int32))
-    kth = jnp.sort(scores)[jnp.clip(k - 1, 0, scores.size - 1)]
-    below = scores < kth
-    ties = scores == kth
+    kth = jnp.sort(keys)[jnp.clip(k - 1, 0, keys.size - 1)]
+    below = keys < kth
+    ties = keys == kth
     if eligible is not None:
-        below = below & eligible
-        ties = ties & eligible
+        below, ties = below & eligible, ties & eligible
     need = k - jnp.sum(below, dtype=jnp.int32)
     return below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= need))
 

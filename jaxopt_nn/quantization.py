@@ -80,7 +80,7 @@ def _check_finite(x: Any, name: str = "x") -> None:
         values = np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return
-    if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+    if jnp.issubdtype(values.dtype, jnp.inexact) and not np.isfinite(values).all():
         bad = int(values.size - np.isfinite(values).sum())
         raise ValueError(f"{name} must be finite; got {bad} NaN/Inf value(s) in {name}")
 
@@ -469,7 +469,7 @@ def fake_quant_tree(
     or :func:`jaxopt_nn.train.fit`: the loss sees fake-quantized weights, the
     straight-through gradient reaches the float weights, and any optax
     optimizer updates them. After training, :func:`quantize_tree` with the same
-    arguments gives exactly the weights the loss saw.
+    arguments gives the weights the loss saw (up to float32 rounding).
 
     Args:
       params: a parameter pytree.

@@ -444,3 +444,29 @@ def test_dumps_rejects_bad_codebooks_and_leaves():
         archive.dumps({"w": object()})
     with pytest.raises(TypeError, match="keys must be str or int"):
         archive.dumps({(1, 2): np.ones(2, np.float32)})
+
+
+def test_metadata_round_trips_and_reserved_keys_stay_data():
+    params = {"#m": np.ones(2, np.float32), "#t": np.zeros(3, np.float32)}
+    data = archive.dumps(params, metadata={"model": "lenet300", "in_shape": [8, 8, 1]})
+    assert archive.inspect(data).metadata == {"model": "lenet300", "in_shape": [8, 8, 1]}
+    restored = archive.loads(data)
+    np.testing.assert_array_equal(restored["#m"], params["#m"])
+    np.testing.assert_array_equal(restored["#t"], params["#t"])
+    assert archive.inspect(archive.dumps(params)).metadata is None
+
+
+def test_metadata_must_be_json():
+    with pytest.raises(TypeError, match="metadata"):
+        archive.dumps({"w": np.ones(2, np.float32)}, metadata={"x": object()})
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+        archive.dumps({"w": np.ones(2, np.float32)}, metadata=[1])
+
+
+def test_write_atomic_leaves_old_file_on_error(tmp_path):
+    path = tmp_path / "model.jnz"
+    path.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        archive.write_atomic(path, "not bytes")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.jnz"]

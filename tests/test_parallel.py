@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -310,9 +309,6 @@ def test_pmean_gradients_feeds_inner_the_replica_mean():
     assert jax.tree.structure(tx.init(params)) == jax.tree.structure(ref_state)
 
 
-# train.make_train_step does not yet run BatchNorm models (it mutates a
-# BatchStat across trace levels); the marker lets this test pass once it does.
-@pytest.mark.xfail(raises=flax.errors.TraceContextError, strict=False)
 def test_pmap_train_step_averages_batch_stats_and_metrics_over_replicas():
     def make():
         return nnx.Sequential(

@@ -199,9 +199,10 @@ def test_quantize_rejects_bad_arguments(kwargs, error, match):
         quantize(jnp.ones((2, 3)), **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
-def test_non_finite_inputs_raise(bad):
-    x = jnp.array([[0.5, bad]])
+def test_non_finite_inputs_raise(bad, dtype):
+    x = jnp.array([[0.5, bad]], dtype)
     for fn in (quantize, fake_quant, kmeans_codebook):
         with pytest.raises(ValueError, match="must be finite"):
             fn(x, 4)

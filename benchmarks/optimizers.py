@@ -1,0 +1,160 @@
+"""Step time of jaxopt_nn's Adam/RMSprop vs optax's, memory traffic, and 8-bit Adam.
+
+Each variant is a jitted, donated ``update + apply_updates`` step on a pytree of
+a few large float32 leaves (~10M parameters; ``--quick``: ~2.5M). Variants run
+interleaved, round-robin, with an ``np.copyto`` of a buffer of the same total
+size measured in the same loop, so machine load hits all of them alike. The
+achieved memory traffic of a step counts the bytes it must read and write
+(params, grads, moments, scales) and is reported as a fraction of the copy
+bandwidth (bytes read + written per second).
+
+    python benchmarks/optimizers.py [--quick] [--repeats N]
+
+Writes ``benchmarks/results/optimizers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_nn import optim
+from jaxopt_nn.tree import format_table
+
+RESULTS = Path(__file__).parent / "results" / "optimizers.json"
+
+
+def make_params(scale: float) -> dict[str, jax.Array]:
+    side = int(2048 * math.sqrt(scale))
+    shapes = {"w1": (side, side), "w2": (side, side), "w3": (side // 2, 3 * side // 4),
+              "b": (side,)}
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    return {
+        name: jax.random.normal(k, shape, jnp.float32) * 0.02
+        for (name, shape), k in zip(shapes.items(), keys, strict=True)
+    }
+
+
+def state_bytes(state) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+def make_step(tx: optax.GradientTransformation):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="~2.5M parameters, fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per variant")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    args = parser.parse_args()
+    repeats = args.repeats or (7 if args.quick else 15)
+
+    base = make_params(0.25 if args.quick else 1.0)
+    n = sum(x.size for x in jax.tree.leaves(base))
+    grads = jax.tree.map(lambda p: jnp.sin(p * 50.0), base)
+    f32 = 4 * n  # bytes of one float32 copy of the params
+    variants = {
+        "adam (ours)": (optim.adam(1e-3), 7 * f32),
+        "adam (optax)": (optax.adam(1e-3), 7 * f32),
+        "rmsprop (ours)": (optim.rmsprop(1e-3), 5 * f32),
+        "rmsprop (optax)": (optax.rmsprop(1e-3), 5 * f32),
+        "adam 8-bit (ours)": (optim.adam(1e-3, eight_bit=True), None),
+    }
+    carries, steps, traffic, sizes = {}, {}, {}, {}
+    for name, (tx, moved) in variants.items():
+        params = jax.tree.map(jnp.copy, base)
+        state = jax.jit(tx.init)(params)
+        sizes[name] = state_bytes(state)
+        # read params + grads + state, write params + state
+        traffic[name] = moved if moved is not None else 3 * f32 + 2 * sizes[name]
+        steps[name] = make_step(tx)
+        params, state = steps[name](params, state, grads)  # compile
+        jax.block_until_ready(params)
+        carries[name] = (params, state)
+
+    src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    copy_times: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            np.copyto(dst, src)
+        copy_times.append((time.perf_counter() - start) / args.steps)
+        for name, step in steps.items():
+            params, state = carries[name]
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                params, state = step(params, state, grads)
+            jax.block_until_ready((params, state))
+            times[name].append((time.perf_counter() - start) / args.steps)
+            carries[name] = (params, state)
+
+    copy_bandwidth = 2 * f32 / statistics.median(copy_times)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows, results = [], {}
+    for name in variants:
+        baseline = name.replace("(ours)", "(optax)")
+        if name.startswith("adam 8-bit"):
+            baseline = "adam (ours)"
+        ratio = medians[name] / medians[baseline] if baseline != name else 1.0
+        fraction = traffic[name] / medians[name] / copy_bandwidth
+        results[name] = {
+            "median_step_ms": 1e3 * medians[name],
+            "step_ms": [1e3 * t for t in times[name]],
+            "ratio_vs": baseline,
+            "ratio": ratio,
+            "bytes_per_step": traffic[name],
+            "fraction_of_copy_bandwidth": fraction,
+            "state_bytes": sizes[name],
+        }
+        rows.append([name, f"{1e3 * medians[name]:.2f}", f"{ratio:.3f}" if baseline != name
+                     else "-", f"{traffic[name] / 2**20:.0f}", f"{fraction:.2f}",
+                     f"{sizes[name] / 2**20:.1f}"])
+    state_ratio = sizes["adam 8-bit (ours)"] / sizes["adam (ours)"]
+    print(f"{n:,} parameters, {repeats} rounds x {args.steps} steps, "
+          f"np.copyto bandwidth {copy_bandwidth / 1e9:.2f} GB/s")
+    print(format_table(
+        ["variant", "median ms/step", "ratio", "MiB moved/step", "of copy bw", "state MiB"], rows
+    ))
+    print(f"8-bit Adam state / float32 Adam state = {state_ratio:.3f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "parameters": n,
+        "quick": args.quick,
+        "repeats": repeats,
+        "steps_per_round": args.steps,
+        "copy_bandwidth_gb_s": copy_bandwidth / 1e9,
+        "copy_ms": [1e3 * t for t in copy_times],
+        "eight_bit_state_ratio": state_ratio,
+        "variants": results,
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
