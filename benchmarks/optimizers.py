@@ -37,8 +37,12 @@ RESULTS = Path(__file__).parent / "results" / "optimizers.json"
 
 def make_params(scale: float) -> dict[str, jax.Array]:
     side = int(2048 * math.sqrt(scale))
-    shapes = {"w1": (side, side), "w2": (side, side), "w3": (side // 2, 3 * side // 4),
-              "b": (side,)}
+    shapes = {
+        "w1": (side, side),
+        "w2": (side, side),
+        "w3": (side // 2, 3 * side // 4),
+        "b": (side,),
+    }
     keys = jax.random.split(jax.random.key(0), len(shapes))
     return {
         name: jax.random.normal(k, shape, jnp.float32) * 0.02
@@ -126,33 +130,51 @@ def main() -> None:
             "fraction_of_copy_bandwidth": fraction,
             "state_bytes": sizes[name],
         }
-        rows.append([name, f"{1e3 * medians[name]:.2f}", f"{ratio:.3f}" if baseline != name
-                     else "-", f"{traffic[name] / 2**20:.0f}", f"{fraction:.2f}",
-                     f"{sizes[name] / 2**20:.1f}"])
+        rows.append(
+            [
+                name,
+                f"{1e3 * medians[name]:.2f}",
+                f"{ratio:.3f}" if baseline != name else "-",
+                f"{traffic[name] / 2**20:.0f}",
+                f"{fraction:.2f}",
+                f"{sizes[name] / 2**20:.1f}",
+            ]
+        )
     state_ratio = sizes["adam 8-bit (ours)"] / sizes["adam (ours)"]
-    print(f"{n:,} parameters, {repeats} rounds x {args.steps} steps, "
-          f"np.copyto bandwidth {copy_bandwidth / 1e9:.2f} GB/s")
-    print(format_table(
-        ["variant", "median ms/step", "ratio", "MiB moved/step", "of copy bw", "state MiB"], rows
-    ))
+    print(
+        f"{n:,} parameters, {repeats} rounds x {args.steps} steps, "
+        f"np.copyto bandwidth {copy_bandwidth / 1e9:.2f} GB/s"
+    )
+    print(
+        format_table(
+            ["variant", "median ms/step", "ratio", "MiB moved/step", "of copy bw", "state MiB"],
+            rows,
+        )
+    )
     print(f"8-bit Adam state / float32 Adam state = {state_ratio:.3f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "parameters": n,
-        "quick": args.quick,
-        "repeats": repeats,
-        "steps_per_round": args.steps,
-        "copy_bandwidth_gb_s": copy_bandwidth / 1e9,
-        "copy_ms": [1e3 * t for t in copy_times],
-        "eight_bit_state_ratio": state_ratio,
-        "variants": results,
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "parameters": n,
+                "quick": args.quick,
+                "repeats": repeats,
+                "steps_per_round": args.steps,
+                "copy_bandwidth_gb_s": copy_bandwidth / 1e9,
+                "copy_ms": [1e3 * t for t in copy_times],
+                "eight_bit_state_ratio": state_ratio,
+                "variants": results,
+                "jax": jax.__version__,
+                "optax": optax.__version__,
+                "backend": jax.default_backend(),
+                "device": str(jax.devices()[0].device_kind),
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -252,13 +252,10 @@ def _archive_tree(params: nnx.State, rest: nnx.State) -> dict[str, Any]:
     return tree
 
 
-def restore_state(
-    graphdef: nnx.GraphDef, like: train.TrainState, stored: Mapping[str, Any]
-) -> train.TrainState:
+def restore_state(like: train.TrainState, stored: Mapping[str, Any]) -> train.TrainState:
     """A :class:`~jaxopt_nn.train.TrainState` holding the weights of a loaded archive.
 
     Args:
-      graphdef: the model's graphdef (from :func:`jaxopt_nn.train.init_train_state`).
       like: a state of the same model (its structure is reused; ``opt_state``
         is kept as is).
       stored: the tree :func:`jaxopt_nn.archive.load` returned for an archive
@@ -267,7 +264,6 @@ def restore_state(
     Returns:
       The state with the archive's params (and batch statistics).
     """
-    del graphdef
     params = like.params
     nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, dict(stored["params"])))
     rest = like.rest
@@ -291,6 +287,7 @@ def deep_compress(
     small_dtype: str | None = "float16",
     seed: int = 0,
     path: str | os.PathLike | None = None,
+    metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     r"""Compress ``model`` on ``data`` with pruning, weight sharing and Huffman coding.
@@ -328,6 +325,8 @@ def deep_compress(
         to keep float32.
       seed: seeds the data order of every stage.
       path: where to write the archive (atomically); ``None`` writes nothing.
+      metadata: JSON-serialisable dict stored in the archive's header (the
+        command line stores the model's name there).
       progress: draw progress bars.
 
     Returns:
@@ -410,6 +409,7 @@ def deep_compress(
         codebooks={f"params/{n}": book for n, book in codebooks.items()},
         where=lambda n, _: n.removeprefix("params/") in set(names),
         raw_dtype=small_dtype,
+        metadata=metadata,
     )
     record("shared", shared_accuracy, len(blob), start)
 
@@ -418,9 +418,75 @@ def deep_compress(
     if path is not None:
         archive.write_atomic(path, blob)
     like = train.TrainState(params, state.rest, None)
-    restored = restore_state(graphdef, like, archive.loads(blob))
+    restored = restore_state(like, archive.loads(blob))
     accuracy = train.evaluate(graphdef, restored, data.x_test, data.y_test)["accuracy"]
     record("archive", accuracy, len(blob), start)
     return CompressionReport(
         stages, archive.inspect(blob), original_bytes, targets, widths, weights
     )
+
+
+def plot_report(report: CompressionReport, path: str | os.PathLike) -> None:
+    """Draw weight histograms per stage and accuracy/size per stage to an image.
+
+    Top row: the selected weights after dense training, after pruning (kept
+    weights only) and after weight sharing (kept weights; each bar is a
+    centroid). Bottom: test accuracy and model size after every stage.
+
+    Args:
+      report: from :func:`deep_compress`.
+      path: image file; the format follows its suffix (``.png``, ``.pdf``, ...).
+
+    Raises:
+      ImportError: if matplotlib is not installed (``pip install 'jaxopt-nn[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError(
+            "plotting needs matplotlib: pip install 'jaxopt-nn[plot]'"
+        ) from err
+
+    fig = plt.figure(figsize=(12, 7), layout="constrained")
+    grid = fig.add_gridspec(2, 3)
+    limit = max((float(np.max(np.abs(w))) for w in report.weights.values() if w.size), default=1.0)
+    bins = np.linspace(-limit, limit, 121)
+    titles = {
+        "dense": "after dense training",
+        "pruned": "after pruning (kept weights)",
+        "shared": "after weight sharing (kept weights)",
+    }
+    for column, (stage, title) in enumerate(titles.items()):
+        ax = fig.add_subplot(grid[0, column])
+        values = report.weights[stage]
+        if stage != "dense":
+            values = values[values != 0]
+        ax.hist(values, bins=bins, color=f"C{column}")
+        ax.set_title(f"{title}\n{values.size:,} weights")
+        ax.set_xlabel("weight value")
+        ax.set_ylabel("count")
+
+    names = [s.name for s in report.stages]
+    ax = fig.add_subplot(grid[1, :2])
+    ax.plot(names, [100 * s.accuracy for s in report.stages], "o-", color="C3")
+    for i, s in enumerate(report.stages):
+        ax.annotate(f"{s.accuracy:.2%}", (i, 100 * s.accuracy), textcoords="offset points",
+                    xytext=(0, 6), ha="center")
+    ax.margins(x=0.08, y=0.25)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy per stage")
+    ax = fig.add_subplot(grid[1, 2])
+    kib = [s.nbytes / 1024 for s in report.stages]
+    ax.bar(names, kib, color="C4")
+    ax.set_yscale("log")
+    for i, s in enumerate(report.stages):
+        ax.annotate(f"{report.original_bytes / s.nbytes:.1f}x", (i, kib[i]),
+                    textcoords="offset points", xytext=(0, 3), ha="center")
+    ax.set_ylabel("size (KiB, log scale)")
+    ax.set_title("model size per stage")
+    fig.suptitle(report.summary())
+    fig.savefig(os.fspath(path), dpi=110)
+    plt.close(fig)

@@ -38,7 +38,9 @@ def test_load_digits_split_depends_only_on_the_seed():
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_load_digits_rejects_a_bad_test_fraction(fraction):
-    with pytest.raises(ValueError, match=rf"test_fraction must lie in \(0, 1\); got test_fraction={fraction}"):
+    with pytest.raises(
+        ValueError, match=rf"test_fraction must lie in \(0, 1\); got test_fraction={fraction}"
+    ):
         load_digits(test_fraction=fraction)
 
 
@@ -46,7 +48,12 @@ def test_load_digits_rejects_a_bad_test_fraction(fraction):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 50), batch_size=st.integers(1, 20), seed=st.integers(0, 2**31), drop=st.booleans())
+@given(
+    n=st.integers(1, 50),
+    batch_size=st.integers(1, 20),
+    seed=st.integers(0, 2**31),
+    drop=st.booleans(),
+)
 def test_batches_cover_a_permutation_in_order_of_sizes(n, batch_size, seed, drop):
     x = np.arange(n, dtype=np.float32)[:, None] * 10.0
     y = np.arange(n)
@@ -162,14 +169,24 @@ def _corrupt(arrays, key):
         "unknown type": (b"\x00\x00\x07\x03" + good[4:], "wrong magic number"),
         "short header": (good[:2], "truncated header"),
         "cut dimensions": (good[:9], "truncated header"),
-        "truncated data": (good[:-5], r"truncated data: shape \(12, 4, 3\) needs 144 bytes, found 139"),
+        "truncated data": (
+            good[:-5],
+            r"truncated data: shape \(12, 4, 3\) needs 144 bytes, found 139",
+        ),
         "trailing bytes": (good + b"\x00\x00", "2 trailing bytes"),
     }
 
 
 @pytest.mark.parametrize(
     "problem",
-    ["wrong magic", "unknown type", "short header", "cut dimensions", "truncated data", "trailing bytes"],
+    [
+        "wrong magic",
+        "unknown type",
+        "short header",
+        "cut dimensions",
+        "truncated data",
+        "trailing bytes",
+    ],
 )
 def test_load_idx_names_the_file_and_the_problem(tmp_path, problem):
     arrays = _toy_arrays()
@@ -206,7 +223,9 @@ def test_load_idx_rejects_different_train_and_test_image_shapes(tmp_path):
     arrays = _toy_arrays()
     arrays["x_test"] = arrays["x_test"][:, :, :2]
     _write_idx_dir(tmp_path, arrays)
-    with pytest.raises(ValueError, match=r"image shape \(4, 2, 1\) differs from the training images' \(4, 3, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"image shape \(4, 2, 1\) differs from the training images' \(4, 3, 1\)"
+    ):
         load_idx(tmp_path)
 
 
@@ -214,7 +233,9 @@ def test_load_idx_rejects_labels_out_of_range(tmp_path):
     arrays = _toy_arrays(classes=3)
     arrays["y_test"][0] = 3  # never seen in training: num_classes inferred as 3
     paths = _write_idx_dir(tmp_path, arrays)
-    with pytest.raises(ValueError, match=r"labels out of range: found label 3, expected 0..2") as info:
+    with pytest.raises(
+        ValueError, match=r"labels out of range: found label 3, expected 0..2"
+    ) as info:
         load_idx(tmp_path)
     assert str(paths["y_test"]) in str(info.value)
     assert load_idx(tmp_path, num_classes=4).num_classes == 4
@@ -238,7 +259,9 @@ def test_load_idx_reports_a_missing_file_or_directory(tmp_path):
         load_idx(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a directory of IDX files"):
         load_idx(tmp_path / "nope")
-    with pytest.raises(ValueError, match="num_classes must be a positive int or None; got num_classes=0"):
+    with pytest.raises(
+        ValueError, match="num_classes must be a positive int or None; got num_classes=0"
+    ):
         load_idx(tmp_path, num_classes=0)
 
 
@@ -268,11 +291,26 @@ def _npz_error(tmp_path, arrays):
     "change, match",
     [
         (lambda a: a.pop("y_test"), r"missing arrays \['y_test'\]"),
-        (lambda a: a.update(y_train=a["y_train"][:-2]), "shape/label mismatch: 10 labels for 12 images"),
-        (lambda a: a.update(y_train=a["y_train"].astype(np.float32)), "labels must be integers; got dtype float32"),
-        (lambda a: a.update(y_test=np.array([0, 1, -1, 2, 3])), r"labels out of range: found -1..3"),
-        (lambda a: a.update(x_train=np.zeros((12, 12))), r"images must have 3 or 4 dimensions .* got shape \(12, 12\)"),
-        (lambda a: a.update(x_train=a["x_train"].astype(np.int64)), "images must be uint8 .* got dtype int64"),
+        (
+            lambda a: a.update(y_train=a["y_train"][:-2]),
+            "shape/label mismatch: 10 labels for 12 images",
+        ),
+        (
+            lambda a: a.update(y_train=a["y_train"].astype(np.float32)),
+            "labels must be integers; got dtype float32",
+        ),
+        (
+            lambda a: a.update(y_test=np.array([0, 1, -1, 2, 3])),
+            r"labels out of range: found -1..3",
+        ),
+        (
+            lambda a: a.update(x_train=np.zeros((12, 12))),
+            r"images must have 3 or 4 dimensions .* got shape \(12, 12\)",
+        ),
+        (
+            lambda a: a.update(x_train=a["x_train"].astype(np.int64)),
+            "images must be uint8 .* got dtype int64",
+        ),
     ],
 )
 def test_load_npz_names_the_array_and_the_problem(tmp_path, change, match):

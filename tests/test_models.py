@@ -88,7 +88,11 @@ def test_conv_models_derive_the_flatten_size_from_any_input_shape(height, width,
 def test_lenet5_valid_is_the_classic_network(size, fc1_in):
     # conv5 VALID -> pool2 -> conv5 VALID -> pool2: ((size - 4) // 2 - 4) // 2.
     model = nnx.eval_shape(lambda: LeNet5((size, size, 1), rngs=nnx.Rngs(0)))
-    assert model.fc1.in_features == fc1_in == ((size - 4) // 2 - 4) // 2 * ((size - 4) // 2 - 4) // 2 * 50
+    assert (
+        model.fc1.in_features
+        == fc1_in
+        == ((size - 4) // 2 - 4) // 2 * ((size - 4) // 2 - 4) // 2 * 50
+    )
 
 
 def test_lenet300100_param_names_follow_the_contract():
@@ -97,7 +101,10 @@ def test_lenet300100_param_names_follow_the_contract():
         f"fc{i}/{leaf}" for i in (1, 2, 3) for leaf in ("kernel", "bias")
     )
     model = nnx.eval_shape(lambda: LeNet300100(64, rngs=nnx.Rngs(0)))
-    assert tree.count_params(nnx.state(model, nnx.Param)) == 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    assert (
+        tree.count_params(nnx.state(model, nnx.Param))
+        == 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    )
 
 
 @pytest.mark.parametrize("block_cls", [ResidualBlock, BottleneckBlock])
@@ -160,9 +167,13 @@ def test_resnet_depth_and_projection_count(depth, bottleneck):
     assert [p[0] for p in projections] == expected_first
     assert not any(p for stage in projections for p in stage[1:])
     convs_per_block = 3 if bottleneck else 2
-    kernels = [n for n in _param_names(lambda: ResNet(depth, bottleneck=bottleneck, rngs=nnx.Rngs(0)))
-               if n.endswith("kernel") and "shortcut" not in n]
-    assert len(kernels) == depth  # stem + convs + fc: the depth counts weight layers
+    kernels = [
+        name
+        for name in _param_names(lambda: ResNet(depth, bottleneck=bottleneck, rngs=nnx.Rngs(0)))
+        if name.endswith("kernel") and "shortcut" not in name
+    ]
+    # The depth counts weight layers: stem + the blocks' convolutions + fc.
+    assert len(kernels) == 1 + 3 * n * convs_per_block + 1 == depth
 
 
 def test_resnet20_has_the_published_parameter_count():
@@ -175,18 +186,24 @@ def test_resnet20_has_the_published_parameter_count():
 
 def test_resnet_aux_heads_return_one_logit_set_per_intermediate_stage():
     out, aux = _out_shape(
-        lambda: ResNet(8, 5, width=4, aux_heads=True, rngs=nnx.Rngs(0)), (3, 8, 8, 3), return_aux=True
+        lambda: ResNet(8, 5, width=4, aux_heads=True, rngs=nnx.Rngs(0)),
+        (3, 8, 8, 3),
+        return_aux=True,
     )
     assert out.shape == (3, 5)
     assert [a.shape for a in aux] == [(3, 5), (3, 5)]
     names = _param_names(lambda: ResNet(8, 5, width=4, aux_heads=True, rngs=nnx.Rngs(0)))
     assert {"aux_fcs/0/kernel", "aux_fcs/1/kernel"} <= set(names)
-    out, aux = _out_shape(lambda: ResNet(8, width=4, rngs=nnx.Rngs(0)), (3, 8, 8, 3), return_aux=True)
+    out, aux = _out_shape(
+        lambda: ResNet(8, width=4, rngs=nnx.Rngs(0)), (3, 8, 8, 3), return_aux=True
+    )
     assert aux == []
 
 
 def test_resnet_aux_logits_are_linear_heads_on_stage_features():
-    model = _materialize(lambda: ResNet(8, 3, width=2, in_channels=1, aux_heads=True, rngs=nnx.Rngs(0)))
+    model = _materialize(
+        lambda: ResNet(8, 3, width=2, in_channels=1, aux_heads=True, rngs=nnx.Rngs(0))
+    )
     model.eval()
     x = jnp.asarray(np.random.default_rng(0).random((2, 4, 4, 1)), jnp.float32)
 
@@ -198,9 +215,10 @@ def test_resnet_aux_logits_are_linear_heads_on_stage_features():
 
     logits, aux, h, plain = forward(model, x)
     head = model.aux_fcs[0]
-    expected = np.asarray(h).mean(axis=(1, 2)) @ np.asarray(head.kernel[...]) + np.asarray(
-        head.bias[...]
-    )[None, :]
+    expected = (
+        np.asarray(h).mean(axis=(1, 2)) @ np.asarray(head.kernel[...])
+        + np.asarray(head.bias[...])[None, :]
+    )
     np.testing.assert_allclose(np.asarray(aux[0]), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain))
 
@@ -228,19 +246,43 @@ def test_auxiliary_loss_is_differentiable_in_each_term():
     "make, match",
     [
         (lambda: auxiliary_loss(jnp.float32(1.0), [], -0.1), "lam must be >= 0; got lam=-0.1"),
-        (lambda: LeNet300100(0, rngs=nnx.Rngs(0)), "in_features must be a positive int; got in_features=0"),
+        (
+            lambda: LeNet300100(0, rngs=nnx.Rngs(0)),
+            "in_features must be a positive int; got in_features=0",
+        ),
         (lambda: LeNet300100(hidden=(300,), rngs=nnx.Rngs(0)), r"hidden must hold two widths"),
-        (lambda: LeNet300100(num_classes=0, rngs=nnx.Rngs(0)), "num_classes must be a positive int"),
+        (
+            lambda: LeNet300100(num_classes=0, rngs=nnx.Rngs(0)),
+            "num_classes must be a positive int",
+        ),
         (lambda: LeNet5((28, 28), rngs=nnx.Rngs(0)), r"in_shape must be three positive ints"),
-        (lambda: LeNet5((8, 8, 1), rngs=nnx.Rngs(0)), r"too small for padding='VALID'.*use padding='SAME'"),
-        (lambda: LeNet5(padding="same", rngs=nnx.Rngs(0)), r"padding must be 'SAME' or 'VALID'; got padding='same'"),
+        (
+            lambda: LeNet5((8, 8, 1), rngs=nnx.Rngs(0)),
+            r"too small for padding='VALID'.*use padding='SAME'",
+        ),
+        (
+            lambda: LeNet5(padding="same", rngs=nnx.Rngs(0)),
+            r"padding must be 'SAME' or 'VALID'; got padding='same'",
+        ),
         (lambda: SmallCNN((0, 8, 1), rngs=nnx.Rngs(0)), r"in_shape must be three positive ints"),
         (lambda: ResNet(21, rngs=nnx.Rngs(0)), r"depth must be 6n \+ 2 with n >= 1.*got depth=21"),
         (lambda: ResNet(2, rngs=nnx.Rngs(0)), r"depth must be 6n \+ 2"),
-        (lambda: ResNet(21, bottleneck=True, rngs=nnx.Rngs(0)), r"depth must be 9n \+ 2.*got depth=21"),
-        (lambda: ResNet(20, width=0, rngs=nnx.Rngs(0)), "width must be a positive int; got width=0"),
-        (lambda: ResidualBlock(4, 4, stride=0, rngs=nnx.Rngs(0)), "stride must be a positive int; got stride=0"),
-        (lambda: BottleneckBlock(4, 6, rngs=nnx.Rngs(0)), "out_channels must be a multiple of expansion=4; got out_channels=6"),
+        (
+            lambda: ResNet(21, bottleneck=True, rngs=nnx.Rngs(0)),
+            r"depth must be 9n \+ 2.*got depth=21",
+        ),
+        (
+            lambda: ResNet(20, width=0, rngs=nnx.Rngs(0)),
+            "width must be a positive int; got width=0",
+        ),
+        (
+            lambda: ResidualBlock(4, 4, stride=0, rngs=nnx.Rngs(0)),
+            "stride must be a positive int; got stride=0",
+        ),
+        (
+            lambda: BottleneckBlock(4, 6, rngs=nnx.Rngs(0)),
+            "out_channels must be a multiple of expansion=4; got out_channels=6",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(make, match):

@@ -22,9 +22,7 @@ SMALL = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "c": jnp.float32(0.5)}
 
 def _noise(params, steps=STEPS, seed=0):
     rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda p: jnp.asarray(rng.normal(size=(steps,) + p.shape), p.dtype), params
-    )
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(steps,) + p.shape), p.dtype), params)
 
 
 def _run(txs, params, steps=STEPS):
@@ -182,8 +180,11 @@ def test_count_saturates_instead_of_overflowing():
         (optim.rmsprop, dict(learning_rate=0.1, decay=1.5), r"decay must lie in \[0, 1\)"),
         (optim.rmsprop, dict(learning_rate=0.1, momentum=1.0), r"momentum must lie in \[0, 1\)"),
         (optim.rmsprop, dict(learning_rate=0.1, initial_scale=-1.0), r"initial_scale must be >= 0"),
-        (optim.rmsprop, dict(learning_rate=0.1, centered=True, eight_bit=True),
-         r"eight_bit must be False with centered=True"),
+        (
+            optim.rmsprop,
+            dict(learning_rate=0.1, centered=True, eight_bit=True),
+            r"eight_bit must be False with centered=True",
+        ),
         (optim.scale_by_stddev, dict(eps=-1.0), r"eps must be >= 0"),
     ],
 )
@@ -397,7 +398,9 @@ def test_quantized_layout_pads_the_last_block():
     assert q.scales.dtype == jnp.float32 and q.scales.shape == (11,)
 
 
-@pytest.mark.parametrize("code, fill", [("signed", 0.0), ("signed", 0.3), ("sqrt", 0.0), ("sqrt", 2.0)])
+@pytest.mark.parametrize(
+    "code, fill", [("signed", 0.0), ("signed", 0.3), ("sqrt", 0.0), ("sqrt", 2.0)]
+)
 def test_filled_equals_quantizing_a_full_array(code, fill):
     expected = quantize(jnp.full((_SIZE,), fill), code, _BLOCK)
     actual = filled((_SIZE,), fill, code, _BLOCK)
@@ -435,7 +438,9 @@ def test_8bit_state_is_under_0_3x_of_float32_adam_counting_scales_and_small_leav
     assert _state_bytes(state8) <= 0.3 * _state_bytes(state32)
     inner = state8[0]
     kinds = jax.tree.map(
-        lambda p, m: type(m).__name__, params, inner.mu,
+        lambda p, m: type(m).__name__,
+        params,
+        inner.mu,
         is_leaf=lambda x: isinstance(x, optim.QuantizedArray),
     )
     assert kinds["fc1"]["kernel"] == "QuantizedArray" and kinds["fc1"]["bias"] == "ArrayImpl"
@@ -459,7 +464,8 @@ def test_8bit_keeps_dtypes_and_tracks_float_state(name, dtype):
     assert np.median(moved) > 0.02
     # bfloat16 spacing near 1 (2**-8) alone is ~7% of the median movement.
     assert np.mean(error) < (0.05 if dtype == jnp.float32 else 0.1) * np.mean(moved)
-    np.testing.assert_array_equal(p8["b"], p32["b"])  # small leaves stay in floating point
+    # Small leaves keep floating-point moments: same steps up to XLA fusion rounding.
+    np.testing.assert_allclose(p8["b"], p32["b"], rtol=1e-6)
 
 
 def test_8bit_adam_trains_lenet_on_digits_within_one_point_of_float32():
@@ -470,8 +476,12 @@ def test_8bit_adam_trains_lenet_on_digits_within_one_point_of_float32():
     accuracy = {}
     for eight_bit in (False, True):
         result = train.fit(
-            LeNet300100(64, rngs=nnx.Rngs(0)), optim.adam(1e-3, eight_bit=eight_bit), digits,
-            epochs=15, batch_size=64, progress=False,
+            LeNet300100(64, rngs=nnx.Rngs(0)),
+            optim.adam(1e-3, eight_bit=eight_bit),
+            digits,
+            epochs=15,
+            batch_size=64,
+            progress=False,
         )
         metrics = train.evaluate(result.graphdef, result.state, digits.x_test, digits.y_test)
         accuracy[eight_bit] = metrics["accuracy"]

@@ -62,7 +62,9 @@ def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
 def test_cross_entropy_matches_log_softmax():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
     y = jnp.array([0, 3, 1, 1, 2])
-    np.testing.assert_allclose(float(cross_entropy_loss(logits, y)), float(_ce(logits, y)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(cross_entropy_loss(logits, y)), float(_ce(logits, y)), rtol=1e-6
+    )
 
 
 def test_train_step_equals_optax_adam_on_a_pure_reference():
@@ -131,7 +133,9 @@ class _LinearBatchNorm(nnx.Module):
 
 def _bn_logits(p, x, mean, var):
     h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"][None, :]
-    h = (h - mean[None, :]) / jnp.sqrt(var[None, :] + EPS) * p["bn"]["scale"][None, :] + p["bn"]["bias"][None, :]
+    h = (h - mean[None, :]) / jnp.sqrt(var[None, :] + EPS) * p["bn"]["scale"][None, :] + p["bn"][
+        "bias"
+    ][None, :]
     return jax.nn.relu(h) @ p["fc2"]["kernel"] + p["fc2"]["bias"][None, :]
 
 
@@ -150,11 +154,15 @@ def test_train_step_uses_batch_statistics_and_eval_step_running_averages(mode_be
     rest = nnx.to_pure_dict(state.rest)
     np.testing.assert_allclose(rest["bn"]["mean"], 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rest["bn"]["var"], 0.9 + 0.1 * h.var(0), rtol=1e-5)
-    expected_eval = _ce(_bn_logits(p, x, jnp.asarray(rest["bn"]["mean"]), jnp.asarray(rest["bn"]["var"])), y)
+    expected_eval = _ce(
+        _bn_logits(p, x, jnp.asarray(rest["bn"]["mean"]), jnp.asarray(rest["bn"]["var"])), y
+    )
     eval_metrics = make_eval_step(graphdef)(state, x, y)
     np.testing.assert_allclose(float(eval_metrics["loss"]), float(expected_eval), rtol=1e-5)
     assert abs(float(expected_eval) - float(expected_train)) > 1e-3  # the modes differ
-    np.testing.assert_allclose(evaluate(graphdef, state, x, y)["loss"], float(expected_eval), rtol=1e-5)
+    np.testing.assert_allclose(
+        evaluate(graphdef, state, x, y)["loss"], float(expected_eval), rtol=1e-5
+    )
     rebuilt = to_model(graphdef, state)
     np.testing.assert_allclose(float(_ce(rebuilt(x), y)), float(expected_eval), rtol=1e-5)
 
@@ -187,7 +195,9 @@ def test_unjitted_step_is_the_same_function():
     plain_eval = make_eval_step(graphdef, jit=False)
     assert not hasattr(plain_eval, "lower")
     em = jax.jit(plain_eval)(b, x, y)
-    np.testing.assert_allclose(float(em["loss"]), float(_ce(_mlp_logits(_plain(b.params), x), y)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(em["loss"]), float(_ce(_mlp_logits(_plain(b.params), x), y)), rtol=1e-5
+    )
 
 
 def _materialize(make, seed=0):
@@ -225,15 +235,21 @@ def test_auxiliary_loss_fn_adds_the_weighted_head_losses():
     graphdef, state = init_train_state(model, tx)
     step = make_train_step(graphdef, tx, loss_fn=auxiliary_loss_fn(lam=0.5), jit=False)
     _, metrics = jax.jit(step)(state, x, y)
-    np.testing.assert_allclose(float(metrics["loss"]), float(auxiliary_loss(main, aux, 0.5)), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["loss"]), float(main) + 0.5 * float(sum(aux)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["loss"]), float(auxiliary_loss(main, aux, 0.5)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(metrics["loss"]), float(main) + 0.5 * float(sum(aux)), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="lam must be >= 0; got lam=-1"):
         auxiliary_loss_fn(lam=-1)
 
 
 def test_lenet300100_reaches_95_percent_on_digits():
     data = load_digits()
-    result = fit(LeNet300100(64, rngs=nnx.Rngs(0)), optax.adam(1e-3), data, epochs=20, progress=False)
+    result = fit(
+        LeNet300100(64, rngs=nnx.Rngs(0)), optax.adam(1e-3), data, epochs=20, progress=False
+    )
     assert isinstance(result, FitResult) and isinstance(result.state, TrainState)
     final = result.history[-1]
     assert final["test_accuracy"] >= 0.95
@@ -242,7 +258,9 @@ def test_lenet300100_reaches_95_percent_on_digits():
     logits = _mlp_logits(_plain(result.state.params), jnp.asarray(data.x_test.reshape(-1, 64)))
     accuracy = np.mean(np.argmax(np.asarray(logits), -1) == data.y_test)
     np.testing.assert_allclose(final["test_accuracy"], accuracy, rtol=1e-6)
-    np.testing.assert_allclose(final["test_loss"], float(_ce(logits, jnp.asarray(data.y_test))), rtol=1e-5)
+    np.testing.assert_allclose(
+        final["test_loss"], float(_ce(logits, jnp.asarray(data.y_test))), rtol=1e-5
+    )
 
 
 def _toy_dataset(n_train=20, n_test=7):
@@ -275,10 +293,11 @@ def test_fit_is_deterministic_calls_back_and_draws_progress(capsys):
     )
 
 
-def test_fit_with_a_batch_larger_than_the_data_takes_one_full_batch():
-    data = _toy_dataset(n_train=5)
+def test_fit_with_a_batch_larger_than_the_data_takes_one_full_batch_and_no_test_set():
+    data = _toy_dataset(n_train=5, n_test=0)
     tx = optax.sgd(0.1)
     result = fit(_tiny_mlp(), tx, data, epochs=2, batch_size=128, progress=False)
+    assert np.isnan(result.history[-1]["test_accuracy"])  # no test examples
     graphdef, state = init_train_state(_tiny_mlp(), tx)
     step = make_train_step(graphdef, tx)
     x, y = data.x_train, data.y_train
@@ -293,16 +312,34 @@ def test_evaluate_weights_uneven_batches_by_size():
     logits = _mlp_logits(_plain(state.params), x)
     got = evaluate(graphdef, state, x, y, batch_size=4)
     np.testing.assert_allclose(got["loss"], float(_ce(logits, y)), rtol=1e-5)
-    np.testing.assert_allclose(got["accuracy"], np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(y)))
+    np.testing.assert_allclose(
+        got["accuracy"], np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(y))
+    )
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda d: fit(_tiny_mlp(), optax.sgd(0.1), d, epochs=0, progress=False), "epochs must be a positive int; got epochs=0"),
-        (lambda d: fit(_tiny_mlp(), optax.sgd(0.1), d, epochs=1, batch_size=0, progress=False), "batch_size must be a positive int; got batch_size=0"),
-        (lambda d: evaluate(*init_train_state(_tiny_mlp(), optax.sgd(0.1)), d.x_test, d.y_test, batch_size=-2), "batch_size must be a positive int; got batch_size=-2"),
-        (lambda d: evaluate(*init_train_state(_tiny_mlp(), optax.sgd(0.1)), d.x_test[:0], d.y_test[:0]), r"x must hold at least one example"),
+        (
+            lambda d: fit(_tiny_mlp(), optax.sgd(0.1), d, epochs=0, progress=False),
+            "epochs must be a positive int; got epochs=0",
+        ),
+        (
+            lambda d: fit(_tiny_mlp(), optax.sgd(0.1), d, epochs=1, batch_size=0, progress=False),
+            "batch_size must be a positive int; got batch_size=0",
+        ),
+        (
+            lambda d: evaluate(
+                *init_train_state(_tiny_mlp(), optax.sgd(0.1)), d.x_test, d.y_test, batch_size=-2
+            ),
+            "batch_size must be a positive int; got batch_size=-2",
+        ),
+        (
+            lambda d: evaluate(
+                *init_train_state(_tiny_mlp(), optax.sgd(0.1)), d.x_test[:0], d.y_test[:0]
+            ),
+            r"x must hold at least one example",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(call, match):
