@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -166,7 +165,8 @@ def main() -> None:
         print(f"{row['method']:20s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
               f"acc {row['accuracy']:.4f}")
     for row in inference:
-        print(f"s={row['sparsity']:.2f} dense {row['dense_ms']:.3f} ms  bcoo {row['bcoo_ms']:.3f} ms "
+        print(f"s={row['sparsity']:.2f} dense {row['dense_ms']:.3f} ms  "
+              f"bcoo {row['bcoo_ms']:.3f} ms "
               f"(x{row['bcoo_over_dense']:.2f}); kernel bytes {row['dense_kernel_bytes']} -> "
               f"{row['bcoo_kernel_bytes']}")
     print(f"wrote {out}")
