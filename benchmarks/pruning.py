@@ -75,8 +75,9 @@ def accuracy_vs_sparsity(epochs: int, sparsities: list[float]) -> list[dict]:
 
     def accuracy(prune_tx):
         tx = optax.adam(lr) if prune_tx is None else optax.chain(optax.adam(lr), prune_tx)
-        result = train.fit(models.LeNet300100(64, rngs=nnx.Rngs(0)), tx, ds, epochs=epochs,
-                           progress=False)
+        result = train.fit(
+            models.LeNet300100(64, rngs=nnx.Rngs(0)), tx, ds, epochs=epochs, progress=False
+        )
         acc = train.evaluate(result.graphdef, result.state, ds.x_test, ds.y_test)["accuracy"]
         summary = pruning.sparsity_summary(result.state.params)
         return float(acc), summary.total.sparsity
@@ -97,8 +98,9 @@ def accuracy_vs_sparsity(epochs: int, sparsities: list[float]) -> list[dict]:
             rows.append({"method": name, "target": s, "sparsity": actual, "accuracy": acc})
         if s == 0.5:
             acc, actual = accuracy(pruning.prune(sched(0.5), method="nm", n=2, m=4, axis=0))
-            rows.append({"method": "2:4 (axis 0)", "target": s, "sparsity": actual,
-                         "accuracy": acc})
+            rows.append(
+                {"method": "2:4 (axis 0)", "target": s, "sparsity": actual, "accuracy": acc}
+            )
         print(f"  sparsity {s:.2f} done", flush=True)
     return rows
 
@@ -126,12 +128,20 @@ def sparse_inference(repeats: int) -> list[dict]:
             t_dense += _time(lambda d=dense: fwd(d, x), repeats)
             t_sparse += _time(lambda p=sp: fwd(p, x), repeats)
         kernel_bytes = sum(v["kernel"].nbytes for v in dense.values())
-        sparse_bytes = sum(v["kernel"].data.nbytes + v["kernel"].indices.nbytes
-                           for v in sp.values())
+        sparse_bytes = sum(
+            v["kernel"].data.nbytes + v["kernel"].indices.nbytes for v in sp.values()
+        )
         md, ms = statistics.median(t_dense), statistics.median(t_sparse)
-        rows.append({"sparsity": s, "dense_ms": 1e3 * md, "bcoo_ms": 1e3 * ms,
-                     "bcoo_over_dense": ms / md, "dense_kernel_bytes": kernel_bytes,
-                     "bcoo_kernel_bytes": int(sparse_bytes)})
+        rows.append(
+            {
+                "sparsity": s,
+                "dense_ms": 1e3 * md,
+                "bcoo_ms": 1e3 * ms,
+                "bcoo_over_dense": ms / md,
+                "dense_kernel_bytes": kernel_bytes,
+                "bcoo_kernel_bytes": int(sparse_bytes),
+            }
+        )
     return rows
 
 
@@ -162,13 +172,17 @@ def main() -> None:
     for name, row in overhead.items():
         print(f"{name:32s} {row['median_ms']:8.3f} ms  x{row['ratio_vs_dense']:.3f}")
     for row in accuracy:
-        print(f"{row['method']:20s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
-              f"acc {row['accuracy']:.4f}")
+        print(
+            f"{row['method']:20s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
+            f"acc {row['accuracy']:.4f}"
+        )
     for row in inference:
-        print(f"s={row['sparsity']:.2f} dense {row['dense_ms']:.3f} ms  "
-              f"bcoo {row['bcoo_ms']:.3f} ms "
-              f"(x{row['bcoo_over_dense']:.2f}); kernel bytes {row['dense_kernel_bytes']} -> "
-              f"{row['bcoo_kernel_bytes']}")
+        print(
+            f"s={row['sparsity']:.2f} dense {row['dense_ms']:.3f} ms  "
+            f"bcoo {row['bcoo_ms']:.3f} ms "
+            f"(x{row['bcoo_over_dense']:.2f}); kernel bytes {row['dense_kernel_bytes']} -> "
+            f"{row['bcoo_kernel_bytes']}"
+        )
     print(f"wrote {out}")
 
 

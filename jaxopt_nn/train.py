@@ -329,6 +329,12 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[..., None]]:
         yield advance
 
 
+def _check_fit_args(epochs: object, batch_size: object) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int; got epochs={epochs!r}")
+    _check_batch_size(batch_size)
+
+
 def fit(
     model: nnx.Module,
     tx: optax.GradientTransformation,
@@ -347,7 +353,8 @@ def fit(
     Each epoch shuffles the training set with seed ``(seed, epoch)`` and runs
     the jitted, buffer-donating step on full batches (the remainder is
     dropped, so the step compiles once; a training set smaller than
-    ``batch_size`` is one batch). ``model`` itself is not modified.
+    ``batch_size`` is one batch). ``model`` itself is not modified. This is
+    :func:`init_train_state` followed by :func:`fit_state`.
 
     Args:
       model: an NNX module.
@@ -379,13 +386,62 @@ def fit(
       >>> [sorted(r) for r in result.history][0]
       ['epoch', 'seconds', 'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss']
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int; got epochs={epochs!r}")
-    _check_batch_size(batch_size)
+    _check_fit_args(epochs, batch_size)
+    graphdef, state = init_train_state(model, tx)
+    return fit_state(
+        graphdef,
+        state,
+        tx,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        loss_fn=loss_fn,
+        param_transform=param_transform,
+        callback=callback,
+    )
+
+
+def fit_state(
+    graphdef: nnx.GraphDef,
+    state: TrainState,
+    tx: optax.GradientTransformation,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    loss_fn: LossFn | None = None,
+    param_transform: ParamTransform | None = None,
+    callback: Callable[[int, dict[str, float], TrainState], None] | None = None,
+) -> FitResult:
+    """:func:`fit` starting from a :class:`TrainState` instead of a model.
+
+    For training that continues from an earlier state, or whose trainable
+    ``state.params`` are not the model's parameters (e.g. shared-weight
+    centroids that ``param_transform`` expands into them). ``state`` is
+    consumed: its buffers are donated to the first step.
+
+    Args:
+      graphdef: from :func:`init_train_state`.
+      state: the starting state; ``state.opt_state`` must belong to ``tx``.
+      tx: the optax transform.
+      data: a :class:`jaxopt_nn.data.Dataset`.
+      epochs, batch_size, seed, progress, loss_fn, param_transform, callback:
+        as in :func:`fit`.
+
+    Returns:
+      :class:`FitResult`, as in :func:`fit`.
+
+    Raises:
+      ValueError: if ``epochs`` or ``batch_size`` is not a positive int.
+    """
+    _check_fit_args(epochs, batch_size)
     n_train = len(data.x_train)
     batch_size = min(batch_size, n_train)
     steps_per_epoch = n_train // batch_size
-    graphdef, state = init_train_state(model, tx)
     step = make_train_step(graphdef, tx, loss_fn=loss_fn, param_transform=param_transform)
     eval_step = make_eval_step(graphdef, param_transform=param_transform)
     history: list[dict[str, float]] = []

@@ -130,11 +130,16 @@ def test_nm_masks_keep_the_n_largest_of_every_group(rows, groups, nm, axis, seed
 
 
 @SETTINGS
-@given(sparsity=st.floats(0.0, 0.99), seed=st.integers(0, 99), scope=st.sampled_from(["layer",
-                                                                                        "global"]))
+@given(
+    sparsity=st.floats(0.0, 0.99),
+    seed=st.integers(0, 99),
+    scope=st.sampled_from(["layer", "global"]),
+)
 def test_nm_masks_with_sparsity_are_exact_and_keep_n_per_group(sparsity, seed, scope):
-    params = {"a": jnp.asarray(_weights((4, 8), seed, False)),
-              "b": jnp.asarray(_weights((3, 4), seed + 1, True))}
+    params = {
+        "a": jnp.asarray(_weights((4, 8), seed, False)),
+        "b": jnp.asarray(_weights((3, 4), seed + 1, True)),
+    }
     masks = pruning.nm_masks(params, 2, 4, sparsity=sparsity, scope=scope)
     for name, mask in masks.items():
         assert np.all(_groups(mask, 4, -1).sum(axis=1) >= 2), name
@@ -150,12 +155,18 @@ def test_nm_masks_with_sparsity_are_exact_and_keep_n_per_group(sparsity, seed, s
 
 
 @SETTINGS
-@given(shape=shapes, sparsity=st.floats(0.0, 0.99), axis=st.sampled_from([0, -1]),
-       norm=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+@given(
+    shape=shapes,
+    sparsity=st.floats(0.0, 0.99),
+    axis=st.sampled_from([0, -1]),
+    norm=st.sampled_from([1, 2]),
+    seed=st.integers(0, 99),
+)
 def test_structured_masks_zero_whole_channels_of_smallest_norm(shape, sparsity, axis, norm, seed):
     w = _weights(shape, seed, False)
-    mask = np.asarray(pruning.structured_masks({"w": jnp.asarray(w)}, sparsity, axis=axis,
-                                               norm=norm)["w"])
+    mask = np.asarray(
+        pruning.structured_masks({"w": jnp.asarray(w)}, sparsity, axis=axis, norm=norm)["w"]
+    )
     per_channel = np.moveaxis(mask, axis, 0).reshape(shape[axis], -1)
     assert np.all(per_channel.all(axis=1) | ~per_channel.any(axis=1)), "channels are all or none"
     rows = np.moveaxis(w, axis, 0).reshape(shape[axis], -1)
@@ -262,7 +273,14 @@ def test_one_shot_and_constant_schedules():
     const = pruning.constant(0.5, frequency=3)
     assert float(const(11)) == 0.5
     assert [bool(const.is_update_step(t)) for t in range(7)] == [
-        True, False, False, True, False, False, True]
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
 
 
 # ------------------------------------------------------------------ errors
@@ -281,8 +299,11 @@ def _p():
         (lambda: pruning.magnitude_masks(_p(), 0.5, where=lambda *_: False), ValueError, "where"),
         (lambda: pruning.magnitude_masks(_p(), {"x": 0.5}), ValueError, "missing"),
         (lambda: pruning.magnitude_masks(_p(), {"w": 1.5}), ValueError, "sparsity"),
-        (lambda: pruning.magnitude_masks(_p(), {"w": 0.5}, scope="global"), ValueError,
-         "single number"),
+        (
+            lambda: pruning.magnitude_masks(_p(), {"w": 0.5}, scope="global"),
+            ValueError,
+            "single number",
+        ),
         (lambda: pruning.random_masks(jax.random.key(0), _p(), 1.2), ValueError, "sparsity"),
         (lambda: pruning.nm_masks(_p(), 5, 4), ValueError, "n must satisfy n <= m"),
         (lambda: pruning.nm_masks(_p(), 0, 4), ValueError, "n must be an integer"),
@@ -295,8 +316,11 @@ def _p():
         (lambda: pruning.polynomial_schedule(0.9, 10, 10), ValueError, "end_step"),
         (lambda: pruning.polynomial_schedule(0.9, 10, 5), ValueError, "end_step"),
         (lambda: pruning.polynomial_schedule(1.0, 0, 5), ValueError, "final_sparsity"),
-        (lambda: pruning.polynomial_schedule(0.9, 0, 5, initial_sparsity=-1.0), ValueError,
-         "initial_sparsity"),
+        (
+            lambda: pruning.polynomial_schedule(0.9, 0, 5, initial_sparsity=-1.0),
+            ValueError,
+            "initial_sparsity",
+        ),
         (lambda: pruning.polynomial_schedule(0.9, -1, 5), ValueError, "begin_step"),
         (lambda: pruning.polynomial_schedule(0.9, 0, 5, frequency=0), ValueError, "frequency"),
         (lambda: pruning.polynomial_schedule(0.9, 0, 5, power=0.0), ValueError, "power"),
@@ -315,13 +339,22 @@ def _p():
         (lambda: pruning.prune(0.5, key=jax.random.key(0)), ValueError, "key"),
         (lambda: pruning.prune(0.5, method="structured", scope="global"), ValueError, "scope"),
         (lambda: pruning.prune(0.5, method="structured", norm=0), ValueError, "norm"),
-        (lambda: pruning.prune(0.5, distribution="erk", scope="global"), ValueError,
-         "distribution='erk'"),
+        (
+            lambda: pruning.prune(0.5, distribution="erk", scope="global"),
+            ValueError,
+            "distribution='erk'",
+        ),
         (lambda: pruning.prune(0.5, where=lambda *_: False).init(_p()), ValueError, "where"),
-        (lambda: pruning.prune(0.5, method="nm", n=1, m=2).init({"w": jnp.ones((2, 3))}),
-         ValueError, "m must divide"),
-        (lambda: pruning.prune(0.5).update(_p(), pruning.prune(0.5).init(_p())), ValueError,
-         "params"),
+        (
+            lambda: pruning.prune(0.5, method="nm", n=1, m=2).init({"w": jnp.ones((2, 3))}),
+            ValueError,
+            "m must divide",
+        ),
+        (
+            lambda: pruning.prune(0.5).update(_p(), pruning.prune(0.5).init(_p())),
+            ValueError,
+            "params",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(call, error, match):
@@ -346,8 +379,11 @@ def _loss(params, x, y):
 
 
 def _optimizers():
-    opts = {"optax.adam": optax.adam(1e-2), "optax.rmsprop": optax.rmsprop(1e-2),
-            "optax.sgd": optax.sgd(1e-2, momentum=0.9)}
+    opts = {
+        "optax.adam": optax.adam(1e-2),
+        "optax.rmsprop": optax.rmsprop(1e-2),
+        "optax.sgd": optax.sgd(1e-2, momentum=0.9),
+    }
     from jaxopt_nn import optim
 
     opts["jaxopt_nn.adam"] = optim.adam(1e-2)
@@ -376,8 +412,11 @@ def _run(tx, params, steps, key, check=None):
 
 
 def _prune_state(state):
-    return next(s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-        s, pruning.PruneState)) if isinstance(s, pruning.PruneState))
+    return next(
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, pruning.PruneState))
+        if isinstance(s, pruning.PruneState)
+    )
 
 
 @pytest.mark.parametrize("opt", list(_optimizers()))
@@ -451,8 +490,13 @@ def test_prune_masks_change_only_on_update_steps(getkey):
     sched = pruning.polynomial_schedule(0.6, 2, 12, frequency=5)
     tx = optax.chain(optax.adam(1e-2), pruning.prune(sched))
     history = []
-    _run(tx, _mlp_params(getkey()), 15, getkey(),
-         lambda t, p, s: history.append(np.asarray(_prune_state(s).masks["l1"]["kernel"])))
+    _run(
+        tx,
+        _mlp_params(getkey()),
+        15,
+        getkey(),
+        lambda t, p, s: history.append(np.asarray(_prune_state(s).masks["l1"]["kernel"])),
+    )
     for t in range(1, 15):
         if not bool(sched.is_update_step(t)):
             np.testing.assert_array_equal(history[t], history[t - 1])
@@ -512,8 +556,9 @@ def test_prune_state_round_trips_through_orbax(inner, tmp_path):
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp_path / "state", state)
         ckpt.wait_until_finished()
-        restored = ckpt.restore(tmp_path / "state", jax.tree.map(
-            ocp.utils.to_shape_dtype_struct, state))
+        restored = ckpt.restore(
+            tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        )
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         assert a.dtype == b.dtype
@@ -535,8 +580,9 @@ def test_lenet_300_100_pruned_gradually_to_90_percent_stays_close_to_dense():
         "dense": optax.adam(lr),
         "pruned": optax.chain(optax.adam(lr), pruning.prune(sched)),
     }.items():
-        fit = train.fit(models.LeNet300100(64, rngs=nnx.Rngs(0)), tx, ds, epochs=epochs,
-                        progress=False)
+        fit = train.fit(
+            models.LeNet300100(64, rngs=nnx.Rngs(0)), tx, ds, epochs=epochs, progress=False
+        )
         acc[name] = train.evaluate(fit.graphdef, fit.state, ds.x_test, ds.y_test)["accuracy"]
     summary = pruning.sparsity_summary(fit.state.params)
     for row in summary.rows:

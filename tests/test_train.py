@@ -17,6 +17,7 @@ from jaxopt_nn.train import (
     cross_entropy_loss,
     evaluate,
     fit,
+    fit_state,
     init_train_state,
     make_eval_step,
     make_train_step,
@@ -304,6 +305,25 @@ def test_fit_with_a_batch_larger_than_the_data_takes_one_full_batch_and_no_test_
     for _ in range(2):  # every epoch is one step on all five examples (order is irrelevant)
         state, _ = step(state, x, y)
     _assert_trees_close(_plain(result.state.params), _plain(state.params), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_state_continues_from_a_state_with_reparametrised_params():
+    data = _toy_dataset()
+    kwargs = dict(epochs=2, batch_size=8, progress=False)
+    direct = fit(_tiny_mlp(), optax.sgd(0.4), data, **kwargs)
+    same = fit_state(*init_train_state(_tiny_mlp(), optax.sgd(0.4)), optax.sgd(0.4), data, **kwargs)
+    assert [r["train_loss"] for r in same.history] == [r["train_loss"] for r in direct.history]
+    # Train q = p / 2 through p = 2 q: dL/dq = 2 dL/dp, so sgd(0.1) on q is sgd(0.4) on p.
+    tx = optax.sgd(0.1)
+    graphdef, state = init_train_state(_tiny_mlp(), tx)
+    halved = jax.tree.map(lambda v: 0.5 * v, state.params)
+    double = lambda params: jax.tree.map(lambda v: 2.0 * v, params)  # noqa: E731
+    state = TrainState(halved, state.rest, tx.init(halved))
+    result = fit_state(graphdef, state, tx, data, param_transform=double, **kwargs)
+    for got, want in zip(result.history, direct.history, strict=True):
+        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["test_loss"], want["test_loss"], rtol=1e-5)
+    _assert_trees_close(_plain(double(result.state.params)), _plain(direct.state.params))
 
 
 def test_evaluate_weights_uneven_batches_by_size():
