@@ -565,26 +565,31 @@ def test_prune_state_round_trips_through_orbax(inner, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_lenet_300_100_pruned_gradually_to_90_percent_stays_close_to_dense():
-    # On digits (64 inputs) 90% costs about 2 points (see benchmarks/pruning.py);
-    # the 1-point margin of Han et al. on MNIST is not reached here.
+def test_lenet_300_100_pruned_gradually_to_90_percent_stays_within_a_point_of_dense():
+    # As in Han et al.: train dense, then prune gradually while retraining. Global
+    # magnitude ranking leaves the small output layer denser than the hidden ones.
     from jaxopt_nn import data, models, train
 
     ds = data.load_digits()
-    epochs = 60
-    steps = epochs * (len(ds.x_train) // 128)
-    lr = optax.cosine_decay_schedule(3e-3, steps)
-    sched = pruning.polynomial_schedule(0.9, steps // 8, steps // 2, frequency=10)
-    acc = {}
-    for name, tx in {
-        "dense": optax.adam(lr),
-        "pruned": optax.chain(optax.adam(lr), pruning.prune(sched)),
-    }.items():
-        fit = train.fit(
-            models.LeNet300100(64, rngs=nnx.Rngs(0)), tx, ds, epochs=epochs, progress=False
-        )
-        acc[name] = train.evaluate(fit.graphdef, fit.state, ds.x_test, ds.y_test)["accuracy"]
-    summary = pruning.sparsity_summary(fit.state.params)
-    for row in summary.rows:
-        assert row.size - row.nonzeros == round(0.9 * row.size), row
-    assert acc["pruned"] >= acc["dense"] - 0.03, acc
+    batch_size = 64
+    steps_per_epoch = len(ds.x_train) // batch_size
+    dense = train.fit(
+        models.LeNet300100(64, rngs=nnx.Rngs(0)), optax.adam(1e-3), ds, epochs=20,
+        batch_size=batch_size, progress=False,
+    )
+    sched = pruning.polynomial_schedule(
+        0.9, 0, 10 * steps_per_epoch, frequency=steps_per_epoch // 2
+    )
+    pruned = train.fit(
+        train.to_model(dense.graphdef, dense.state),
+        optax.chain(optax.adam(1e-3), pruning.prune(sched, scope="global")),
+        ds, epochs=20, batch_size=batch_size, progress=False,
+    )
+    summary = pruning.sparsity_summary(pruned.state.params)
+    kernels = [row for row in summary.rows if row.name.endswith("kernel")]
+    assert len(kernels) == 3
+    total = sum(row.size for row in kernels)
+    assert total - sum(row.nonzeros for row in kernels) == round(0.9 * total)
+    acc_dense = dense.history[-1]["test_accuracy"]
+    acc_pruned = pruned.history[-1]["test_accuracy"]
+    assert acc_pruned >= acc_dense - 0.01, (acc_dense, acc_pruned)
