@@ -39,4 +39,5 @@ for epoch in range(5):
     for x, y in batches(data.x_train, data.y_train, 128, seed=(0, epoch), drop_remainder=True):
         state, metrics = step(state, x, y)
     test = evaluate(graphdef, state, data.x_test, data.y_test)
-    print(f"ResNet-8 epoch {epoch + 1}: loss {float(metrics['loss']):.3f}, test {test['accuracy']:.2%}")
+    loss = float(metrics["loss"])
+    print(f"ResNet-8 epoch {epoch + 1}: loss {loss:.3f}, test accuracy {test['accuracy']:.2%}")
