@@ -61,7 +61,11 @@ def main() -> None:
         path = os.path.join(out_dir, f"lenet300-digits-seed{seed}.jnz")
         start = time.perf_counter()
         report = pipeline.deep_compress(
-            LeNet300100(64, rngs=nnx.Rngs(seed)), data, seed=seed, path=path, progress=False,
+            LeNet300100(64, rngs=nnx.Rngs(seed)),
+            data,
+            seed=seed,
+            path=path,
+            progress=False,
             **short,
         )
         seconds = time.perf_counter() - start
@@ -99,8 +103,12 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=2))
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "jax": jax.__version__, "devices": str(jax.devices())},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": str(jax.devices()),
+        },
         "quick": args.quick,
         "summary": summary,
         "runs": runs,

@@ -7,7 +7,10 @@ and exit status 1. Usage errors give one line and status 2.
 
 Example::
 
-    jaxopt-nn train                                  # LeNet-300-100 on digits
+    jaxopt-nn compress                               # Deep Compression of LeNet-300-100 on digits
+    jaxopt-nn compress --model lenet300 --data ./mnist --out mnist.jnz --plot report.png
+    jaxopt-nn inspect model.jnz
+    jaxopt-nn evaluate model.jnz --data digits
     jaxopt-nn train --model resnet20 --epochs 5 --data ./mnist
 """
 
@@ -18,6 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 PROG = "jaxopt-nn"
 
@@ -94,47 +98,66 @@ MODELS: dict[str, Callable] = {
 }
 
 
+_DATA_HELP = (
+    "'digits' (built in, default), a directory of MNIST IDX files, or an .npz file "
+    "with x_train, y_train, x_test, y_test"
+)
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="digits", help=_DATA_HELP)
+
+
+def _add_training(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int) -> None:
+    """The options shared by ``train`` and ``compress``."""
+    parser.add_argument(
+        "--model", choices=list(MODELS), default="lenet300", help="default: lenet300"
+    )
+    _add_data(parser)
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=epochs, help=f"dense epochs; default: {epochs}"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=batch_size, help=f"default: {batch_size}"
+    )
+    parser.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="Adam step size; default: 1e-3"
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _make_model(name: str, in_shape: Sequence[int], num_classes: int, seed: int):
+    from flax import nnx
+
+    return MODELS[name](tuple(in_shape), num_classes, nnx.Rngs(seed))
+
+
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a model and print its accuracy",
         description="Train a model with Adam and print a table of train/test loss and accuracy.",
     )
-    parser.add_argument(
-        "--model", choices=list(MODELS), default="lenet300", help="default: lenet300"
-    )
-    parser.add_argument(
-        "--data",
-        default="digits",
-        help="'digits' (built in, default), a directory of MNIST IDX files, or an .npz file "
-        "with x_train, y_train, x_test, y_test",
-    )
-    parser.add_argument("--epochs", type=_positive_int, default=20, help="default: 20")
-    parser.add_argument("--batch-size", type=_positive_int, default=128, help="default: 128")
-    parser.add_argument(
-        "--lr", type=_positive_float, default=1e-3, help="Adam step size; default: 1e-3"
-    )
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_training(parser, epochs=20, batch_size=128)
     parser.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> None:
-    import optax
-    from flax import nnx
     from rich.console import Console
     from rich.table import Table
 
     from jaxopt_nn import data as data_lib
     from jaxopt_nn import train as train_lib
+    from jaxopt_nn.optim import adam
     from jaxopt_nn.tree import count_params
 
     dataset = data_lib.load(args.data)
-    model = MODELS[args.model](dataset.in_shape, dataset.num_classes, nnx.Rngs(args.seed))
+    model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
     start = time.perf_counter()
     result = train_lib.fit(
         model,
-        optax.adam(args.lr),
+        adam(args.lr),
         dataset,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -161,13 +184,192 @@ def _train(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def _per_layer(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Parse ``VALUE`` or ``LAYER=VALUE,LAYER=VALUE`` (layer names as in ``inspect``)."""
+
+    def parse(text: str) -> Any:
+        if "=" not in text:
+            return kind(text)
+        out = {}
+        for item in text.split(","):
+            layer, sep, value = item.partition("=")
+            if not sep or not layer.strip():
+                raise argparse.ArgumentTypeError(f"expected LAYER=VALUE; got {item!r}")
+            out[layer.strip()] = kind(value)
+        return out
+
+    return parse
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}")
+    return value
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 8]; got {text!r}")
+    return value
+
+
+def _add_compress(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compress",
+        help="Deep Compression: train, prune, share weights, write a Huffman-coded archive",
+        description="Train a model, prune it gradually with retraining, share its weights "
+        "with k-means and fine-tune the centroids, then write a compressed archive and "
+        "print the per-layer table and the compression.",
+    )
+    _add_training(parser, epochs=30, batch_size=64)
+    parser.add_argument(
+        "--prune-epochs",
+        type=_positive_int,
+        default=60,
+        help="epochs of gradual pruning and retraining; default: 60",
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=_non_negative_int,
+        default=15,
+        help="epochs of centroid fine-tuning; default: 15",
+    )
+    parser.add_argument(
+        "--sparsity",
+        type=_per_layer(_sparsity),
+        default=None,
+        help="pruned fraction in [0, 1) for every layer, or LAYER=S,LAYER=S (e.g. "
+        "fc1/kernel=0.9); default: fc 0.95, output layer 0.85, conv 0.7",
+    )
+    parser.add_argument(
+        "--bits",
+        type=_per_layer(_bits),
+        default=None,
+        help="codebook bits in [1, 8] for every layer, or LAYER=B,...; default: fc 5, conv 8",
+    )
+    parser.add_argument("--out", default="model.jnz", help="archive path; default: model.jnz")
+    parser.add_argument("--plot", default=None, help="write a figure of the run (needs matplotlib)")
+    parser.add_argument("--json", default=None, help="write the report as JSON")
+    parser.set_defaults(func=_compress)
+
+
+def _compress(args: argparse.Namespace) -> None:
+    import json
+
+    from jaxopt_nn import archive, pipeline
+    from jaxopt_nn import data as data_lib
+
+    dataset = data_lib.load(args.data)
+    model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
+    metadata = {
+        "model": args.model,
+        "in_shape": list(dataset.in_shape),
+        "num_classes": dataset.num_classes,
+    }
+    report = pipeline.deep_compress(
+        model,
+        dataset,
+        sparsity=args.sparsity,
+        bits=args.bits,
+        epochs=args.epochs,
+        prune_epochs=args.prune_epochs,
+        finetune_epochs=args.finetune_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        path=args.out,
+        metadata=metadata,
+        progress=not args.quiet,
+    )
+    print(report.table())
+    print()
+    print(report.stage_table())
+    if args.json is not None:
+        text = json.dumps({**report.to_dict(), "metadata": metadata}, indent=1)
+        archive.write_atomic(args.json, text.encode())
+    if args.plot is not None:
+        pipeline.plot_report(report, args.plot)
+    print(f"archive: {args.out} ({report.info.file_bytes:,} bytes)")
+    print(report.summary())
+
+
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="print the per-tensor storage of an archive",
+        description="Check an archive's checksums and print how each tensor is stored.",
+    )
+    parser.add_argument("archive", help="a .jnz file written by 'compress'")
+    parser.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from jaxopt_nn import archive
+
+    info = archive.inspect(args.archive)
+    print(info.table())
+    if info.metadata:
+        print("metadata: " + ", ".join(f"{k}={v}" for k, v in info.metadata.items()))
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="test accuracy of the model in an archive",
+        description="Load an archive written by 'compress' and evaluate it on a data set.",
+    )
+    parser.add_argument("archive", help="a .jnz file written by 'compress'")
+    _add_data(parser)
+    parser.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default=None,
+        help="the architecture; default: the one recorded in the archive",
+    )
+    parser.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import optax
+
+    from jaxopt_nn import archive, pipeline
+    from jaxopt_nn import data as data_lib
+    from jaxopt_nn import train as train_lib
+
+    info = archive.inspect(args.archive)
+    stored = archive.load(args.archive)
+    metadata = info.metadata or {}
+    name = args.model or metadata.get("model")
+    if name is None:
+        raise ValueError(f"{args.archive} records no model; pass --model {{{','.join(MODELS)}}}")
+    if name not in MODELS:
+        raise ValueError(f"{args.archive} records model {name!r}; known: {', '.join(MODELS)}")
+    dataset = data_lib.load(args.data, num_classes=metadata.get("num_classes"))
+    model = _make_model(name, dataset.in_shape, dataset.num_classes, 0)
+    graphdef, like = train_lib.init_train_state(model, optax.identity())
+    state = pipeline.restore_state(like, stored)
+    metrics = train_lib.evaluate(graphdef, state, dataset.x_test, dataset.y_test)
+    print(
+        f"{name} from {args.archive} on {args.data}: test accuracy {metrics['accuracy']:.2%}, "
+        f"loss {metrics['loss']:.4f} ({len(dataset.y_test):,} examples)"
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Train and compress neural networks with JAX.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train,):
+    for add in (_add_compress, _add_inspect, _add_evaluate, _add_train):
         add(subparsers)
     return parser
 

@@ -28,7 +28,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -170,19 +169,31 @@ class CompressionReport(NamedTuple):
                 f"{self.compression:.1f}x",
             ]
         )
-        headers = ["layer", "weights", "kept", "bits", "weight bits", "index bits", "bytes",
-                   "compression"]
+        headers = [
+            "layer",
+            "weights",
+            "kept",
+            "bits",
+            "weight bits",
+            "index bits",
+            "bytes",
+            "compression",
+        ]
         return tree_lib.format_table(headers, rows)
 
     def stage_table(self) -> str:
         """Accuracy, size and time after every stage."""
         rows = [
-            [s.name, f"{s.accuracy:.2%}", s.nbytes, f"{self.original_bytes / s.nbytes:.1f}x",
-             f"{s.seconds:.1f}"]
+            [
+                s.name,
+                f"{s.accuracy:.2%}",
+                s.nbytes,
+                f"{self.original_bytes / s.nbytes:.1f}x",
+                f"{s.seconds:.1f}",
+            ]
             for s in self.stages
         ]
-        return tree_lib.format_table(["stage", "accuracy", "bytes", "compression", "seconds"],
-                                     rows)
+        return tree_lib.format_table(["stage", "accuracy", "bytes", "compression", "seconds"], rows)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (no weight arrays)."""
@@ -193,7 +204,11 @@ class CompressionReport(NamedTuple):
             "header_bytes": self.info.header_bytes,
             "stages": [s._asdict() for s in self.stages],
             "layers": [
-                {**t._asdict(), "shape": list(t.shape), "bits": self.bits.get(t.name.removeprefix("params/"))}
+                {
+                    **t._asdict(),
+                    "shape": list(t.shape),
+                    "bits": self.bits.get(t.name.removeprefix("params/")),
+                }
                 for t in self.info.tensors
             ],
             "sparsity": self.sparsity,
@@ -218,7 +233,8 @@ def _per_layer(
         unknown = sorted(set(value) - set(defaults))
         if unknown:
             raise ValueError(
-                f"{name} names layers that are not selected: {unknown}; selected: {sorted(defaults)}"
+                f"{name} names layers that are not selected: {unknown}; "
+                f"selected: {sorted(defaults)}"
             )
         out = {**defaults, **value}
     else:
@@ -252,24 +268,42 @@ def _archive_tree(params: nnx.State, rest: nnx.State) -> dict[str, Any]:
     return tree
 
 
+def _replace(state: nnx.State, stored: Mapping[str, Any], what: str) -> None:
+    """``nnx.replace_by_pure_dict`` after checking that names and shapes agree."""
+    expected = {n: np.shape(v) for n, v in tree_lib.leaves_with_names(state)}
+    found = {n: np.shape(v) for n, v in tree_lib.leaves_with_names(stored)}
+    if expected != found:
+        diff = sorted(
+            f"{n}: model {expected.get(n)}, archive {found.get(n)}"
+            for n in expected.keys() | found.keys()
+            if expected.get(n) != found.get(n)
+        )
+        raise ValueError(f"archive {what} do not fit the model: " + "; ".join(diff[:4]))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dict(stored)))
+
+
 def restore_state(like: train.TrainState, stored: Mapping[str, Any]) -> train.TrainState:
     """A :class:`~jaxopt_nn.train.TrainState` holding the weights of a loaded archive.
 
     Args:
-      like: a state of the same model (its structure is reused; ``opt_state``
-        is kept as is).
+      like: a state of the same model (e.g. from
+        :func:`jaxopt_nn.train.init_train_state`); its params and batch
+        statistics are overwritten in place, ``opt_state`` is kept.
       stored: the tree :func:`jaxopt_nn.archive.load` returned for an archive
         written by :func:`deep_compress`.
 
     Returns:
       The state with the archive's params (and batch statistics).
+
+    Raises:
+      ValueError: if the archive's leaves are not the model's (names or shapes).
     """
-    params = like.params
-    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, dict(stored["params"])))
-    rest = like.rest
+    if not isinstance(stored, Mapping) or "params" not in stored:
+        raise ValueError("archive holds no 'params' tree; was it written by deep_compress?")
+    _replace(like.params, stored["params"], "params")
     if "rest" in stored:
-        nnx.replace_by_pure_dict(rest, jax.tree.map(jnp.asarray, dict(stored["rest"])))
-    return train.TrainState(params, rest, like.opt_state)
+        _replace(like.rest, stored["rest"], "batch statistics")
+    return like
 
 
 def deep_compress(
@@ -339,8 +373,10 @@ def deep_compress(
     _check_epochs("epochs", epochs, 1)
     _check_epochs("prune_epochs", prune_epochs, 2)
     _check_epochs("finetune_epochs", finetune_epochs, 0)
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
-        math.isfinite(learning_rate) and learning_rate > 0
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or not (math.isfinite(learning_rate) and learning_rate > 0)
     ):
         raise ValueError(f"learning_rate must be a positive number; got {learning_rate!r}")
     params0 = nnx.state(model, nnx.Param)
@@ -392,7 +428,12 @@ def deep_compress(
     state = train.TrainState(trainable, state.rest, tx.init(trainable))
     if finetune_epochs:
         result = train.fit_state(
-            graphdef, state, tx, data, epochs=finetune_epochs, param_transform=rebuild,
+            graphdef,
+            state,
+            tx,
+            data,
+            epochs=finetune_epochs,
+            param_transform=rebuild,
             **fit_kwargs,
         )
         state = result.state
@@ -446,9 +487,7 @@ def plot_report(report: CompressionReport, path: str | os.PathLike) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError(
-            "plotting needs matplotlib: pip install 'jaxopt-nn[plot]'"
-        ) from err
+        raise ImportError("plotting needs matplotlib: pip install 'jaxopt-nn[plot]'") from err
 
     fig = plt.figure(figsize=(12, 7), layout="constrained")
     grid = fig.add_gridspec(2, 3)
@@ -473,8 +512,13 @@ def plot_report(report: CompressionReport, path: str | os.PathLike) -> None:
     ax = fig.add_subplot(grid[1, :2])
     ax.plot(names, [100 * s.accuracy for s in report.stages], "o-", color="C3")
     for i, s in enumerate(report.stages):
-        ax.annotate(f"{s.accuracy:.2%}", (i, 100 * s.accuracy), textcoords="offset points",
-                    xytext=(0, 6), ha="center")
+        ax.annotate(
+            f"{s.accuracy:.2%}",
+            (i, 100 * s.accuracy),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+        )
     ax.margins(x=0.08, y=0.25)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy per stage")
@@ -483,8 +527,13 @@ def plot_report(report: CompressionReport, path: str | os.PathLike) -> None:
     ax.bar(names, kib, color="C4")
     ax.set_yscale("log")
     for i, s in enumerate(report.stages):
-        ax.annotate(f"{report.original_bytes / s.nbytes:.1f}x", (i, kib[i]),
-                    textcoords="offset points", xytext=(0, 3), ha="center")
+        ax.annotate(
+            f"{report.original_bytes / s.nbytes:.1f}x",
+            (i, kib[i]),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+        )
     ax.set_ylabel("size (KiB, log scale)")
     ax.set_title("model size per stage")
     fig.suptitle(report.summary())

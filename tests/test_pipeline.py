@@ -19,7 +19,9 @@ def digits():
 def compressed(digits, tmp_path_factory):
     path = tmp_path_factory.mktemp("pipeline") / "model.jnz"
     model = LeNet300100(64, rngs=nnx.Rngs(0))
-    report = pipeline.deep_compress(model, digits, path=path, metadata={"model": "lenet300"}, **SHORT)
+    report = pipeline.deep_compress(
+        model, digits, path=path, metadata={"model": "lenet300"}, **SHORT
+    )
     return model, report, path
 
 
