@@ -114,3 +114,114 @@ def test_the_module_runs_as_a_script_without_a_traceback():
         == "jaxopt-nn train: error: argument --epochs: must be a positive integer; got '0'\n"
     )
     assert proc.stdout == ""
+
+
+def _write_idx(path, array):
+    """An MNIST-format IDX file (big-endian header, uint8 data)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+_SHORT_COMPRESS = ["--epochs", "2", "--prune-epochs", "3", "--finetune-epochs", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def compressed_run(tmp_path_factory):
+    """One short `compress` run on digits: (archive path, json path, stdout)."""
+    import contextlib
+    import io
+
+    out_dir = tmp_path_factory.mktemp("compress")
+    archive_path, json_path = out_dir / "m.jnz", out_dir / "r.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(
+            ["compress", *_SHORT_COMPRESS, "--out", str(archive_path), "--json", str(json_path)]
+        )
+    assert code == 0
+    return archive_path, json_path, stdout.getvalue()
+
+
+def test_compress_reports_the_files_bytes_and_ends_with_the_summary(compressed_run):
+    import json
+
+    archive_path, json_path, out = compressed_run
+    lines = out.strip().splitlines()
+    match = re.fullmatch(r"compression ([0-9.]+)x, accuracy ([0-9.]+)% -> ([0-9.]+)%", lines[-1])
+    assert match, lines[-1]
+    report = json.loads(json_path.read_text())
+    size = archive_path.stat().st_size
+    assert report["file_bytes"] == size
+    assert f"({size:,} bytes)" in out
+    assert float(match.group(1)) == pytest.approx(report["original_bytes"] / size, abs=0.05)
+    assert report["metadata"] == {"model": "lenet300", "in_shape": [8, 8, 1], "num_classes": 10}
+    assert "params/fc1/kernel" in out and "header" in out
+
+
+def test_evaluate_matches_the_reported_accuracy(compressed_run, capsys):
+    import json
+
+    archive_path, json_path, _ = compressed_run
+    final = json.loads(json_path.read_text())["stages"][-1]
+    assert final["name"] == "archive"
+    assert main(["evaluate", str(archive_path)]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(re.search(r"test accuracy ([0-9.]+)%", out).group(1))
+    assert accuracy == pytest.approx(100 * final["accuracy"], abs=0.005)
+
+
+def test_inspect_prints_the_per_tensor_table(compressed_run, capsys):
+    archive_path, _, _ = compressed_run
+    assert main(["inspect", str(archive_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fc2/kernel" in out and "codebook" in out
+    assert f"{archive_path.stat().st_size:,}" in out
+    assert "metadata: model=lenet300" in out
+
+
+def test_compress_runs_on_mnist_format_idx_files(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 16)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28)) + labels[:, None, None] * 20
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", images)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", labels)
+    out = tmp_path / "mnist.jnz"
+    argv = ["compress", "--data", str(tmp_path), "--out", str(out), *_SHORT_COMPRESS]
+    assert main([*argv, "--batch-size", "32"]) == 0
+    assert "compression " in capsys.readouterr().out.splitlines()[-1]
+    assert main(["evaluate", str(out), "--data", str(tmp_path)]) == 0
+    assert "16 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compress", "--model", "vgg"], "invalid choice: 'vgg'"),
+        (["compress", "--sparsity", "1.5"], "must be a number in [0, 1); got '1.5'"),
+        (["compress", "--bits", "0"], "must be an integer in [1, 8]; got '0'"),
+        (["compress", "--sparsity", "fc1/kernel"], "must be a number in [0, 1)"),
+        (["compress", "--data", "/no/such/dir"], "'/no/such/dir' not found"),
+        (["compress", "--sparsity", "fc9/kernel=0.5"], "sparsity names layers that are not"),
+        (["evaluate", "/no/such.jnz"], "No such file"),
+    ],
+)
+def test_compress_and_evaluate_bad_arguments_give_one_error_line(argv, message, capsys):
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_refuses_a_corrupt_archive(compressed_run, tmp_path, capsys):
+    archive_path, _, _ = compressed_run
+    data = bytearray(archive_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.jnz"
+    bad.write_bytes(bytes(data))
+    assert main(["evaluate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "jaxopt-nn evaluate: error:" in err and "CRC32" in err
+    assert len(err.strip().splitlines()) == 1
