@@ -38,7 +38,9 @@ def main(path):
     kernels = np.concatenate([stored["params"][layer]["kernel"].ravel() for layer in LAYERS])
     print(f"\n{path}: {os.path.getsize(path):,} bytes, kernels equal the report's shared "
           f"weights: {np.array_equal(kernels, report.weights['shared'])}")  # fmt: skip
-    nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), stored["params"])
+    params = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(params, stored["params"])
+    nnx.update(model, params)  # the untouched input model now holds the archive's weights
     accuracy = np.mean(np.argmax(model(data.x_test), -1) == data.y_test)
     print(f"test accuracy of the loaded weights: {accuracy:.2%}")
 

@@ -51,10 +51,10 @@ def main():
         if epoch % 5 == 0:
             sparsity = jaxopt_nn.sparsity_summary(state.params).total.sparsity
             test = jaxopt_nn.evaluate(graphdef, state, data.x_test, data.y_test)
-            print(f"epoch {epoch:2d}: loss {float(metrics['loss']):.4f}, "
-                  f"kernel sparsity {sparsity:.1%}, test accuracy {test['accuracy']:.2%}")  # fmt: skip
+            print(f"epoch {epoch:2d}: loss {float(metrics['loss']):.4f}, kernel sparsity "
+                  f"{sparsity:.1%}, test accuracy {test['accuracy']:.2%}")  # fmt: skip
 
-    print(jaxopt_nn.sparsity_summary(state.params))
+    print(f"\n{jaxopt_nn.sparsity_summary(state.params)}\n")
 
     # The masks live in the optimizer state: every pruned weight is exactly 0.0.
     masks = dict(jaxopt_nn.tree.leaves_with_names(state.opt_state[1].masks))
@@ -72,7 +72,7 @@ def main():
     dense_bytes = 4 * jaxopt_nn.count_params(params, None)  # float32 kernels
     dense = jaxopt_nn.to_model(graphdef, state)(data.x_test)
     diff = float(jnp.max(jnp.abs(sparse_logits(sparse, data.x_test) - dense)))
-    print(f"BCOO kernels: {sparse_bytes:,} bytes (dense float32 {dense_bytes:,}), "
+    print(f"\nBCOO kernels: {sparse_bytes:,} bytes (dense float32 {dense_bytes:,}), "
           f"max |sparse logits - dense logits| = {diff:.1e}")  # fmt: skip
 
 

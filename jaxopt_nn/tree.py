@@ -18,6 +18,7 @@ plain nested dicts.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -201,13 +202,25 @@ def size_summary(tree: PyTree, where: Where = None) -> list[LeafSize]:
     return rows
 
 
+_NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?[%x]?|-|")
+
+
+def _reads_as_number(cell: Any) -> bool:
+    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        return True
+    return isinstance(cell, str) and _NUMBER.fullmatch(cell) is not None
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Plain-text table with right-aligned numbers (for logs and doctests).
 
+    A column is right-aligned when each of its non-empty cells is a number or
+    reads as one (``'5.0%'``, ``'40.7x'``, ``'-'``).
+
     Example:
-      >>> print(format_table(['name', 'size'], [['w', 12], ['b', 4]]))
-      name  size
-      w       12
+      >>> print(format_table(['name', 'size', 'kept'], [['w', 12, '50.0%'], ['b', 4, '']]))
+      name  size   kept
+      w       12  50.0%
       b        4
     """
     cells = [[str(h) for h in headers]] + [
@@ -216,8 +229,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [
-        all(isinstance(row[i], (int, float)) for row in rows) if rows else False
-        for i in range(len(headers))
+        bool(rows) and all(_reads_as_number(row[i]) for row in rows) for i in range(len(headers))
     ]
     lines = []
     for r in cells:
