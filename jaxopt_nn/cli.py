@@ -33,34 +33,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
-    return value
+def _number(kind: type, ok: Callable[[Any], bool], allowed: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and checks ``ok``; errors say what is allowed."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}; got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_sparsity = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_bits = _number(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
 
 
 def _lenet300(in_shape: tuple[int, ...], num_classes: int, rngs):
@@ -199,26 +191,6 @@ def _per_layer(kind: Callable[[str], Any]) -> Callable[[str], Any]:
         return out
 
     return parse
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}")
-    return value
-
-
-def _bits(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"must be an integer in [1, 8]; got {text!r}")
-    return value
 
 
 def _add_compress(subparsers: argparse._SubParsersAction) -> None:

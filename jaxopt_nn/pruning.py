@@ -596,9 +596,9 @@ def sparsity_summary(params: PyTree, where: tree_lib.Where = None) -> SparsitySu
       >>> params = {'w': jnp.array([[0., 1.], [0., 0.]]), 'v': jnp.ones((2, 3))}
       >>> print(sparsity_summary(params))
       name   size  nonzeros  sparsity
-      v         6         6  0.00%
-      w         4         1  75.00%
-      total    10         7  30.00%
+      v         6         6     0.00%
+      w         4         1    75.00%
+      total    10         7    30.00%
     """
     _, named = _selected_leaves(params, where)
     rows = []
