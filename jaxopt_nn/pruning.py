@@ -848,9 +848,11 @@ def prune(
     r"""Gradual pruning as an optax transform: pruned weights end at exactly 0.0.
 
     Chain it after an optimizer. At update step ``t`` (``state.count``) with
-    ``schedule.is_update_step(t)`` the masks are recomputed from the weights
-    the step would produce, :math:`w + u`, at sparsity ``schedule(t)``; on
-    other steps they are kept. The emitted update is
+    ``schedule.is_update_step(t)`` the masks are recomputed from the current
+    weights ``w`` at sparsity ``schedule(t)`` (as tfmot and Zhu & Gupta do;
+    ranking ``w + u`` instead would force the incoming updates to be
+    materialised before the gate on every step); on other steps they are kept.
+    The emitted update is
 
     .. math::
 
@@ -983,8 +985,7 @@ def prune(
 
         def refresh(carry):
             _, inner_state = carry
-            candidate = optax.apply_updates(params, updates)
-            masks = compute_masks(candidate, schedule(state.count))
+            masks = compute_masks(params, schedule(state.count))
             if inner is not None:
                 inner_state = optax.tree_map_params(inner, _zero_pruned, inner_state, masks)
             return masks, inner_state
