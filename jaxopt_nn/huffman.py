@@ -5,8 +5,9 @@ Only the code lengths of a code are stored; the codewords follow from them
 the longest codeword (package-merge). Encoding scatters all codewords at once
 from their cumulative bit positions; decoding splits the stream into chunks of
 ``chunk_size`` symbols whose bit offsets are stored, and decodes all chunks in
-lockstep with one table lookup per step, so the Python loop runs ``chunk_size``
-times whatever the stream length.
+lockstep with one table lookup per step, so the loop runs ``chunk_size`` times
+whatever the stream length: in NumPy, or as a jitted ``lax.scan`` on JAX's
+default device (``decode(..., backend='jax')``).
 
 Example:
   >>> import numpy as np
@@ -31,8 +32,11 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 MAX_CODE_LENGTH = 24  # decode peeks max_length + 7 bits from a 32-bit window
@@ -265,24 +269,101 @@ def _decode_tables(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, bo
     return symbol_table, length_table, longest, filled == size
 
 
-def decode(stream: EncodedStream, lengths: np.ndarray, count: int) -> np.ndarray:
+def _windows(raw):
+    """The 32-bit big-endian window starting at every byte (NumPy or JAX uint32 bytes)."""
+    return raw[:-3] << 24 | raw[1:-2] << 16 | raw[2:-1] << 8 | raw[3:]
+
+
+def _lockstep_numpy(
+    raw: np.ndarray,
+    offsets: np.ndarray,
+    symbol_table: np.ndarray,
+    length_table: np.ndarray,
+    last_count: int,
+    steps: int,
+    drop: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``steps`` symbols per lane; the Python loop runs once per step, in place."""
+    window = _windows(raw.astype(np.uint32))
+    lanes = offsets.size
+    position = offsets.astype(np.uint32 if 8 * raw.size < 2**32 else np.uint64)
+    length_table = length_table.astype(position.dtype)
+    byte = np.empty_like(position)
+    shift = np.empty(lanes, np.uint32)
+    bits = np.empty(lanes, np.uint32)
+    step_length = np.empty_like(position)
+    out = np.empty((steps, lanes), symbol_table.dtype)
+    last_end = None
+    for step in range(steps):
+        if step == last_count:
+            last_end = int(position[-1])
+        np.right_shift(position, 3, out=byte)
+        window.take(byte, out=bits, mode="clip")
+        np.bitwise_and(position, 7, out=shift, casting="unsafe")
+        np.left_shift(bits, shift, out=bits)
+        np.right_shift(bits, np.uint32(drop), out=bits)
+        symbol_table.take(bits, out=out[step], mode="clip")
+        length_table.take(bits, out=step_length, mode="clip")
+        position += step_length
+    if last_end is None:
+        last_end = int(position[-1])
+    return out, np.append(position[:-1].astype(np.int64), last_end)
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "drop"))
+def _lockstep_jax(
+    raw: jax.Array,
+    offsets: jax.Array,
+    symbol_table: jax.Array,
+    length_table: jax.Array,
+    last_count: jax.Array,
+    steps: int,
+    drop: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The same lockstep decode as one ``lax.scan`` (uint32 bit positions)."""
+    window = _windows(raw.astype(jnp.uint32))
+
+    def step(position, _):
+        bits = window.at[position >> 3].get(mode="clip") << (position & 7) >> drop
+        symbol = symbol_table.at[bits].get(mode="clip")
+        return position + length_table.at[bits].get(mode="clip"), (symbol, position[-1])
+
+    position, (out, last_positions) = jax.lax.scan(step, offsets, length=steps)
+    last_end = jnp.append(last_positions, position[-1])[last_count]
+    return out, jnp.append(position[:-1], last_end)
+
+
+def decode(
+    stream: EncodedStream, lengths: np.ndarray, count: int, *, backend: str = "numpy"
+) -> np.ndarray | jax.Array:
     """Decode ``count`` symbols of a stream made by :func:`encode` with the same lengths.
+
+    All chunks are decoded in lockstep, one table lookup per symbol: the lanes
+    start at the stored chunk offsets, and after each chunk's symbols every
+    lane must end exactly where the next chunk starts (the last one at
+    ``num_bits``), which catches corrupt data and offsets.
 
     Args:
       stream: the encoded stream.
       lengths: the code lengths used to encode it, shape (num_symbols,).
       count: the number of symbols to decode.
+      backend: ``'numpy'`` (a Python loop of ``chunk_size`` in-place NumPy
+        steps) or ``'jax'`` (one jitted ``lax.scan`` on JAX's default device,
+        e.g. to decode on an accelerator; streams below ``2**32`` bits; it
+        compiles once per stream shape).
 
     Returns:
       The symbols, shape (count,): uint8 if ``num_symbols < 2**8``, uint16 if
       ``num_symbols < 2**16``, else int32 (one value is kept free to flag
-      invalid codewords).
+      invalid codewords). A NumPy array, or a ``jax.Array`` for ``backend='jax'``.
 
     Raises:
       ValueError: if the stream is inconsistent with ``lengths`` and ``count``
         (invalid codeword, chunk offsets or bit count that do not match, wrong
-        byte length or non-zero padding).
+        byte length or non-zero padding), or for an unknown ``backend``.
     """
+    if backend not in ("numpy", "jax"):
+        raise ValueError(f"backend must be 'numpy' or 'jax'; got backend={backend!r}")
     lengths = _check_lengths(lengths)
     data, num_bits, offsets, chunk_size = stream
     offsets = np.asarray(offsets, np.int64).reshape(-1)
@@ -306,45 +387,43 @@ def decode(stream: EncodedStream, lengths: np.ndarray, count: int) -> np.ndarray
     if count == 0:
         if num_bits:
             raise ValueError(f"an empty stream must hold 0 bits; got {num_bits}")
-        return np.zeros(0, symbol_table.dtype)
+        return (
+            np.zeros(0, symbol_table.dtype)
+            if backend == "numpy"
+            else jnp.zeros(0, symbol_table.dtype)
+        )
     if longest == 0:
         raise ValueError("lengths assign no codeword, but count > 0")
     if offsets[0] != 0 or np.any(np.diff(offsets) < 1) or offsets[-1] >= num_bits:
         raise ValueError("chunk offsets must start at 0, increase, and lie inside the stream")
-    # 32-bit big-endian window at every byte; zero padding covers lanes that
-    # run past their chunk (the short last chunk, or corrupt data).
-    pad = (chunk_size * longest + 7) // 8 + 4
-    raw = np.frombuffer(data + bytes(pad), np.uint8).astype(np.uint32)
-    window = raw[:-3] << 24 | raw[1:-2] << 16 | raw[2:-1] << 8 | raw[3:]
-    lanes = offsets.size
-    position = offsets.astype(np.uint32 if num_bits + 8 * pad < 2**32 else np.uint64)
-    length_table = length_table.astype(position.dtype)
-    byte = np.empty_like(position)
-    shift = np.empty(lanes, np.uint32)
-    bits = np.empty(lanes, np.uint32)
-    step_length = np.empty_like(position)
+    # Zero padding covers lanes that run past their chunk (the short last
+    # chunk, or corrupt data) and the last 32-bit windows.
+    raw = np.frombuffer(data + bytes((chunk_size * longest + 7) // 8 + 4), np.uint8)
     steps = min(chunk_size, count)
-    out = np.empty((steps, lanes), symbol_table.dtype)
-    last_count = count - (lanes - 1) * chunk_size
-    last_end = None
-    drop = np.uint32(32 - longest)
-    for step in range(steps):
-        if step == last_count:
-            last_end = int(position[-1])
-        np.right_shift(position, 3, out=byte)
-        window.take(byte, out=bits, mode="clip")
-        np.bitwise_and(position, 7, out=shift, casting="unsafe")
-        np.left_shift(bits, shift, out=bits)
-        np.right_shift(bits, drop, out=bits)
-        symbol_table.take(bits, out=out[step], mode="clip")
-        length_table.take(bits, out=step_length, mode="clip")
-        position += step_length
-    if last_end is None:
-        last_end = int(position[-1])
-    ends = np.append(position[:-1].astype(np.int64), last_end)
+    last_count = count - (offsets.size - 1) * chunk_size
+    if backend == "numpy":
+        out, ends = _lockstep_numpy(
+            raw, offsets, symbol_table, length_table, last_count, steps, 32 - longest
+        )
+    else:
+        if 8 * raw.size >= 2**32:
+            raise ValueError(
+                f"backend='jax' decodes streams below 2**32 bits; got {num_bits} bits "
+                "(use backend='numpy')"
+            )
+        out, ends = _lockstep_jax(
+            jnp.asarray(raw),
+            jnp.asarray(offsets, jnp.uint32),
+            jnp.asarray(symbol_table),
+            jnp.asarray(length_table),
+            jnp.int32(last_count),
+            steps=steps,
+            drop=32 - longest,
+        )
+        ends = np.asarray(ends, np.int64)
     if not np.array_equal(ends, np.append(offsets[1:], num_bits)):
         raise ValueError("stream does not decode to the stored chunk offsets and bit count")
     symbols = out.T.reshape(-1)[:count]
-    if not complete and symbols.max() >= lengths.size:
+    if not complete and int(symbols.max()) >= lengths.size:
         raise ValueError("stream holds a bit pattern that is no codeword")
     return symbols

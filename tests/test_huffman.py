@@ -1,8 +1,10 @@
 """Tests for jaxopt_nn.huffman: optimal length-limited codes, canonical codes, round trips."""
 
+import functools
 import heapq
 import itertools
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -132,6 +134,32 @@ def test_round_trip_matches_reference_bit_string(
     np.testing.assert_array_equal(huffman.decode(stream, lengths, count), symbols)
 
 
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    num_symbols=st.integers(1, 300),
+    count=st.integers(1, 3000),
+    skew=st.sampled_from([0.0, 2.0]),
+    chunk_size=st.sampled_from([1, 33, 512]),
+)
+def test_jax_backend_decodes_like_numpy_under_jit(seed, num_symbols, count, skew, chunk_size):
+    symbols = make_symbols(seed, num_symbols, count, skew)
+    lengths = huffman.code_lengths(np.bincount(symbols, minlength=num_symbols))
+    stream = huffman.encode(symbols, lengths, chunk_size=chunk_size)
+    decoded = huffman.decode(stream, lengths, count, backend="jax")
+    assert isinstance(decoded, jax.Array)
+    expected = huffman.decode(stream, lengths, count)
+    assert decoded.dtype == expected.dtype
+    np.testing.assert_array_equal(np.asarray(decoded), symbols)
+
+
+def test_decode_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be 'numpy' or 'jax'; got backend='torch'"):
+        huffman.decode(
+            huffman.encode(np.array([0, 1]), np.array([1, 1])), [1, 1], 2, backend="torch"
+        )
+
+
 def test_empty_input():
     lengths = huffman.code_lengths(np.zeros(4, np.int64))
     np.testing.assert_array_equal(lengths, 0)
@@ -208,31 +236,34 @@ def test_encode_rejects_bad_arguments():
         huffman.encode(np.array([0]), np.array([25, 1]))
 
 
-def test_decode_detects_inconsistent_streams():
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_decode_detects_inconsistent_streams(backend):
+    decode = functools.partial(huffman.decode, backend=backend)
     symbols = make_symbols(1, 20, 500, 0.3)
     lengths = huffman.code_lengths(np.bincount(symbols, minlength=20))
     stream = huffman.encode(symbols, lengths, chunk_size=100)
     with pytest.raises(ValueError, match="chunk offsets"):
-        huffman.decode(stream, lengths, 401)
+        decode(stream, lengths, 401)
     with pytest.raises(ValueError, match="count must be a non-negative"):
-        huffman.decode(stream, lengths, -1)
+        decode(stream, lengths, -1)
     shifted = stream._replace(chunk_offsets=stream.chunk_offsets + np.arange(5))
     with pytest.raises(ValueError, match="stored chunk offsets"):
-        huffman.decode(shifted, lengths, 500)
+        decode(shifted, lengths, 500)
     with pytest.raises(ValueError, match="must hold"):
-        huffman.decode(stream._replace(data=stream.data + b"\0"), lengths, 500)
+        decode(stream._replace(data=stream.data + b"\0"), lengths, 500)
     with pytest.raises(ValueError, match="start at 0"):
-        huffman.decode(stream._replace(chunk_offsets=stream.chunk_offsets[::-1]), lengths, 500)
+        decode(stream._replace(chunk_offsets=stream.chunk_offsets[::-1]), lengths, 500)
     if stream.num_bits % 8:
         bad = stream.data[:-1] + bytes([stream.data[-1] | 1])
         with pytest.raises(ValueError, match="padding"):
-            huffman.decode(stream._replace(data=bad), lengths, 500)
+            decode(stream._replace(data=bad), lengths, 500)
     with pytest.raises(ValueError, match="empty stream"):
-        huffman.decode(stream._replace(chunk_offsets=np.zeros(0)), lengths, 0)
+        decode(stream._replace(chunk_offsets=np.zeros(0)), lengths, 0)
 
 
-def test_decode_rejects_bit_patterns_outside_an_incomplete_code():
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_decode_rejects_bit_patterns_outside_an_incomplete_code(backend):
     lengths = np.array([1, 2])  # codes 0 and 10; 11 is no codeword
     stream = huffman.EncodedStream(bytes([0b11000000]), 2, np.array([0]), 8)
     with pytest.raises(ValueError, match="no codeword|chunk offsets"):
-        huffman.decode(stream, lengths, 1)
+        huffman.decode(stream, lengths, 1, backend=backend)
