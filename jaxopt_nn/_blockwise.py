@@ -8,8 +8,9 @@ orders of magnitude inside a block, like the dynamic code of the paper, while
 encoding and decoding stay cheap elementwise bit operations (no table search):
 
 * ``signed`` (first moments): sign bit, 4 exponent bits, 3 mantissa bits;
-  magnitudes in ``[2**-15, 1.875] * scale`` with relative rounding error
-  <= 1/16; smaller magnitudes flush to exactly zero.
+  magnitude code 0 is exactly zero, the others are ``[1.125 * 2**-15, 1.875]
+  * scale`` with relative rounding error <= 1/16; magnitudes below
+  ``1.0625 * 2**-15 * scale`` flush to zero.
 * ``sqrt`` (second moments, non-negative): the square root of the value is
   coded with 4 exponent and 4 mantissa bits and no sign, so ``sqrt(nu)``,
   which is what Adam divides by, has relative error <= 1/32 over
@@ -36,7 +37,7 @@ Code = Literal["signed", "sqrt"]
 _LAYOUT = {"signed": (4, 3), "sqrt": (4, 4)}
 
 
-class QuantizedArray(NamedTuple):
+class BlockQuantizedArray(NamedTuple):
     """One tensor stored block-wise in 8 bits (shape and dtype come from the update)."""
 
     codes: jax.Array  # uint8, shape (n_blocks, block_size); zero-padded tail
@@ -105,7 +106,7 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     return jnp.pad(flat, (0, n_blocks * block_size - flat.size)).reshape(n_blocks, block_size)
 
 
-def quantize(x: jax.Array, code: Code, block_size: int) -> QuantizedArray:
+def quantize(x: jax.Array, code: Code, block_size: int) -> BlockQuantizedArray:
     """Store ``x`` block-wise in 8 bits with ``code`` ('signed' or 'sqrt')."""
     blocks = _blocks(x.astype(jnp.float32), block_size)
     if code == "sqrt":
@@ -120,10 +121,10 @@ def quantize(x: jax.Array, code: Code, block_size: int) -> QuantizedArray:
     else:
         c = jnp.where(c < 1, 0, jnp.minimum(c, 127))
         codes = jnp.where(blocks < 0, c | 128, c)
-    return QuantizedArray(codes.astype(jnp.uint8), scales)
+    return BlockQuantizedArray(codes.astype(jnp.uint8), scales)
 
 
-def filled(shape: tuple[int, ...], fill: Any, code: Code, block_size: int) -> QuantizedArray:
+def filled(shape: tuple[int, ...], fill: Any, code: Code, block_size: int) -> BlockQuantizedArray:
     """``quantize(jnp.full(shape, fill), code, block_size)`` without a block reduction.
 
     Every block holds ``fill`` (and padding zeros), so its maximum is ``fill``:
@@ -138,10 +139,19 @@ def filled(shape: tuple[int, ...], fill: Any, code: Code, block_size: int) -> Qu
     largest_code = 255 if code == "sqrt" else 127
     used = jnp.arange(n_blocks * block_size).reshape(n_blocks, block_size) < size
     codes = jnp.where(used & (fill > 0), largest_code, 0).astype(jnp.uint8)
-    return QuantizedArray(codes, scales)
+    return BlockQuantizedArray(codes, scales)
 
 
-def dequantize(q: QuantizedArray, code: Code, shape: tuple[int, ...]) -> jax.Array:
+def zero_where(q: BlockQuantizedArray, keep: jax.Array) -> BlockQuantizedArray:
+    """``q`` with code 0 wherever ``keep`` (the tensor's shape) is False.
+
+    Code 0 is exactly zero in the ``signed`` code and the smallest root,
+    ``2**-15 * scale``, in the ``sqrt`` code; the block scales are kept.
+    """
+    return q._replace(codes=jnp.where(_blocks(keep, q.codes.shape[1]), q.codes, 0))
+
+
+def dequantize(q: BlockQuantizedArray, code: Code, shape: tuple[int, ...]) -> jax.Array:
     """float32 array of ``shape`` stored in ``q`` with ``code``."""
     c = q.codes.astype(jnp.int32)
     if code == "sqrt":

@@ -25,8 +25,8 @@ import optax
 
 from jaxopt_nn._blockwise import (
     BlockQuantization,
+    BlockQuantizedArray,
     Code,
-    QuantizedArray,
     dequantize,
     filled,
     quantize,
@@ -34,7 +34,7 @@ from jaxopt_nn._blockwise import (
 
 __all__ = [
     "BlockQuantization",
-    "QuantizedArray",
+    "BlockQuantizedArray",
     "ScaleByAdamState",
     "ScaleByRmsState",
     "ScaleByStddevState",
@@ -53,15 +53,15 @@ class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`."""
 
     count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
-    mu: optax.Updates  # tree of params: mu_dtype (or param dtype), or QuantizedArray if 8-bit
-    nu: optax.Updates  # tree of params: param dtype, or QuantizedArray if 8-bit
+    mu: optax.Updates  # tree of params: mu_dtype (or param dtype), or BlockQuantizedArray if 8-bit
+    nu: optax.Updates  # tree of params: param dtype, or BlockQuantizedArray if 8-bit
 
 
 class ScaleByRmsState(NamedTuple):
     """State of :func:`scale_by_rms`."""
 
     count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
-    nu: optax.Updates  # tree of params: param dtype, or QuantizedArray if 8-bit
+    nu: optax.Updates  # tree of params: param dtype, or BlockQuantizedArray if 8-bit
 
 
 class ScaleByStddevState(NamedTuple):
@@ -124,7 +124,7 @@ def _canonical_dtype(mu_dtype: Any) -> Any:
 def _map(fn: Callable[..., Any], updates: optax.Updates, *rest: Any) -> Any:
     """``jax.tree.map`` over ``updates``' leaves; ``None`` leaves stay ``None``.
 
-    Subtrees of ``rest`` at a leaf of ``updates`` (a :class:`QuantizedArray`)
+    Subtrees of ``rest`` at a leaf of ``updates`` (a :class:`BlockQuantizedArray`)
     reach ``fn`` whole.
     """
     return jax.tree.map(
@@ -142,7 +142,7 @@ def _init_moment(
     quantization: BlockQuantization | None,
     code: Code,
 ) -> optax.Updates:
-    def init(p: jax.Array) -> jax.Array | QuantizedArray:
+    def init(p: jax.Array) -> jax.Array | BlockQuantizedArray:
         if quantization is not None and quantization.applies_to(p):
             return filled(p.shape, fill, code, quantization.block_size)
         return jnp.full_like(p, fill, dtype=dtype)
@@ -150,8 +150,8 @@ def _init_moment(
     return jax.tree.map(init, params)
 
 
-def _quantized(stored: Any) -> QuantizedArray | None:
-    """The :class:`QuantizedArray` in ``stored``, ``None`` for a plain array.
+def _quantized(stored: Any) -> BlockQuantizedArray | None:
+    """The :class:`BlockQuantizedArray` in ``stored``, ``None`` for a plain array.
 
     Wrappers that rebuild the state as another pytree with the same leaves
     (``nnx.Optimizer`` under ``nnx.jit`` turns the NamedTuple into an
@@ -159,7 +159,7 @@ def _quantized(stored: Any) -> QuantizedArray | None:
     """
     if isinstance(stored, (jax.Array, np.ndarray)):
         return None
-    return QuantizedArray(*jax.tree.leaves(stored))
+    return BlockQuantizedArray(*jax.tree.leaves(stored))
 
 
 def _load(stored: Any, g: jax.Array, code: Code) -> jax.Array:

@@ -34,6 +34,7 @@ import optax
 from jax.experimental import sparse as jsparse
 
 from jaxopt_nn import tree as tree_lib
+from jaxopt_nn._blockwise import BlockQuantizedArray, zero_where
 
 PyTree = Any
 Sparsity = float | jax.Array | Mapping[str, float | jax.Array]
@@ -824,8 +825,15 @@ class PruneState(NamedTuple):
     inner_state: optax.OptState  # state of ``inner``; optax.EmptyState() without ``inner``
 
 
-def _zero_pruned(x: jax.Array, mk: jax.Array | None) -> jax.Array:
-    """``where(mk, x, 0)``; ``x`` unchanged without a mask of its shape."""
+def _zero_pruned(x: Any, mk: jax.Array | None) -> Any:
+    """``where(mk, x, 0)``; ``x`` unchanged without a mask of its shape.
+
+    An 8-bit moment (:class:`BlockQuantizedArray`) gets code 0 at pruned
+    positions: zero for first moments, the smallest representable root for
+    second moments (whose gradients are masked to zero from then on).
+    """
+    if isinstance(x, BlockQuantizedArray) and mk is not None:
+        return zero_where(x, mk)
     if mk is None or np.shape(x) != mk.shape:
         return x
     return jnp.where(mk, x, jnp.zeros((), x.dtype))
@@ -987,7 +995,13 @@ def prune(
             _, inner_state = carry
             masks = compute_masks(params, schedule(state.count))
             if inner is not None:
-                inner_state = optax.tree_map_params(inner, _zero_pruned, inner_state, masks)
+                inner_state = optax.tree_map_params(
+                    inner,
+                    _zero_pruned,
+                    inner_state,
+                    masks,
+                    is_leaf=lambda x: isinstance(x, BlockQuantizedArray),
+                )
             return masks, inner_state
 
         masks, inner_state = jax.lax.cond(

@@ -171,9 +171,9 @@ class QuantizedArray(NamedTuple):
     """A uniformly quantized array: ``x ~= (codes - zero_point) * scale``.
 
     A pytree whose leaves are ``codes``, ``scale`` and ``zero_point``; ``bits``
-    is static metadata (kept in the tree definition, not a leaf). So
-    ``jax.jit`` can return a ``QuantizedArray`` with ``bits`` still a Python
-    int, ``jax.tree.map`` over it never touches ``bits``, and
+    and ``dtype`` are static metadata (kept in the tree definition, not
+    leaves). So ``jax.jit`` can return a ``QuantizedArray`` with ``bits`` still
+    a Python int, ``jax.tree.map`` over it never touches them, and
     ``jax.tree.leaves`` lists only arrays.
     """
 
@@ -181,15 +181,16 @@ class QuantizedArray(NamedTuple):
     scale: jax.Array  # float32, shape () per tensor, x's ndim with 1 on reduced axes per channel
     zero_point: jax.Array  # int32, shape of scale; 0 if symmetric
     bits: int  # static, 1..16
+    dtype: np.dtype  # static, dtype of the quantized array (what dequantize returns)
 
 
 jax.tree_util.register_pytree_with_keys(
     QuantizedArray,
     lambda q: (
         tuple((jax.tree_util.GetAttrKey(f), getattr(q, f)) for f in QuantizedArray._fields[:3]),
-        q.bits,
+        (q.bits, q.dtype),
     ),
-    lambda bits, children: QuantizedArray(*children, bits),
+    lambda static, children: QuantizedArray(*children, *static),
 )
 
 
@@ -276,11 +277,15 @@ def _quantize(x: jax.Array, bits: int, kept: tuple[int, ...], symmetric: bool) -
     lo, hi = _data_range(x, kept)
     scale, zero_point, _, _ = _affine_params(lo, hi, bits, symmetric)
     codes = _codes(x, scale, zero_point, bits, symmetric).astype(_code_dtype(bits, symmetric))
-    return QuantizedArray(codes, scale, zero_point, bits)
+    return QuantizedArray(codes, scale, zero_point, bits, np.dtype(x.dtype))
 
 
-def dequantize(q: QuantizedArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+def dequantize(q: QuantizedArray, dtype: jnp.dtype | None = None) -> jax.Array:
     """``(codes - zero_point) * scale`` as ``dtype`` (see :func:`quantize`).
+
+    Args:
+      q: the quantized array.
+      dtype: result dtype; default: the dtype of the array that was quantized.
 
     Example:
       >>> q = quantize(jnp.array([[0.0, 3.0], [-1.0, 2.0]]), 2, axis=0)
@@ -291,7 +296,7 @@ def dequantize(q: QuantizedArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
              [-1.,  2.]], dtype=float32)
     """
     centred = q.codes.astype(jnp.float32) - q.zero_point.astype(jnp.float32)
-    return (centred * q.scale).astype(dtype)
+    return (centred * q.scale).astype(q.dtype if dtype is None else dtype)
 
 
 def _is_quantized(x: Any) -> bool:
@@ -336,8 +341,12 @@ def quantize_tree(
     )
 
 
-def dequantize_tree(params: PyTree, dtype: jnp.dtype = jnp.float32) -> PyTree:
+def dequantize_tree(params: PyTree, dtype: jnp.dtype | None = None) -> PyTree:
     """Replace every :class:`QuantizedArray` in ``params`` by its dequantized array.
+
+    ``dtype`` is the result dtype; by default each leaf gets back the dtype it
+    was quantized from, so ``dequantize_tree(quantize_tree(p, b))`` has the
+    dtypes of ``p``.
 
     Example:
       >>> params = {'w': jnp.array([[0.0, 1.0], [2.0, 3.0]]), 'b': jnp.ones(2)}

@@ -441,9 +441,9 @@ def test_8bit_state_is_under_0_3x_of_float32_adam_counting_scales_and_small_leav
         lambda p, m: type(m).__name__,
         params,
         inner.mu,
-        is_leaf=lambda x: isinstance(x, optim.QuantizedArray),
+        is_leaf=lambda x: isinstance(x, optim.BlockQuantizedArray),
     )
-    assert kinds["fc1"]["kernel"] == "QuantizedArray" and kinds["fc1"]["bias"] == "ArrayImpl"
+    assert kinds["fc1"]["kernel"] == "BlockQuantizedArray" and kinds["fc1"]["bias"] == "ArrayImpl"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

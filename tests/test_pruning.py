@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import sparse as jsparse
 
-from jaxopt_nn import pruning
+from jaxopt_nn import _blockwise, pruning
 
 SETTINGS = settings(max_examples=15, deadline=None)
 
@@ -502,16 +502,35 @@ def test_prune_masks_change_only_on_update_steps(getkey):
             np.testing.assert_array_equal(history[t], history[t - 1])
 
 
-def test_prune_with_inner_keeps_moments_of_pruned_weights_zero(getkey):
+@pytest.mark.parametrize("inner", ["optax.adam", "jaxopt_nn.adam", "jaxopt_nn.adam 8-bit"])
+def test_prune_with_inner_keeps_moments_of_pruned_weights_zero(inner, getkey):
+    from jaxopt_nn import optim
+
     sched = pruning.polynomial_schedule(0.7, 0, 20, frequency=2)
-    tx = pruning.prune(sched, inner=optax.adam(1e-2))
+    eight_bit = optim.BlockQuantization(block_size=64, min_size=64)
+    tx = pruning.prune(
+        sched,
+        inner={
+            "optax.adam": optax.adam(1e-2),
+            "jaxopt_nn.adam": optim.adam(1e-2),
+            "jaxopt_nn.adam 8-bit": optim.adam(1e-2, eight_bit=eight_bit),
+        }[inner],
+    )
     params, state, compiles = _run(tx, _mlp_params(getkey()), 30, getkey())
     adam_state = state.inner_state[0]
     for name in ("l1", "l2"):
         mk = np.asarray(state.masks[name]["kernel"])
         assert (np.asarray(params[name]["kernel"])[~mk] == 0).all()
-        np.testing.assert_array_equal(np.asarray(adam_state.mu[name]["kernel"])[~mk], 0)
-        np.testing.assert_array_equal(np.asarray(adam_state.nu[name]["kernel"])[~mk], 0)
+        mu, nu = adam_state.mu[name]["kernel"], adam_state.nu[name]["kernel"]
+        if isinstance(mu, optim.BlockQuantizedArray):
+            mu = _blockwise.dequantize(mu, "signed", mk.shape)
+            nu = _blockwise.dequantize(nu, "sqrt", mk.shape)
+            # code 0 of the sqrt code is the smallest root, 2**-15 * block scale
+            assert np.all(np.asarray(nu)[~mk] <= 2.0**-30 * float(np.max(nu)))
+        else:
+            np.testing.assert_array_equal(np.asarray(nu)[~mk], 0)
+        np.testing.assert_array_equal(np.asarray(mu)[~mk], 0)
+        assert np.count_nonzero(np.asarray(mu)[mk]) > 0
         assert (~mk).sum() == round(0.7 * mk.size)
     assert compiles == 1
 
@@ -574,8 +593,12 @@ def test_lenet_300_100_pruned_gradually_to_90_percent_stays_within_a_point_of_de
     batch_size = 64
     steps_per_epoch = len(ds.x_train) // batch_size
     dense = train.fit(
-        models.LeNet300100(64, rngs=nnx.Rngs(0)), optax.adam(1e-3), ds, epochs=20,
-        batch_size=batch_size, progress=False,
+        models.LeNet300100(64, rngs=nnx.Rngs(0)),
+        optax.adam(1e-3),
+        ds,
+        epochs=20,
+        batch_size=batch_size,
+        progress=False,
     )
     sched = pruning.polynomial_schedule(
         0.9, 0, 10 * steps_per_epoch, frequency=steps_per_epoch // 2
@@ -583,7 +606,10 @@ def test_lenet_300_100_pruned_gradually_to_90_percent_stays_within_a_point_of_de
     pruned = train.fit(
         train.to_model(dense.graphdef, dense.state),
         optax.chain(optax.adam(1e-3), pruning.prune(sched, scope="global")),
-        ds, epochs=20, batch_size=batch_size, progress=False,
+        ds,
+        epochs=20,
+        batch_size=batch_size,
+        progress=False,
     )
     summary = pruning.sparsity_summary(pruned.state.params)
     kernels = [row for row in summary.rows if row.name.endswith("kernel")]

@@ -159,6 +159,17 @@ def test_quantized_array_bits_is_static_metadata():
     np.testing.assert_array_equal(jax.jit(dequantize)(q), dequantize(q))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dequantize_returns_the_quantized_dtype_unless_asked(dtype):
+    params = {"w": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4), "b": jnp.ones(4, dtype)}
+    q = quantize_tree(params, 4, axis=-1)
+    assert q["w"].dtype == np.dtype(dtype)
+    restored = dequantize_tree(q)
+    assert jax.tree.map(lambda a: a.dtype, restored) == jax.tree.map(lambda a: a.dtype, params)
+    assert dequantize(q["w"], jnp.float32).dtype == jnp.float32
+    assert jax.jit(dequantize)(q["w"]).dtype == dtype
+
+
 def test_quantize_tree_on_nnx_state_only_touches_selected_leaves():
     model = models.LeNet300100(16, 4, hidden=(8, 6), rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
