@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Code = Literal["signed", "sqrt"]
 
@@ -73,9 +74,9 @@ class BlockQuantization:
 
     def applies_to(self, leaf: jax.Array) -> bool:
         """Whether ``leaf``'s moments are stored in 8 bits (floating, large enough)."""
-        return jnp.issubdtype(leaf.dtype, jnp.floating) and math.prod(leaf.shape) >= max(
-            self.min_size, 1
-        )
+        return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and math.prod(
+            np.shape(leaf)
+        ) >= max(self.min_size, 1)
 
 
 def _largest(code: Code) -> float:

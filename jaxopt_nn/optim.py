@@ -144,7 +144,7 @@ def _init_moment(
 ) -> optax.Updates:
     def init(p: jax.Array) -> jax.Array | BlockQuantizedArray:
         if quantization is not None and quantization.applies_to(p):
-            return filled(p.shape, fill, code, quantization.block_size)
+            return filled(np.shape(p), fill, code, quantization.block_size)
         return jnp.full_like(p, fill, dtype=dtype)
 
     return jax.tree.map(init, params)
@@ -167,7 +167,7 @@ def _load(stored: Any, g: jax.Array, code: Code) -> jax.Array:
     q = _quantized(stored)
     if q is None:
         return stored
-    return dequantize(q, code, g.shape).astype(g.dtype)
+    return dequantize(q, code, np.shape(g)).astype(jnp.result_type(g))
 
 
 def _store(value: jax.Array, stored: Any, code: Code) -> Any:
@@ -219,7 +219,8 @@ def scale_by_adam(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added to the second moment inside the square root, >= 0.
-      mu_dtype: dtype of the first moment (``None``: the params' dtype).
+      mu_dtype: dtype of the first moment (``None``: the params' dtype); with
+        ``eight_bit`` it applies to the leaves kept in floating point.
       nesterov: use Nesterov momentum (NAdam, Dozat 2016).
       eight_bit: ``True`` or a :class:`BlockQuantization` stores both moments
         of large tensors block-wise in 8 bits (see :func:`adam`).
@@ -459,7 +460,8 @@ def adam(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added inside the square root, >= 0 (for meta-gradients).
-      mu_dtype: dtype of the first moment (``None``: the params' dtype).
+      mu_dtype: dtype of the first moment (``None``: the params' dtype); with
+        ``eight_bit`` it applies to the leaves kept in floating point.
       nesterov: use Nesterov momentum (NAdam).
       eight_bit: ``False`` (floating-point state), ``True`` (8-bit block-wise
         state with default settings) or a :class:`BlockQuantization`.
@@ -548,7 +550,8 @@ def adamw(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added inside the square root, >= 0.
-      mu_dtype: dtype of the first moment (``None``: the params' dtype).
+      mu_dtype: dtype of the first moment (``None``: the params' dtype); with
+        ``eight_bit`` it applies to the leaves kept in floating point.
       weight_decay: :math:`\lambda`, a number or a schedule.
       mask: which leaves decay: a pytree of bools with the structure of (a
         prefix of) the params, or a callable ``params -> such a pytree``;

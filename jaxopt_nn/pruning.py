@@ -354,18 +354,20 @@ def nm_masks(
     ranks = [
         jnp.argsort(jnp.argsort(g, axis=-1, stable=True), axis=-1, stable=True) for g in grouped
     ]
-    candidates = [(r < m - n).ravel() for r in ranks]
+    # Candidates back in each leaf's layout, so the exact-count selection
+    # breaks ties by the leaf's own flat index, as magnitude_masks does.
+    candidates = [
+        jnp.moveaxis((r < m - n).reshape(shape), -1, ax)
+        for r, (ax, shape) in zip(ranks, shapes, strict=True)
+    ]
     if sparsity is None:
         pruned = candidates
     else:
-        pruned = _prune_lowest(
-            [g.ravel() for g in grouped], [sparsity] * len(named), scope, candidates
-        )
-    masks = [
-        jnp.moveaxis(~p.reshape(shape), -1, ax)
-        for p, (ax, shape) in zip(pruned, shapes, strict=True)
-    ]
-    return _unflatten(flags, params, masks)
+        scores = [jnp.abs(leaf).ravel() for _, leaf in named]
+        flat = [c.ravel() for c in candidates]
+        selected = _prune_lowest(scores, [sparsity] * len(named), scope, flat)
+        pruned = [p.reshape(c.shape) for p, c in zip(selected, candidates, strict=True)]
+    return _unflatten(flags, params, [~p for p in pruned])
 
 
 def structured_masks(

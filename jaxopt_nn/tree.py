@@ -196,7 +196,7 @@ def size_summary(tree: PyTree, where: Where = None) -> list[LeafSize]:
     rows = []
     for (name, leaf), flag in zip(leaves_with_names(tree), flags, strict=True):
         shape = tuple(np.shape(leaf))
-        dtype = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
+        dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf))
         size = math.prod(shape)
         rows.append(LeafSize(name, shape, dtype.name, size, size * dtype.itemsize, flag))
     return rows

@@ -446,6 +446,20 @@ def test_8bit_state_is_under_0_3x_of_float32_adam_counting_scales_and_small_leav
     assert kinds["fc1"]["kernel"] == "BlockQuantizedArray" and kinds["fc1"]["bias"] == "ArrayImpl"
 
 
+@pytest.mark.parametrize("min_size", [0, 4096])
+def test_8bit_accepts_python_scalar_leaves(min_size):
+    eight_bit = optim.BlockQuantization(block_size=4, min_size=min_size)
+    params = {"s": 1.0, "w": jnp.ones((8, 8))}
+    grads = {"s": 0.5, "w": jnp.full((8, 8), 0.5)}
+    ours = optim.adam(1e-2, eight_bit=eight_bit)
+    updates, state = ours.update(grads, ours.init(params), params)
+    expected, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
+    assert isinstance(state[0].mu["s"], optim.BlockQuantizedArray) == (min_size == 0)
+    # One step from zero moments: the 8-bit codes hold |g| and g**2 to within 1/16.
+    np.testing.assert_allclose(updates["s"], expected["s"], rtol=1 / 16)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1 / 16)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
 def test_8bit_keeps_dtypes_and_tracks_float_state(name, dtype):

@@ -156,6 +156,24 @@ def test_nm_masks_with_sparsity_are_exact_and_keep_n_per_group(sparsity, seed, s
 
 @SETTINGS
 @given(
+    sparsity=st.floats(0.0, 0.5),
+    seed=st.integers(0, 99),
+    axis=st.sampled_from([0, -1]),
+    ties=st.booleans(),
+)
+def test_nm_masks_with_sparsity_prune_lowest_candidates_in_flat_order(sparsity, seed, axis, ties):
+    w = _weights((8, 8), seed, ties)
+    params = {"w": jnp.asarray(w)}
+    candidates = ~np.asarray(pruning.nm_masks(params, 2, 4, axis=axis)["w"]).ravel()
+    order = np.lexsort((np.arange(w.size), np.abs(w).ravel()))  # by |w|, then flat index
+    expected = np.zeros(w.size, bool)
+    expected[order[candidates[order]][: round(sparsity * w.size)]] = True
+    mask = np.asarray(pruning.nm_masks(params, 2, 4, axis=axis, sparsity=sparsity)["w"])
+    np.testing.assert_array_equal(~mask.ravel(), expected)
+
+
+@SETTINGS
+@given(
     shape=shapes,
     sparsity=st.floats(0.0, 0.99),
     axis=st.sampled_from([0, -1]),
