@@ -51,9 +51,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _check_unit_interval(name: str, value: object) -> None:
-    if _is_number(value) and not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
+def _check_unit_interval(name: str, value: object, *, arrays: bool = True) -> None:
+    """A number in [0, 1); with ``arrays``, a (possibly traced) array is also accepted."""
+    if _is_number(value):
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
+    elif not (arrays and isinstance(value, (jax.Array, np.ndarray))):
+        allowed = "a number in [0, 1)" + (" or an array" if arrays else "")
+        raise TypeError(f"{name} must be {allowed}; got {name}={value!r}")
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -732,16 +737,20 @@ def polynomial_schedule(
       pruning for model compression", https://arxiv.org/abs/1710.01878, 2017
       (Equation 1).
     """
-    _check_unit_interval("final_sparsity", final_sparsity)
-    _check_unit_interval("initial_sparsity", initial_sparsity)
+    _check_unit_interval("final_sparsity", final_sparsity, arrays=False)
+    _check_unit_interval("initial_sparsity", initial_sparsity, arrays=False)
     _check_step("begin_step", begin_step, 0)
     _check_step("frequency", frequency, 1)
-    if not isinstance(end_step, (int, np.integer)) or end_step <= begin_step:
+    if (
+        not isinstance(end_step, (int, np.integer))
+        or isinstance(end_step, bool)
+        or end_step <= begin_step
+    ):
         raise ValueError(
             f"end_step must be an integer > begin_step={begin_step}; got end_step={end_step!r}"
         )
-    if _is_number(power) and power <= 0:
-        raise ValueError(f"power must be > 0; got power={power!r}")
+    if not _is_number(power) or power <= 0:
+        raise ValueError(f"power must be a number > 0; got power={power!r}")
 
     def sparsity(step):
         step = jnp.asarray(step, jnp.int32)
@@ -780,11 +789,10 @@ def one_shot(step: int, sparsity: float) -> SparsitySchedule:
       ([0.0, 0.9, 0.9], False)
     """
     _check_step("step", step, 0)
-    _check_unit_interval("sparsity", sparsity)
-    at = step
+    _check_unit_interval("sparsity", sparsity, arrays=False)
     return SparsitySchedule(
-        lambda t: jnp.where(jnp.asarray(t) >= at, sparsity, 0.0).astype(jnp.float32),
-        lambda t: jnp.asarray(t) == at,
+        lambda t: jnp.where(jnp.asarray(t) >= step, sparsity, 0.0).astype(jnp.float32),
+        lambda t: jnp.asarray(t) == step,
         float(sparsity),
     )
 
@@ -807,7 +815,7 @@ def constant(sparsity: float, *, frequency: int = 1) -> SparsitySchedule:
       >>> float(sched(7)), [bool(sched.is_update_step(t)) for t in range(3)]
       (0.5, [True, False, True])
     """
-    _check_unit_interval("sparsity", sparsity)
+    _check_unit_interval("sparsity", sparsity, arrays=False)
     _check_step("frequency", frequency, 1)
     return SparsitySchedule(
         lambda t: jnp.full((), sparsity, jnp.float32),
@@ -932,6 +940,7 @@ def prune(
       for Efficient Neural Networks", https://arxiv.org/abs/1506.02626, 2015.
     """
     if _is_number(schedule):
+        _check_unit_interval("schedule", schedule, arrays=False)
         schedule = constant(float(schedule))
     if not isinstance(schedule, SparsitySchedule):
         raise TypeError(
@@ -941,6 +950,8 @@ def prune(
     _check_choice("method", method, _METHODS)
     _check_choice("scope", scope, _SCOPES)
     _check_choice("distribution", distribution, _DISTRIBUTIONS)
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int; got axis={axis!r}")
     if method == "nm":
         _check_nm(n, m)
         if not math.isclose(schedule.final_sparsity, (m - n) / m, abs_tol=1e-6):

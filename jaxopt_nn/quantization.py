@@ -430,8 +430,8 @@ def fake_quant(
       The fake-quantized array, shape and dtype of ``x``.
 
     Raises:
-      TypeError, ValueError: as :func:`quantize`; ``ValueError`` if a Python
-      number ``clip`` does not satisfy ``lower <= 0 <= upper``.
+      TypeError, ValueError: as :func:`quantize`; ``ValueError`` if a
+      concrete ``clip`` does not satisfy ``lower <= 0 <= upper``.
 
     Example:
       >>> x = jnp.array([-2.0, -0.3, 0.4, 1.0])
@@ -457,11 +457,11 @@ def fake_quant(
         lo, hi = _data_range(jax.lax.stop_gradient(x), kept)
     else:
         lower, upper = clip
-        if (
-            isinstance(lower, (int, float))
-            and isinstance(upper, (int, float))
-            and not (lower <= 0 <= upper)
-        ):
+        try:  # concrete bounds are checked; traced ones (learned ranges) cannot be
+            concrete = float(lower), float(upper)
+        except jax.errors.ConcretizationTypeError:
+            concrete = None
+        if concrete is not None and not concrete[0] <= 0 <= concrete[1]:
             raise ValueError(f"clip must satisfy lower <= 0 <= upper; got clip={clip!r}")
         lo = jnp.minimum(jax.lax.stop_gradient(jnp.asarray(lower, jnp.float32)), 0.0)
         hi = jnp.maximum(jax.lax.stop_gradient(jnp.asarray(upper, jnp.float32)), 0.0)

@@ -110,6 +110,12 @@ def select(tree: PyTree, where: Where = None) -> PyTree:
     """
     if where is None:
         return jax.tree.map(is_kernel, tree)
+    if isinstance(where, type):  # e.g. nnx.Param, a filter of nnx.state, not a predicate
+        raise TypeError(
+            "where must be None, a callable (path, leaf) -> bool, or a pytree of bools; "
+            f"got the class where={where.__name__}: filter the state first (nnx.state(model, "
+            f"{where.__name__})) or pass e.g. lambda path, leaf: path.endswith('kernel')"
+        )
     if callable(where):
         return map_with_names(lambda name, leaf: bool(where(name, leaf)), tree)
 

@@ -69,6 +69,8 @@ def test_where_bad_structure_names_argument():
         tree.select({"a": jnp.ones(2)}, {"zzz": True})
     with pytest.raises(TypeError, match="where must hold Python bools"):
         tree.select({"a": jnp.ones(2)}, {"a": 3})
+    with pytest.raises(TypeError, match=r"got the class where=Param: filter the state first"):
+        tree.select({"a": jnp.ones(2)}, nnx.Param)
 
 
 def test_map_selected_touches_only_selected_leaves():
