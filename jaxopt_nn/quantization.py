@@ -701,7 +701,7 @@ def kmeans_tree(
 
     Raises:
       TypeError, ValueError: as :func:`kmeans_codebook`; ``ValueError`` if a
-      bits mapping misses a selected leaf.
+      bits mapping misses a selected leaf or names a leaf that is not selected.
 
     Example:
       >>> params = {'w': jnp.array([[0.0, 1.0], [2.0, 3.0]]), 'b': jnp.ones(2)}
@@ -714,8 +714,12 @@ def kmeans_tree(
     names = tree_lib.selected_names(params, where)
     if isinstance(bits, Mapping):
         missing = [name for name in names if name not in bits]
-        if missing:
-            raise ValueError(f"bits must give a width for every selected leaf; missing {missing}")
+        extra = [name for name in bits if name not in names]
+        if missing or extra:
+            raise ValueError(
+                "bits must map every selected leaf name to a width; "
+                f"missing {missing}, not selected {extra}"
+            )
         widths = {name: _check_bits(bits[name]) for name in names}
     else:
         widths = dict.fromkeys(names, _check_bits(bits))

@@ -256,6 +256,17 @@ def test_inject_hyperparams_with_8bit_state_gives_the_plain_updates():
     assert injected[1].inner_state[0].mu["w"].codes.dtype == jnp.uint8
 
 
+def test_inject_hyperparams_with_traced_decays_and_8bit_state():
+    # Traced decays may round a moment to the neighbouring 8-bit code on some
+    # step; the updates still follow the plain run to within a small fraction.
+    kwargs = dict(learning_rate=1e-2, eight_bit=optim.BlockQuantization(8, min_size=8))
+    injected, plain = _run(
+        [optax.inject_hyperparams(optim.adam)(**kwargs), optim.adam(**kwargs)], SMALL
+    )
+    assert isinstance(injected[1].inner_state[0].mu["w"], optim.BlockQuantizedArray)
+    _assert_trees_close(injected[2], plain[2], rtol=1e-3, atol=1e-6)
+
+
 def test_multisteps_matches_optax():
     ours, theirs = _run(
         [optax.MultiSteps(optim.adam(1e-2), 3), optax.MultiSteps(optax.adam(1e-2), 3)], SMALL

@@ -368,6 +368,8 @@ def test_kmeans_tree_bits_per_leaf_and_masks_by_name():
     assert kmeans_tree(params, 2, where=lambda name, leaf: False) == {}
     with pytest.raises(ValueError, match=r"missing \['b'\]"):
         kmeans_tree(params, {"a/kernel": 2})
+    with pytest.raises(ValueError, match=r"not selected \['typo/kernel'\]"):
+        kmeans_tree(params, {"a/kernel": 2, "b": 1, "typo/kernel": 3})
     with pytest.raises(ValueError, match="key must be"):
         kmeans_tree(params, 2, init="random")
 
