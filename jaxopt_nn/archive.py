@@ -33,8 +33,10 @@ References:
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+import secrets
+import stat
 import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -55,6 +57,8 @@ VERSION = 1
 _MAX_LENGTH = 15  # code length limit while <= 2**15 symbols are used (4-bit table entries)
 _MAX_INDEX_BITS = 16
 _MAX_HEADER = 1 << 26  # bytes of decompressed JSON accepted
+MAX_NDIM = 64  # dimensions of a tensor the reader accepts (NumPy's limit)
+MAX_ELEMENTS = 1 << 40  # elements of a tensor (and size of any one dimension) the reader accepts
 # Preset dictionary of the raw-deflate header: common keys and record prefixes.
 HEADER_DICTIONARY = (
     b'"params":{"batch_stats":"mean":"var":"scale":["s",[":["r",[":["q",['
@@ -81,7 +85,13 @@ _DTYPES = {
 _DTYPES["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
 _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _ITEMSIZE = {dtype.name: dtype.itemsize for dtype in _DTYPES.values()}
-_CENTROID_DTYPES = {b"e": np.dtype(np.float16), b"f": np.dtype(np.float32)}
+# Centroid storage types, narrowest first; the tags are NumPy's type characters.
+_CENTROID_DTYPES = {
+    b"e": np.dtype(np.float16),
+    b"f": np.dtype(np.float32),
+    b"d": np.dtype(np.float64),
+}
+_CENTROID_TAGS = {dtype: tag for tag, dtype in _CENTROID_DTYPES.items()}
 _METHODS = {"r": "raw", "s": "sparse", "q": "codebook"}
 # Root keys of a header that carries metadata: {"#m": metadata, "#t": tree}.
 _META_KEY, _TREE_KEY = "#m", "#t"
@@ -220,10 +230,14 @@ def _unpack_bits(data: bytes, count: int, width: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- streams
 
 
+def _length_limit(used: int) -> int:
+    """Longest code the writer uses for ``used`` coded symbols (the reader's limit too)."""
+    return max(_MAX_LENGTH, (used - 1).bit_length())
+
+
 def _stream_lengths(counts: np.ndarray) -> np.ndarray:
     used = int(np.count_nonzero(counts))
-    limit = max(_MAX_LENGTH, (used - 1).bit_length())
-    lengths = huffman.code_lengths(counts, max_length=limit)
+    lengths = huffman.code_lengths(counts, max_length=_length_limit(used))
     return lengths[: np.flatnonzero(lengths)[-1] + 1] if used else lengths[:0]
 
 
@@ -292,8 +306,14 @@ def _read_stream(reader: _Reader, num_symbols: int) -> tuple[np.ndarray, int]:
     if not 1 <= width <= 5:
         raise ArchiveError(f"{reader.what}: code-length width {width} not in [1, 5]")
     lengths = _unpack_bits(reader.read(-(-table_size * width // 8)), table_size, width)
-    if not lengths.any():
+    used = int(np.count_nonzero(lengths))
+    if not used:
         raise ArchiveError(f"{reader.what}: code table assigns no codeword")
+    if int(lengths.max()) > _length_limit(used):
+        raise ArchiveError(
+            f"{reader.what}: code length {int(lengths.max())} exceeds "
+            f"{_length_limit(used)} bits, the limit for {used} coded symbols"
+        )
     chunk_dtype = np.dtype(_chunk_dtype(lengths))
     chunk_bits = np.frombuffer(
         reader.read((-(-count // _chunk_size(count)) - 1) * chunk_dtype.itemsize), chunk_dtype
@@ -362,8 +382,10 @@ def _dtype_code(dtype: np.dtype, name: str) -> str:
     return _DTYPE_CODES[dtype]
 
 
-def _parse_dtype(code: str) -> np.dtype:
-    return _DTYPES[code]
+def _record_dtypes(record: list) -> tuple[np.dtype, np.dtype]:
+    """(dtype of the loaded leaf, dtype of its raw data in the file) of a header record."""
+    dtype = _DTYPES[record[3] if len(record) > 3 else "f4"]
+    return dtype, _DTYPES[record[4]] if len(record) > 4 else dtype
 
 
 def _nonzero_bits(flat: np.ndarray) -> np.ndarray:
@@ -403,16 +425,17 @@ def _encode_codebook(
         )
     used = np.flatnonzero(np.bincount(kept, minlength=centroids.size))
     values = centroids.astype(leaf.dtype)[used]  # exactly what codebook_weights(..., dtype) holds
-    if centroid_dtype is None:
-        as_half = values.astype(np.float16).astype(leaf.dtype)
-        exact = np.array_equal(
-            as_half.view(f"u{leaf.dtype.itemsize}"), values.view(f"u{leaf.dtype.itemsize}")
+    if centroid_dtype is None:  # the narrowest type that holds every value bit-exactly
+        bits = f"u{leaf.dtype.itemsize}"
+        centroid_dtype = next(
+            dtype
+            for dtype in _CENTROID_DTYPES.values()
+            if np.array_equal(values.astype(dtype).astype(leaf.dtype).view(bits), values.view(bits))
         )
-        centroid_dtype = np.dtype(np.float16 if exact else np.float32)
     out = bytearray()
     _encode_positions(out, positions, index_bits)
     _write_stream(out, np.searchsorted(used, kept), used.size)
-    out += b"e" if centroid_dtype == np.float16 else b"f"
+    out += _CENTROID_TAGS[centroid_dtype]
     out += values.astype(centroid_dtype.newbyteorder("<")).tobytes()
     return bytes(out)
 
@@ -464,17 +487,18 @@ def _encode_leaf(
     return record, payload
 
 
-def _decode_leaf(name: str, record: list, payload: bytes) -> tuple[np.ndarray, TensorInfo]:
+def _decode_leaf(
+    name: str, record: list, payload: bytes, *, materialize: bool
+) -> tuple[np.ndarray | None, TensorInfo]:
+    """Check a section and account for its bytes; build the dense leaf only if ``materialize``."""
     method, shape = record[0], tuple(record[1])
-    dtype = _parse_dtype(record[3] if len(record) > 3 else "f4")
-    stored = _parse_dtype(record[4] if len(record) > 4 else _DTYPE_CODES[dtype])
-    size = int(np.prod(shape, dtype=np.int64))
+    dtype, stored = _record_dtypes(record)
+    size = math.prod(shape)
     reader = _Reader(payload, f"tensor {name!r}")
     index_bytes = value_bytes = codebook_bytes = 0
     index_bits = weight_bits = 0.0
     if method == "r":
-        flat = np.frombuffer(reader.read(size * stored.itemsize), stored.newbyteorder("<"))
-        flat = flat.astype(dtype)
+        raw = np.frombuffer(reader.read(size * stored.itemsize), stored.newbyteorder("<"))
         kept, value_bytes, weight_bits = size, reader.pos, 8.0 * stored.itemsize
     else:
         bits = reader.read(1)[0]
@@ -499,15 +523,12 @@ def _decode_leaf(name: str, record: list, payload: bytes) -> tuple[np.ndarray, T
             centroids = np.frombuffer(
                 reader.read(num_centroids * centroid_dtype.itemsize), centroid_dtype
             )
-            values = centroids.astype(dtype)[value_symbols]
             codebook_bytes = reader.pos - index_bytes - value_bytes
             weight_bits = value_bits / max(kept, 1)
         else:
             values = np.frombuffer(reader.read(kept * dtype.itemsize), dtype.newbyteorder("<"))
             value_bytes, weight_bits = reader.pos - index_bytes, 8.0 * dtype.itemsize
         index_bits = position_bits / max(kept, 1)
-        flat = np.zeros(size, dtype)
-        flat[positions] = values
     if reader.pos != len(payload):
         raise ArchiveError(
             f"tensor {name!r}: {len(payload) - reader.pos} unexpected bytes at "
@@ -527,6 +548,12 @@ def _decode_leaf(name: str, record: list, payload: bytes) -> tuple[np.ndarray, T
         codebook_bytes,
         len(payload) + 4,
     )
+    if not materialize:
+        return None, info
+    if method == "r":
+        return raw.astype(dtype).reshape(shape), info
+    flat = np.zeros(size, dtype)
+    flat[positions] = centroids.astype(dtype)[value_symbols] if method == "q" else values
     return flat.reshape(shape), info
 
 
@@ -623,10 +650,23 @@ def _read_tree(node: Any, path: tuple, leaves: list) -> Any:
             for i in items
         ):
             raise ArchiveError("header: malformed mapping entry")
+        _check_unique([k for k, _ in items], f"the mapping at {'/'.join(map(str, path))!r}")
         return {k: _read_tree(v, (*path, k), leaves) for k, v in items}
     if isinstance(node, dict):
         return {k: _read_tree(v, (*path, k), leaves) for k, v in node.items()}
     raise ArchiveError(f"header: unexpected node {node!r:.40} at {'/'.join(map(str, path))!r}")
+
+
+def _check_unique(keys: list, where: str) -> None:
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise ArchiveError(f"header: key {duplicate!r} appears twice in {where}")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing duplicate keys (``json`` would keep the last silently)."""
+    _check_unique([k for k, _ in pairs], "a JSON object")
+    return dict(pairs)
 
 
 def _check_record(record: list, path: tuple) -> None:
@@ -643,6 +683,17 @@ def _check_record(record: list, path: tuple) -> None:
     )
     if not ok:
         raise ArchiveError(f"header: malformed record for tensor {name!r}: {record!r:.80}")
+    shape = record[1]
+    if len(shape) > MAX_NDIM:
+        raise ArchiveError(
+            f"header: tensor {name!r} has {len(shape)} dimensions; "
+            f"this reader accepts at most {MAX_NDIM}"
+        )
+    if max(shape, default=0) > MAX_ELEMENTS or math.prod(shape) > MAX_ELEMENTS:
+        raise ArchiveError(
+            f"header: tensor {name!r} has shape {shape!r:.80}; this reader accepts at most "
+            f"2**{MAX_ELEMENTS.bit_length() - 1} elements (and as many per dimension)"
+        )
 
 
 def _fill(node: Any, arrays: list) -> Any:
@@ -686,9 +737,9 @@ def _check_options(index_bits: Any, raw_dtype: Any, centroid_dtype: Any) -> dict
             )
     if centroid_dtype is not None:
         centroid_dtype = np.dtype(centroid_dtype)
-        if centroid_dtype not in (np.float16, np.float32):
+        if centroid_dtype not in _CENTROID_TAGS:
             raise ValueError(
-                "centroid_dtype must be None (lossless), float16 or float32; "
+                "centroid_dtype must be None (lossless), float16, float32 or float64; "
                 f"got centroid_dtype={centroid_dtype}"
             )
     return {"index_bits": index_bits, "raw_dtype": raw_dtype, "centroid_dtype": centroid_dtype}
@@ -755,16 +806,18 @@ def save(
       (``codebook.mask``) as gaps, each Huffman-coded with a filler symbol
       :math:`2^b - 1` that skips :math:`2^b - 1` positions when a gap is longer
       (:math:`b` = ``index_bits``), the codebook index of each kept weight,
-      Huffman-coded, and the used centroids. ``load`` returns exactly
+      Huffman-coded, and the used centroids. ``load`` returns
+      ``where(mask, centroids[indices], 0)`` in the leaf's dtype, i.e.
       ``codebook_weights(codebook, leaf.dtype)`` (the leaf's own values are not
-      read); centroids are stored as float16 when that is exact, else float32.
+      read); centroids are stored in the narrowest of float16, float32 and
+      float64 that holds their values in the leaf's dtype exactly.
     * **sparse** -- other leaves selected by ``where``: positions of the
       nonzero entries as above and their raw values, if smaller than raw.
     * **raw** -- everything else, little-endian; unselected floating leaves
       are cast to ``raw_dtype`` if given (lossy).
 
-    The file is written to a temporary file in the same directory and moved
-    over ``path`` with ``os.replace``, so readers never see a partial archive.
+    The file is written by :func:`write_atomic`, so readers never see a
+    partial archive.
 
     Args:
       path: destination file.
@@ -779,8 +832,10 @@ def save(
         picks, per tensor, the width giving the smallest position stream.
       raw_dtype: float type for unselected floating leaves (e.g.
         ``'float16'`` for biases); ``None`` keeps their dtype (lossless).
-      centroid_dtype: ``'float16'`` or ``'float32'`` to force the centroid
-        storage type; ``None`` stores them losslessly.
+      centroid_dtype: ``'float16'``, ``'float32'`` or ``'float64'`` to force
+        the centroid storage type (lossy if narrower than needed); ``None``
+        stores them losslessly: ``load`` returns exactly
+        ``where(mask, centroids[indices], 0)`` computed in the leaf's dtype.
       metadata: optional JSON-serialisable dict kept in the header (e.g. the
         model's name); read back by :func:`inspect` as ``info.metadata``.
 
@@ -791,6 +846,7 @@ def save(
       ValueError: on out-of-range options, codebook names that are not
         leaves, or codebooks whose shapes or indices do not fit their leaf.
       TypeError: on leaves that are not arrays of a supported dtype.
+      OSError: if the file cannot be written (naming ``path``).
     """
     data = dumps(
         params,
@@ -804,33 +860,83 @@ def save(
     return write_atomic(path, data)
 
 
+def _naming(err: OSError, path: str) -> OSError:
+    """``err`` naming ``path`` instead of the temporary file (same errno, same subclass)."""
+    return err if err.errno is None else OSError(err.errno, err.strerror, path)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable; skipped where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> int:
     """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
 
     Readers see the old file or the new one, never a partial write; on any
-    error the temporary file is removed and ``path`` is left as it was.
+    error the temporary file is removed and ``path`` is left as it was. The
+    temporary file is written next to the destination, fsynced, moved over
+    it, and the directory is fsynced (where the platform can open one). A
+    symlink at ``path`` stays a symlink: its target is replaced. A replaced
+    file keeps its permission bits; a new one gets ``0o666`` less the umask,
+    as ``open`` would give it.
+
+    Args:
+      path: destination file.
+      data: the bytes to write (any bytes-like object).
 
     Returns:
       The number of bytes written.
+
+    Raises:
+      OSError: the subclass for the failure (e.g. ``FileNotFoundError`` when
+        the directory does not exist), with ``filename`` set to ``path``.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    target = os.path.realpath(path)
+    directory, base = os.path.split(target)
+    try:
+        status = os.stat(target)
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:
+        raise _naming(err, path) from None
+    else:
+        mode = stat.S_IMODE(status.st_mode) if stat.S_ISREG(status.st_mode) else None
+    # O_EXCL with mode 0o666 lets the kernel apply the umask (and default ACLs);
+    # 64 random bits make a clash with an existing name practically impossible.
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except OSError as err:
+        raise _naming(err, path) from None
     try:
         with os.fdopen(fd, "wb") as file:
+            if mode is not None:
+                os.chmod(tmp, mode)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        os.replace(tmp, target)
+        _fsync_directory(directory)
+    except BaseException as err:
+        if os.path.lexists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _naming(err, path) from None
         raise
     return len(data)
 
 
-def _parse(data: bytes) -> tuple[Any, list[np.ndarray], ArchiveInfo]:
+def _parse(data: bytes, *, materialize: bool) -> tuple[Any, list[np.ndarray | None], ArchiveInfo]:
     data = bytes(data)
     if len(data) <= len(MAGIC) and MAGIC.startswith(data):
         raise ArchiveError(f"truncated archive: {len(data)} bytes")
@@ -851,7 +957,7 @@ def _parse(data: bytes) -> tuple[Any, list[np.ndarray], ArchiveInfo]:
         if not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data:
             raise ArchiveError("archive header: compressed JSON is truncated or has trailing data")
         leaves: list = []
-        document, metadata = json.loads(text), None
+        document, metadata = json.loads(text, object_pairs_hook=_unique_object), None
         if isinstance(document, dict) and set(document) == {_META_KEY, _TREE_KEY}:
             metadata, document = document[_META_KEY], document[_TREE_KEY]
             if not isinstance(metadata, dict):
@@ -881,11 +987,17 @@ def _parse(data: bytes) -> tuple[Any, list[np.ndarray], ArchiveInfo]:
         if zlib.crc32(payload) != int.from_bytes(section[-4:], "little"):
             raise ArchiveError(f"tensor {name!r}: section CRC32 does not match")
         try:
-            array, info = _decode_leaf(name, record, payload)
+            array, info = _decode_leaf(name, record, payload, materialize=materialize)
         except ArchiveError:
             raise
         except (ValueError, IndexError) as err:
             raise ArchiveError(f"tensor {name!r}: {err}") from err
+        except (MemoryError, OverflowError) as err:
+            needed = math.prod(record[1]) * _record_dtypes(record)[0].itemsize
+            raise ArchiveError(
+                f"tensor {name!r} of shape {tuple(record[1])} needs {needed:,} bytes, "
+                f"more than can be allocated ({type(err).__name__})"
+            ) from err
         arrays.append(array)
         infos.append(info)
     header_bytes = len(data) - sum(info.nbytes for info in infos)
@@ -894,7 +1006,7 @@ def _parse(data: bytes) -> tuple[Any, list[np.ndarray], ArchiveInfo]:
 
 def loads(data: bytes) -> PyTree:
     """Parameters from archive bytes (see :func:`load`)."""
-    skeleton, arrays, _ = _parse(data)
+    skeleton, arrays, _ = _parse(data, materialize=True)
     return _fill(skeleton, arrays)
 
 
@@ -913,7 +1025,9 @@ def load(path: str | os.PathLike) -> PyTree:
 
     Raises:
       ArchiveError: if the file is not an archive, has an unknown version, is
-        truncated, or fails a CRC32 or consistency check.
+        truncated, fails a CRC32 or consistency check, exceeds a reader limit
+        (e.g. more than :data:`MAX_ELEMENTS` elements in a tensor; see
+        ``docs/archive-format.md``), or holds a tensor too large to allocate.
     """
     with open(path, "rb") as file:
         return loads(file.read())
@@ -923,7 +1037,9 @@ def inspect(source: str | os.PathLike | bytes) -> ArchiveInfo:
     """Per-tensor storage and byte accounting of an archive (a path or its bytes).
 
     The bytes of the tensors' sections plus ``header_bytes`` equal the file
-    size; ``ArchiveInfo.table()`` prints them Deep-Compression style.
+    size; ``ArchiveInfo.table()`` prints them Deep-Compression style. Every
+    check of :func:`load` runs, but no dense tensor is built, so the memory
+    used grows with the file's size, not with the tensors' shapes.
 
     Raises:
       ArchiveError: as :func:`load`.
@@ -931,4 +1047,4 @@ def inspect(source: str | os.PathLike | bytes) -> ArchiveInfo:
     if not isinstance(source, (bytes, bytearray, memoryview)):
         with open(source, "rb") as file:
             source = file.read()
-    return _parse(source)[2]
+    return _parse(source, materialize=False)[2]

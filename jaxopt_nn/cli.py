@@ -2,7 +2,7 @@
 
 Each subcommand has one ``_add_<name>(subparsers)`` function that declares its
 arguments and sets ``func`` to ``_<name>(args) -> None``; :func:`main` runs
-it and turns ``ValueError``/``OSError`` into one ``error:`` line on stderr
+it and turns ``ValueError``/``OSError``/``ImportError`` into one ``error:`` line on stderr
 and exit status 1. Usage errors give one line and status 2.
 
 Example::
@@ -50,6 +50,7 @@ def _number(kind: type, ok: Callable[[Any], bool], allowed: str) -> Callable[[st
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_at_least_two = _number(int, lambda v: v >= 2, "an integer >= 2")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _sparsity = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 _bits = _number(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
@@ -177,7 +178,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _per_layer(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Parse ``VALUE`` or ``LAYER=VALUE,LAYER=VALUE`` (layer names as in ``inspect``)."""
+    """Parse ``VALUE`` or ``LAYER=VALUE,LAYER=VALUE``.
+
+    Layer names are those of the compress table and ``inspect`` with or
+    without their ``params/`` prefix (``params/fc1/kernel`` or ``fc1/kernel``).
+    """
 
     def parse(text: str) -> Any:
         if "=" not in text:
@@ -187,7 +192,7 @@ def _per_layer(kind: Callable[[str], Any]) -> Callable[[str], Any]:
             layer, sep, value = item.partition("=")
             if not sep or not layer.strip():
                 raise argparse.ArgumentTypeError(f"expected LAYER=VALUE; got {item!r}")
-            out[layer.strip()] = kind(value)
+            out[layer.strip().removeprefix("params/")] = kind(value)
         return out
 
     return parse
@@ -204,7 +209,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     _add_training(parser, epochs=30, batch_size=64)
     parser.add_argument(
         "--prune-epochs",
-        type=_positive_int,
+        type=_at_least_two,
         default=60,
         help="epochs of gradual pruning and retraining; default: 60",
     )
@@ -239,6 +244,12 @@ def _compress(args: argparse.Namespace) -> None:
     from jaxopt_nn import archive, pipeline
     from jaxopt_nn import data as data_lib
 
+    # Output paths are checked before the minutes of training, not after.
+    pipeline.check_output_path("--out", args.out)
+    if args.json is not None:
+        pipeline.check_output_path("--json", args.json)
+    if args.plot is not None:
+        pipeline.check_plot_path(args.plot)
     dataset = data_lib.load(args.data)
     model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
     metadata = {
@@ -322,9 +333,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     name = args.model or metadata.get("model")
     if name is None:
         raise ValueError(f"{args.archive} records no model; pass --model {{{','.join(MODELS)}}}")
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"{args.archive} records model {name!r}; known: {', '.join(MODELS)}")
-    dataset = data_lib.load(args.data, num_classes=metadata.get("num_classes"))
+    num_classes = metadata.get("num_classes")
+    if num_classes is not None and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
+    ):
+        raise ValueError(
+            f"{args.archive} records num_classes={num_classes!r}; expected an int >= 1"
+        )
+    dataset = data_lib.load(args.data, num_classes=num_classes)
     model = _make_model(name, dataset.in_shape, dataset.num_classes, 0)
     graphdef, like = train_lib.init_train_state(model, optax.identity())
     state = pipeline.restore_state(like, stored)
@@ -350,7 +368,7 @@ def _run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -
     """Run a subcommand; expected failures become one line on stderr."""
     try:
         func(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         message = " ".join(str(err).split())
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ class Dataset(NamedTuple):
     y_train: np.ndarray  # int32 (N,)
     x_test: np.ndarray  # float32 (M, H, W, C)
     y_test: np.ndarray  # int32 (M,)
+    classes: int | None = None  # number of classes if known; None: inferred from the labels
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -35,7 +36,9 @@ class Dataset(NamedTuple):
 
     @property
     def num_classes(self) -> int:
-        """Number of classes, ``max(label) + 1`` over both splits."""
+        """Number of classes: ``classes``, else ``max(label) + 1`` over both splits."""
+        if self.classes is not None:
+            return self.classes
         return int(max(self.y_train.max(initial=-1), self.y_test.max(initial=-1))) + 1
 
 
@@ -221,7 +224,11 @@ def _images(x: np.ndarray, source: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0)
     if np.issubdtype(x.dtype, np.floating):
-        return x.astype(np.float32)
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            bad = int(x.size - np.isfinite(x).sum())
+            raise ValueError(f"{source}: images must be finite; got {bad} NaN/Inf value(s)")
+        return x
     raise ValueError(
         f"{source}: images must be uint8 (scaled by 1/255) or floating point; got dtype {x.dtype}"
     )
@@ -260,6 +267,8 @@ def _checked_dataset(
         )
     if len(y_train) == 0:
         raise ValueError(f"{sources['y_train']}: no training examples")
+    if len(y_test) == 0:
+        raise ValueError(f"{sources['y_test']}: no test examples")
     if num_classes is None:
         num_classes = int(y_train.max()) + 1
     for y, ys in ((y_train, "y_train"), (y_test, "y_test")):
@@ -268,11 +277,13 @@ def _checked_dataset(
                 f"{sources[ys]}: labels out of range: found label {int(y.max())}, "
                 f"expected 0..{num_classes - 1}"
             )
-    return Dataset(x_train, y_train, x_test, y_test)
+    return Dataset(x_train, y_train, x_test, y_test, num_classes)
 
 
 def _check_num_classes(num_classes: int | None) -> None:
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+    if num_classes is not None and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
+    ):
         raise ValueError(
             f"num_classes must be a positive int or None; got num_classes={num_classes!r}"
         )
@@ -365,7 +376,8 @@ def load(spec: str, *, num_classes: int | None = None) -> Dataset:
     Args:
       spec: ``'digits'`` (:func:`load_digits`), a directory (:func:`load_idx`)
         or a path ending in ``.npz`` (:func:`load_npz`).
-      num_classes: passed to the file loaders.
+      num_classes: passed to the file loaders; for ``'digits'`` it must be
+        ``None`` or 10.
 
     Returns:
       A :class:`Dataset`.
@@ -379,8 +391,15 @@ def load(spec: str, *, num_classes: int | None = None) -> Dataset:
       >>> load('digits').x_test.shape
       (450, 8, 8, 1)
     """
+    _check_num_classes(num_classes)
     if spec == "digits":
-        return load_digits()
+        digits = load_digits()
+        if num_classes not in (None, digits.num_classes):
+            raise ValueError(
+                f"num_classes must be None or {digits.num_classes} for 'digits'; "
+                f"got num_classes={num_classes!r}"
+            )
+        return digits
     path = Path(spec)
     if path.is_dir():
         return load_idx(path, num_classes=num_classes)

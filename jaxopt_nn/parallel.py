@@ -434,6 +434,17 @@ def global_batch(local: PyTree, mesh: Mesh, *, data_axis: str = DATA) -> PyTree:
     )
 
 
+def _env_int(variable: str) -> int | None:
+    """The integer in environment ``variable``, ``None`` if unset."""
+    text = os.environ.get(variable)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{variable} must be an integer; got {variable}={text!r}") from None
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -475,12 +486,11 @@ def initialize(
       >>> initialize(num_processes=1)
       False
     """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and "JAX_NUM_PROCESSES" in env:
-        num_processes = int(env["JAX_NUM_PROCESSES"])
-    if process_id is None and "JAX_PROCESS_ID" in env:
-        process_id = int(env["JAX_PROCESS_ID"])
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None:
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("JAX_PROCESS_ID")
     if cpu_collectives not in (None, "gloo", "mpi"):
         raise ValueError(
             "cpu_collectives must be 'gloo', 'mpi' or None; "

@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -244,6 +245,40 @@ def _per_layer(
     return out
 
 
+_SMALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _check_small_dtype(small_dtype: Any) -> None:
+    if small_dtype is None:
+        return
+    try:
+        name = jnp.dtype(small_dtype).name
+    except TypeError:
+        name = None
+    if name not in _SMALL_DTYPES:
+        raise ValueError(
+            f"small_dtype must be None or one of {list(_SMALL_DTYPES)}; "
+            f"got small_dtype={small_dtype!r}"
+        )
+
+
+def check_output_path(name: str, path: str | os.PathLike) -> None:
+    """Raise unless ``path`` names a file in an existing directory (checked before long runs).
+
+    Args:
+      name: the argument's name, for the message.
+      path: the file to be written.
+
+    Raises:
+      ValueError: if the directory does not exist or ``path`` is a directory.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{name} must be in an existing directory; got {name}={str(path)!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{name} must be a file path, not a directory; got {name}={str(path)!r}")
+
+
 def _check_sparsity(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
@@ -296,13 +331,20 @@ def restore_state(like: train.TrainState, stored: Mapping[str, Any]) -> train.Tr
       The state with the archive's params (and batch statistics).
 
     Raises:
-      ValueError: if the archive's leaves are not the model's (names or shapes).
+      ValueError: if the archive's leaves are not the model's (names or
+        shapes), or it lacks the batch statistics the model has.
     """
     if not isinstance(stored, Mapping) or "params" not in stored:
         raise ValueError("archive holds no 'params' tree; was it written by deep_compress?")
     _replace(like.params, stored["params"], "params")
     if "rest" in stored:
         _replace(like.rest, stored["rest"], "batch statistics")
+    elif jax.tree.leaves(like.rest):
+        raise ValueError(
+            f"archive holds no batch statistics ('rest'), but the model has "
+            f"{len(jax.tree.leaves(like.rest))} such leaves (e.g. BatchNorm); "
+            "was it written for another model?"
+        )
     return like
 
 
@@ -367,8 +409,10 @@ def deep_compress(
       A :class:`CompressionReport`.
 
     Raises:
-      ValueError: for out-of-range arguments or a ``where`` that selects
-        nothing.
+      ValueError: for out-of-range arguments, a ``where`` that selects
+        nothing, or a ``path`` outside an existing directory; all checked
+        before training.
+      TypeError: if ``metadata`` is not a JSON-serialisable dict.
     """
     _check_epochs("epochs", epochs, 1)
     _check_epochs("prune_epochs", prune_epochs, 2)
@@ -379,6 +423,10 @@ def deep_compress(
         or not (math.isfinite(learning_rate) and learning_rate > 0)
     ):
         raise ValueError(f"learning_rate must be a positive number; got {learning_rate!r}")
+    _check_small_dtype(small_dtype)
+    metadata = archive._check_metadata(metadata)  # before training, not after
+    if path is not None:
+        check_output_path("path", path)
     params0 = nnx.state(model, nnx.Param)
     names = tree_lib.selected_names(params0, where)
     if not names:
@@ -459,7 +507,9 @@ def deep_compress(
     if path is not None:
         archive.write_atomic(path, blob)
     like = train.TrainState(params, state.rest, None)
-    restored = restore_state(like, archive.loads(blob))
+    # Read back from disk when written, so the file itself is what gets verified.
+    stored = archive.loads(blob) if path is None else archive.load(path)
+    restored = restore_state(like, stored)
     accuracy = train.evaluate(graphdef, restored, data.x_test, data.y_test)["accuracy"]
     record("archive", accuracy, len(blob), start)
     return CompressionReport(
@@ -467,29 +517,55 @@ def deep_compress(
     )
 
 
+def check_plot_path(path: str | os.PathLike) -> str:
+    """The image format for ``path`` (from its suffix, default png), checked before a long run.
+
+    Args:
+      path: the image file :func:`plot_report` will write.
+
+    Returns:
+      The matplotlib format name, e.g. ``'png'``.
+
+    Raises:
+      ImportError: if matplotlib is not installed (``pip install 'jaxopt-nn[plot]'``).
+      ValueError: if the suffix is no format matplotlib writes, or the
+        directory does not exist.
+    """
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install 'jaxopt-nn[plot]'") from err
+    check_output_path("plot path", path)
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(
+            f"plot path must end in one of {sorted('.' + f for f in formats)}; "
+            f"got {os.fspath(path)!r}"
+        )
+    return suffix
+
+
 def plot_report(report: CompressionReport, path: str | os.PathLike) -> None:
     """Draw weight histograms per stage and accuracy/size per stage to an image.
 
     Top row: the selected weights after dense training, after pruning (kept
     weights only) and after weight sharing (kept weights; each bar is a
-    centroid). Bottom: test accuracy and model size after every stage.
+    centroid). Bottom: test accuracy and model size after every stage. The
+    file is written atomically.
 
     Args:
       report: from :func:`deep_compress`.
       path: image file; the format follows its suffix (``.png``, ``.pdf``, ...).
 
     Raises:
-      ImportError: if matplotlib is not installed (``pip install 'jaxopt-nn[plot]'``).
+      ImportError, ValueError: as :func:`check_plot_path`.
     """
-    try:
-        import matplotlib
+    image_format = check_plot_path(path)
+    # A bare Figure needs no pyplot backend: nothing global changes for the caller.
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("plotting needs matplotlib: pip install 'jaxopt-nn[plot]'") from err
-
-    fig = plt.figure(figsize=(12, 7), layout="constrained")
+    fig = Figure(figsize=(12, 7), layout="constrained")
     grid = fig.add_gridspec(2, 3)
     limit = max((float(np.max(np.abs(w))) for w in report.weights.values() if w.size), default=1.0)
     bins = np.linspace(-limit, limit, 121)
@@ -537,5 +613,6 @@ def plot_report(report: CompressionReport, path: str | os.PathLike) -> None:
     ax.set_ylabel("size (KiB, log scale)")
     ax.set_title("model size per stage")
     fig.suptitle(report.summary())
-    fig.savefig(os.fspath(path), dpi=110)
-    plt.close(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=image_format, dpi=110)
+    archive.write_atomic(path, buffer.getvalue())

@@ -376,7 +376,9 @@ def fit(
       test set) and ``seconds``.
 
     Raises:
-      ValueError: if ``epochs`` or ``batch_size`` is not a positive int.
+      ValueError: if ``epochs`` or ``batch_size`` is not a positive int, or
+        ``data`` has no training examples (without test examples the test
+        metrics are NaN).
 
     Example:
       >>> from jaxopt_nn.data import load_digits
@@ -436,10 +438,14 @@ def fit_state(
       :class:`FitResult`, as in :func:`fit`.
 
     Raises:
-      ValueError: if ``epochs`` or ``batch_size`` is not a positive int.
+      ValueError: if ``epochs`` or ``batch_size`` is not a positive int, or
+        ``data`` has no training examples (without test examples the test
+        metrics are NaN).
     """
     _check_fit_args(epochs, batch_size)
     n_train = len(data.x_train)
+    if n_train == 0:
+        raise ValueError("data must have training examples; got 0 in data.x_train")
     batch_size = min(batch_size, n_train)
     steps_per_epoch = n_train // batch_size
     step = make_train_step(graphdef, tx, loss_fn=loss_fn, param_transform=param_transform)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import stat
 import zlib
 
 import jax
@@ -13,7 +15,7 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxopt_nn import archive
+from jaxopt_nn import archive, huffman
 from jaxopt_nn.archive import ArchiveError
 from jaxopt_nn.quantization import Codebook, codebook_weights
 
@@ -415,7 +417,7 @@ def test_flipped_byte_in_a_section_is_reported_even_with_a_valid_file_crc():
         ({"index_bits": 0}, ValueError, "index_bits must be None"),
         ({"index_bits": 17}, ValueError, "index_bits must be None"),
         ({"raw_dtype": "int8"}, ValueError, "raw_dtype must be"),
-        ({"centroid_dtype": "float64"}, ValueError, "centroid_dtype must be"),
+        ({"centroid_dtype": "bfloat16"}, ValueError, "centroid_dtype must be"),
         ({"codebooks": {"nope": None}}, ValueError, r"codebooks names \['nope'\]"),
     ],
 )
@@ -470,3 +472,269 @@ def test_write_atomic_leaves_old_file_on_error(tmp_path):
         archive.write_atomic(path, "not bytes")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.jnz"]
+
+
+# ----------------------------------------------------------------------------- forged files
+
+
+def leb128(value):
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def forge(header, payloads):
+    """An archive with this header (JSON text or object) and section payloads, valid CRCs."""
+    text = header if isinstance(header, str) else json.dumps(header)
+    packer = zlib.compressobj(
+        9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, archive.HEADER_DICTIONARY
+    )
+    compressed = packer.compress(text.encode()) + packer.flush()
+    body = b"JNZ\x01" + leb128(len(compressed)) + compressed
+    for payload in payloads:
+        body += payload + zlib.crc32(payload).to_bytes(4, "little")
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+EMPTY_POSITIONS = bytes([1]) + leb128(0)  # index width 1, a stream of no symbols
+
+
+def empty_sparse(shape, dtype="f8"):
+    """A sparse tensor that keeps nothing: its section does not grow with its shape."""
+    return forge({"w": ["s", shape, len(EMPTY_POSITIONS) + 4, dtype]}, [EMPTY_POSITIONS])
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ([2**70], r"at most 2\*\*40 elements"),
+        ([2**41], r"at most 2\*\*40 elements"),
+        ([2**21, 2**21], r"at most 2\*\*40 elements"),
+        ([0, 2**41], r"at most 2\*\*40 elements"),
+        ([1] * 65, "65 dimensions"),
+    ],
+)
+def test_forged_shapes_beyond_the_reader_limits_raise_archive_error(shape, match):
+    data = empty_sparse(shape)
+    with pytest.raises(ArchiveError, match=match):
+        archive.inspect(data)
+    with pytest.raises(ArchiveError, match=match):
+        archive.loads(data)
+
+
+def test_inspect_accounts_for_a_huge_sparse_tensor_without_building_it():
+    shape = [2**20, 2**20]  # 8 TiB of float64 zeros, described by a 6-byte section
+    info = archive.inspect(empty_sparse(shape)).tensors[0]
+    assert (info.shape, info.size, info.kept, info.method) == (tuple(shape), 2**40, 0, "sparse")
+    assert info.index_bytes + info.value_bytes + info.codebook_bytes + 4 == info.nbytes
+    assert archive.inspect(empty_sparse([0, 2**40])).tensors[0].size == 0
+
+
+def test_a_tensor_too_large_to_allocate_raises_archive_error_with_its_size(monkeypatch):
+    zeros = np.zeros
+
+    def no_large_zeros(shape, *args, **kwargs):  # a machine with little memory
+        if np.prod(shape, dtype=np.float64) * 8 > 2**30:
+            raise MemoryError("Unable to allocate")
+        return zeros(shape, *args, **kwargs)
+
+    monkeypatch.setattr(np, "zeros", no_large_zeros)
+    with pytest.raises(ArchiveError, match=r"tensor 'w' of shape \(65536, 65536\) needs 34,359"):
+        archive.loads(empty_sparse([2**16, 2**16]))
+
+
+def stream(symbols, lengths, width=5):
+    """A Huffman stream (format spec) for few symbols in one chunk; codes from ``lengths``."""
+    codes = huffman.canonical_codes(np.asarray(lengths))
+    bits = "".join(format(int(codes[s]), f"0{lengths[s]}b") for s in symbols)
+    table = "".join(format(length, f"0{width}b") for length in lengths)
+
+    def pack(text):
+        return int(text.ljust(-(-len(text) // 8) * 8, "0") or "0", 2).to_bytes(
+            -(-len(text) // 8), "big"
+        )
+
+    return (
+        leb128(len(symbols))
+        + leb128(len(lengths))
+        + bytes([width])
+        + pack(table)
+        + leb128(len(bits))
+        + pack(bits)
+    )
+
+
+@pytest.mark.parametrize(("longest", "accepted"), [(15, True), (16, False), (24, False)])
+def test_code_lengths_beyond_the_writers_limit_raise_archive_error(longest, accepted):
+    values = np.array([1.0, 2.0], "<f4")
+    payload = bytes([16]) + stream([0, 0], [1, longest]) + values.tobytes()
+    data = forge({"w": ["s", [4], len(payload) + 4]}, [payload])
+    if accepted:
+        assert_bit_exact(archive.loads(data)["w"], np.array([1.0, 2.0, 0.0, 0.0], np.float32))
+    else:
+        with pytest.raises(ArchiveError, match=f"code length {longest} exceeds 15 bits"):
+            archive.loads(data)
+
+
+def fibonacci(n):
+    out = [1, 1]
+    while len(out) < n:
+        out.append(out[-1] + out[-2])
+    return np.array(out)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [fibonacci(22), np.ones(40_000, np.int64)],
+    ids=["skewed-needs-the-15-bit-limit", "40000-symbols-need-16-bits"],
+)
+def test_writer_streams_at_the_length_limit_load(counts):
+    unlimited = huffman.code_lengths(counts, max_length=huffman.MAX_CODE_LENGTH)
+    assert unlimited.max() > 15  # the writer's limit binds (or is raised to 16)
+    indices = np.repeat(np.arange(counts.size), counts)
+    np.random.default_rng(6).shuffle(indices)
+    centroids = np.arange(counts.size, dtype=np.float32) + 1
+    codebook = Codebook(centroids, indices.astype(np.uint16), np.ones(indices.size, bool))
+    restored = archive.loads(
+        archive.dumps({"w": np.zeros(indices.size, np.float32)}, codebooks={"w": codebook})
+    )
+    assert_bit_exact(restored["w"], centroids[indices])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, ml_dtypes.bfloat16, np.float16])
+def test_codebook_centroids_round_trip_bit_exact_in_the_leaf_dtype(dtype):
+    rng = np.random.default_rng(7)
+    centroids = np.concatenate([[0.1, -1 / 3], rng.normal(size=14)])  # float64
+    indices = rng.integers(0, centroids.size, (30, 20)).astype(np.uint8)
+    mask = rng.random((30, 20)) < 0.5
+    codebook = Codebook(centroids, indices, mask)
+    data = archive.dumps({"w": np.zeros((30, 20), dtype)}, codebooks={"w": codebook})
+    expected = np.where(mask, centroids.astype(dtype)[indices], np.zeros((), dtype))
+    assert_bit_exact(archive.loads(data)["w"], expected)
+    if dtype == np.float64:  # 0.1 needs float64 centroids
+        used = np.unique(indices[mask]).size
+        assert archive.inspect(data).tensors[0].codebook_bytes == 1 + 8 * used
+
+
+def test_centroid_dtype_float64_forces_eight_byte_centroids():
+    codebook = Codebook(
+        np.array([0.5, 1.5], np.float32), np.array([0, 1, 1], np.uint8), np.ones(3, bool)
+    )
+    leaf = {"w": np.zeros(3, np.float32)}
+    forced = archive.dumps(leaf, codebooks={"w": codebook}, centroid_dtype="float64")
+    automatic = archive.dumps(leaf, codebooks={"w": codebook})
+    assert archive.inspect(forced).tensors[0].codebook_bytes == 1 + 8 * 2
+    assert archive.inspect(automatic).tensors[0].codebook_bytes == 1 + 2 * 2  # float16 is exact
+    assert_bit_exact(archive.loads(forced)["w"], np.array([0.5, 1.5, 1.5], np.float32))
+
+
+def test_duplicate_keys_in_the_header_raise_archive_error():
+    payload = np.ones(2, "<f4").tobytes()
+    record = ["r", [2], len(payload) + 4]
+    with pytest.raises(ArchiveError, match="key 0 appears twice"):
+        archive.loads(forge({"#": [[0, record], [0, record]]}, [payload, payload]))
+    text = json.dumps(record)
+    with pytest.raises(ArchiveError, match="key 'a' appears twice"):
+        archive.loads(forge(f'{{"a":{text},"a":{text}}}', [payload, payload]))
+    assert archive.loads(forge({"#": [[0, record], ["0", record]]}, [payload, payload])).keys() == {
+        0,
+        "0",
+    }
+
+
+def test_records_hold_dtype_fields_as_the_format_spec_says():
+    def records(params, **kwargs):
+        data = archive.dumps(params, **kwargs)
+        size = data[4]
+        unpacker = zlib.decompressobj(-15, zdict=archive.HEADER_DICTIONARY)
+        return json.loads(unpacker.decompress(data[5 : 5 + size]))
+
+    leaves = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float64), "c": np.ones(3, np.int8)}
+    assert records(leaves, where=lambda n, x: False) == {
+        "a": ["r", [3], 16],
+        "b": ["r", [3], 28, "f8"],
+        "c": ["r", [3], 7, "i1"],
+    }
+    assert records(leaves, where=lambda n, x: False, raw_dtype="float16") == {
+        "a": ["r", [3], 10, "f4", "f2"],
+        "b": ["r", [3], 10, "f8", "f2"],
+        "c": ["r", [3], 7, "i1"],
+    }
+
+
+def test_format_spec_gives_the_header_dictionary_and_the_reader_limits():
+    spec = (pathlib.Path(__file__).parents[1] / "docs" / "archive-format.md").read_text()
+    block = spec.split("```text\n", 1)[1].split("\n```", 1)[0]
+    assert block.encode() == archive.HEADER_DICTIONARY
+    assert f"{len(archive.HEADER_DICTIONARY)} bytes" in spec
+    assert f"{zlib.crc32(archive.HEADER_DICTIONARY):08x}" in spec
+    assert f"2**{archive.MAX_ELEMENTS.bit_length() - 1}" in spec
+    assert f"more than {archive.MAX_NDIM} dimensions" in spec
+
+
+# ----------------------------------------------------------------------------- write_atomic
+
+
+def test_write_atomic_errors_name_the_destination(tmp_path):
+    missing = tmp_path / "nodir" / "model.jnz"
+    with pytest.raises(FileNotFoundError) as error:
+        archive.write_atomic(missing, b"data")
+    assert error.value.filename == str(missing)
+    assert ".tmp" not in str(error.value)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(IsADirectoryError) as error:
+        archive.write_atomic(tmp_path / "dir", b"data")
+    assert error.value.filename == str(tmp_path / "dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
+
+
+def test_write_atomic_keeps_the_mode_of_a_replaced_file_and_applies_the_umask(tmp_path):
+    private = tmp_path / "private.jnz"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    archive.write_atomic(private, b"new")
+    assert (private.read_bytes(), stat.S_IMODE(private.stat().st_mode)) == (b"new", 0o600)
+    old_umask = os.umask(0o027)
+    try:
+        archive.write_atomic(tmp_path / "new.jnz", b"new")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "new.jnz").stat().st_mode) == 0o640
+
+
+def test_write_atomic_replaces_the_target_of_a_symlink(tmp_path):
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "model.jnz"
+    target.write_bytes(b"old")
+    link = tmp_path / "model.jnz"
+    link.symlink_to(os.path.join("store", "model.jnz"))
+    assert archive.write_atomic(link, memoryview(b"new")) == 3
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["model.jnz"]
+
+
+def test_write_atomic_fsyncs_the_file_and_its_directory(tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    archive.write_atomic(tmp_path / "m.jnz", b"data")
+    assert synced == [False, True]
+    open_ = os.open
+
+    def no_directories(path, flags, *args):  # e.g. Windows, where directories cannot be opened
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", path)
+        return open_(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_directories)
+    synced.clear()
+    archive.write_atomic(tmp_path / "m.jnz", b"more")
+    assert synced == [False] and (tmp_path / "m.jnz").read_bytes() == b"more"

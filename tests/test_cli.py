@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxopt_nn import archive
 from jaxopt_nn.cli import MODELS, main
+from jaxopt_nn.data import load_digits
 
 
 def _table_value(out, label):
@@ -206,6 +208,10 @@ def test_compress_runs_on_mnist_format_idx_files(tmp_path, capsys):
         (["compress", "--data", "/no/such/dir"], "'/no/such/dir' not found"),
         (["compress", "--sparsity", "fc9/kernel=0.5"], "sparsity names layers that are not"),
         (["evaluate", "/no/such.jnz"], "No such file"),
+        (["compress", "--prune-epochs", "1"], "argument --prune-epochs: must be an integer >= 2"),
+        (["compress", "--out", "/no/such/dir/m.jnz"], "--out must be in an existing directory"),
+        (["compress", "--json", "/no/such/dir/r.json"], "--json must be in an existing directory"),
+        (["compress", "--plot", "report.xyz"], "plot path must end in one of"),
     ],
 )
 def test_compress_and_evaluate_bad_arguments_give_one_error_line(argv, message, capsys):
@@ -213,6 +219,46 @@ def test_compress_and_evaluate_bad_arguments_give_one_error_line(argv, message, 
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_layer_options_accept_names_with_or_without_the_params_prefix():
+    from jaxopt_nn.cli import _per_layer, _sparsity
+
+    parse = _per_layer(_sparsity)
+    assert parse("params/fc1/kernel=0.9, fc2/kernel=0.5") == {"fc1/kernel": 0.9, "fc2/kernel": 0.5}
+    assert parse("0.8") == 0.8
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"model": ["x"]}, "records model ['x']"),
+        ({"model": "lenet300", "num_classes": "ten"}, "records num_classes='ten'"),
+    ],
+)
+def test_evaluate_refuses_forged_metadata_in_one_line(tmp_path, metadata, message, capsys):
+    path = tmp_path / "forged.jnz"
+    archive.save(path, {"params": {"w": np.ones((2, 2), np.float32)}}, metadata=metadata)
+    assert main(["evaluate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_builds_the_model_for_the_archives_classes(compressed_run, tmp_path, capsys):
+    # Evaluation data whose labels stop below the top class still gets the 10-way model.
+    digits = load_digits()
+    keep = digits.y_test < 9
+    path = tmp_path / "eight.npz"
+    np.savez(
+        path,
+        x_train=digits.x_train,
+        y_train=np.minimum(digits.y_train, 8),
+        x_test=digits.x_test[keep],
+        y_test=digits.y_test[keep],
+    )
+    archive_path, _, _ = compressed_run
+    assert main(["evaluate", str(archive_path), "--data", str(path)]) == 0
+    assert f"{int(keep.sum()):,} examples" in capsys.readouterr().out
 
 
 def test_evaluate_refuses_a_corrupt_archive(compressed_run, tmp_path, capsys):

@@ -311,6 +311,11 @@ def _npz_error(tmp_path, arrays):
             lambda a: a.update(x_train=a["x_train"].astype(np.int64)),
             "images must be uint8 .* got dtype int64",
         ),
+        (
+            lambda a: a.update(x_test=np.where(a["x_test"] > 128, np.nan, 1.0)),
+            r"images must be finite; got \d+ NaN/Inf value",
+        ),
+        (lambda a: a.update(x_test=a["x_test"][:0], y_test=a["y_test"][:0]), "no test examples"),
     ],
 )
 def test_load_npz_names_the_array_and_the_problem(tmp_path, change, match):
@@ -344,6 +349,18 @@ def test_load_npz_rejects_a_single_array_file(tmp_path):
 
 
 # ---------------------------------------------------------------- load(spec)
+
+
+def test_a_requested_num_classes_is_kept_when_the_labels_stop_below_it(tmp_path):
+    arrays = _toy_arrays(classes=4)
+    path = _npz_error(tmp_path, arrays)
+    assert load_npz(path).num_classes == 4
+    assert load_npz(path, num_classes=10).num_classes == 10
+    assert load(str(path), num_classes=10).num_classes == 10
+    with pytest.raises(ValueError, match="num_classes must be a positive int or None; got num_cl"):
+        load_npz(path, num_classes=True)
+    with pytest.raises(ValueError, match="num_classes must be None or 10 for 'digits'; got num_"):
+        load("digits", num_classes=3)
 
 
 def test_load_dispatches_and_reports_bad_specs(tmp_path):

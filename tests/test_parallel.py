@@ -378,6 +378,16 @@ def test_initialize_is_a_no_op_on_one_process(clean_env):
         ),
         ({"num_processes": 2}, {}, "must be given together; got coordinator_address=None"),
         ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "num_processes=2, process_id=0"),
+        (
+            {},
+            {"JAX_NUM_PROCESSES": "two"},
+            "JAX_NUM_PROCESSES must be an integer; got JAX_NUM_PROC",
+        ),
+        (
+            {},
+            {"JAX_PROCESS_ID": "0.5"},
+            "JAX_PROCESS_ID must be an integer; got JAX_PROCESS_ID='0.5'",
+        ),
     ],
 )
 def test_initialize_rejects_bad_configuration(clean_env, kwargs, env, match):

@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import optax
 import pytest
@@ -5,7 +6,7 @@ from flax import nnx
 
 from jaxopt_nn import archive, pipeline, train
 from jaxopt_nn.data import load_digits
-from jaxopt_nn.models import LeNet300100
+from jaxopt_nn.models import LeNet300100, ResNet
 
 SHORT = {"epochs": 3, "prune_epochs": 4, "finetune_epochs": 2, "progress": False}
 
@@ -90,8 +91,33 @@ def test_plot_report_writes_an_image(compressed, tmp_path):
         ({"prune_epochs": 1}, "prune_epochs must be an integer >= 2"),
         ({"learning_rate": -1.0}, "learning_rate must be a positive number"),
         ({"where": lambda name, leaf: False}, "where selects no leaf"),
+        ({"small_dtype": "int8"}, r"small_dtype must be None or one of .*; got small_dtype='int8'"),
+        ({"path": "/no/such/dir/model.jnz"}, "path must be in an existing directory"),
+        ({"metadata": {"f": object()}}, "metadata must be JSON-serialisable"),
     ],
 )
-def test_bad_arguments_raise_before_training(digits, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_raise_before_training(digits, kwargs, match, monkeypatch):
+    def no_training(*args, **kw):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(train, "fit_state", no_training)
+    monkeypatch.setattr(train, "fit", no_training)
+    with pytest.raises((ValueError, TypeError), match=match):
         pipeline.deep_compress(LeNet300100(64, rngs=nnx.Rngs(0)), digits, progress=False, **kwargs)
+
+
+def test_restore_state_refuses_an_archive_without_the_models_batch_statistics():
+    model = ResNet(8, 10, rngs=nnx.Rngs(0))
+    _, like = train.init_train_state(model, optax.identity())
+    assert jax.tree.leaves(like.rest)
+    with pytest.raises(ValueError, match="no batch statistics"):
+        pipeline.restore_state(like, {"params": nnx.to_pure_dict(like.params)})
+
+
+def test_check_plot_path_refuses_unknown_formats_and_missing_directories(tmp_path):
+    assert pipeline.check_plot_path(tmp_path / "r.PDF") == "pdf"
+    assert pipeline.check_plot_path(tmp_path / "report") == "png"
+    with pytest.raises(ValueError, match=r"plot path must end in one of .*'.png'"):
+        pipeline.check_plot_path(tmp_path / "r.xyz")
+    with pytest.raises(ValueError, match="plot path must be in an existing directory"):
+        pipeline.check_plot_path(tmp_path / "missing" / "r.png")

@@ -307,6 +307,11 @@ def test_fit_with_a_batch_larger_than_the_data_takes_one_full_batch_and_no_test_
     _assert_trees_close(_plain(result.state.params), _plain(state.params), rtol=1e-5, atol=1e-6)
 
 
+def test_fit_refuses_an_empty_training_set():
+    with pytest.raises(ValueError, match="data must have training examples; got 0 in data.x_train"):
+        fit(_tiny_mlp(), optax.sgd(0.1), _toy_dataset(n_train=0), epochs=1, progress=False)
+
+
 def test_fit_state_continues_from_a_state_with_reparametrised_params():
     data = _toy_dataset()
     kwargs = dict(epochs=2, batch_size=8, progress=False)
