@@ -39,6 +39,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -589,7 +590,10 @@ def pmap_train_step(
     The step of :func:`jaxopt_nn.train.make_train_step` with
     :func:`pmean_gradients` around ``tx``; the metrics and the batch statistics
     (``nnx.BatchStat``) are averaged over the replicas too, so the replicas
-    stay equal.
+    stay equal. Inside the step every replica folds its index into the
+    model's RNG keys (``nnx.RngKey``), so dropout draws a different mask on
+    each device's examples, as one device would for the whole batch; the
+    stored keys (and counts) stay the same on every replica.
 
     Args:
       graphdef: the model's graph definition (``train.init_train_state``).
@@ -614,18 +618,32 @@ def pmap_train_step(
         jit=False,
     )
 
+    def map_variables(fn, *trees):
+        return jax.tree.map(fn, *trees, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
     def step(state, x, y):
-        state, metrics = inner(state, x, y)
-        rest = jax.tree.map(
+        index = jax.lax.axis_index(axis_name)
+        local_keys = map_variables(
             lambda v: (
-                jax.tree.map(partial(jax.lax.pmean, axis_name=axis_name), v)
-                if isinstance(v, nnx.BatchStat)
+                jax.tree.map(lambda k: jax.random.fold_in(k, index), v)
+                if isinstance(v, nnx.RngKey)
                 else v
             ),
             state.rest,
-            is_leaf=lambda v: isinstance(v, nnx.Variable),
         )
-        return state._replace(rest=rest), jax.lax.pmean(metrics, axis_name)
+        new, metrics = inner(state._replace(rest=local_keys), x, y)
+        rest = map_variables(
+            lambda v, old: (
+                old
+                if isinstance(v, nnx.RngKey)
+                else jax.tree.map(partial(jax.lax.pmean, axis_name=axis_name), v)
+                if isinstance(v, nnx.BatchStat)
+                else v
+            ),
+            new.rest,
+            state.rest,
+        )
+        return new._replace(rest=rest), jax.lax.pmean(metrics, axis_name)
 
     return jax.pmap(
         step, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ()
@@ -643,10 +661,15 @@ def replicate(tree: PyTree, *, devices: Sequence[jax.Device] | None = None) -> P
     devices = list(jax.local_devices() if devices is None else devices)
     sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), P("replica"))
     n = len(devices)
-    return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x))), sharding),
-        tree,
-    )
+
+    def copies(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            stacked = jnp.broadcast_to(x[None], (n, *x.shape))  # typed keys have no NumPy form
+        else:
+            stacked = np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x)))
+        return jax.device_put(stacked, sharding)
+
+    return jax.tree.map(copies, tree)
 
 
 def unreplicate(tree: PyTree) -> PyTree:

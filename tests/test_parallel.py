@@ -333,6 +333,53 @@ def test_pmap_train_step_averages_batch_stats_and_metrics_over_replicas():
         np.testing.assert_array_equal(leaf[0], leaf[1])
 
 
+class _DropoutNet(nnx.Module):
+    def __init__(self):
+        self.hidden = nnx.Linear(3, 16, rngs=nnx.Rngs(0))
+        self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=7))
+        self.out = nnx.Linear(16, 2, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.out(self.dropout(nnx.relu(self.hidden(x))))
+
+
+def test_pmap_train_step_draws_dropout_per_replica_and_keeps_keys_equal():
+    x, _ = _regression_data()
+    x = x[:8]
+    y = (x[:, 0] > 0).astype(np.int32)
+    tx = optax.sgd(0.1)
+    graphdef, state = train.init_train_state(_DropoutNet(), tx)
+    step = parallel.pmap_train_step(graphdef, tx, donate=False)
+    out, _ = step(parallel.replicate(state), *parallel.split_batch((x, y), 2))
+
+    # Reference: replica i is one device whose RNG key has i folded in; SGD
+    # on the mean gradient is the mean of the per-replica SGD results.
+    single = train.make_train_step(graphdef, tx, donate=False)
+    results = []
+    for i, (xb, yb) in enumerate(zip(np.split(x, 2), np.split(y, 2), strict=True)):
+        folded = jax.tree.map(
+            lambda v, i=i: (
+                jax.tree.map(lambda k: jax.random.fold_in(k, i), v)
+                if isinstance(v, nnx.RngKey)
+                else v
+            ),
+            state.rest,
+            is_leaf=lambda v: isinstance(v, nnx.Variable),
+        )
+        results.append(single(state._replace(rest=folded), xb, yb)[0])
+    expected = jax.tree.map(lambda a, b: (a + b) / 2, results[0].params, results[1].params)
+    for got, want in zip(jax.tree.leaves(out.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got[0], got[1])
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-7)
+    keys = jax.random.key_data(out.rest["dropout"]["rngs"]["key"][...])
+    np.testing.assert_array_equal(keys[0], keys[1])
+    np.testing.assert_array_equal(
+        keys[0], jax.random.key_data(state.rest["dropout"]["rngs"]["key"][...])
+    )
+    counts = out.rest["dropout"]["rngs"]["count"][...]
+    assert counts[0] == counts[1] == state.rest["dropout"]["rngs"]["count"][...] + 1
+
+
 def test_replicate_and_unreplicate_round_trip():
     tree = {"w": jnp.arange(3.0), "n": jnp.zeros((), jnp.int32)}
     rep = parallel.replicate(tree)
