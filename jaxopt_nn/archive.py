@@ -718,6 +718,21 @@ def _check_metadata(metadata: Any) -> dict[str, Any] | None:
         raise TypeError(f"metadata must be JSON-serialisable: {err}") from err
 
 
+def _check_raw_dtype(value: Any, name: str = "raw_dtype") -> np.dtype | None:
+    """``value`` as a float dtype leaves may be stored in raw, or ``None``."""
+    if value is None:
+        return None
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype not in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        raise ValueError(
+            f"{name} must be None, float16, bfloat16, float32 or float64; got {name}={value!r}"
+        )
+    return dtype
+
+
 def _check_options(index_bits: Any, raw_dtype: Any, centroid_dtype: Any) -> dict:
     if index_bits is not None and (
         not isinstance(index_bits, (int, np.integer))
@@ -728,13 +743,7 @@ def _check_options(index_bits: Any, raw_dtype: Any, centroid_dtype: Any) -> dict
             f"index_bits must be None (choose per tensor) or an integer in "
             f"[1, {_MAX_INDEX_BITS}]; got index_bits={index_bits!r}"
         )
-    if raw_dtype is not None:
-        raw_dtype = np.dtype(raw_dtype)
-        if raw_dtype not in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
-            raise ValueError(
-                "raw_dtype must be None, float16, bfloat16, float32 or float64; "
-                f"got raw_dtype={raw_dtype}"
-            )
+    raw_dtype = _check_raw_dtype(raw_dtype)
     if centroid_dtype is not None:
         centroid_dtype = np.dtype(centroid_dtype)
         if centroid_dtype not in _CENTROID_TAGS:

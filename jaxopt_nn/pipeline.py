@@ -245,23 +245,6 @@ def _per_layer(
     return out
 
 
-_SMALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-def _check_small_dtype(small_dtype: Any) -> None:
-    if small_dtype is None:
-        return
-    try:
-        name = jnp.dtype(small_dtype).name
-    except TypeError:
-        name = None
-    if name not in _SMALL_DTYPES:
-        raise ValueError(
-            f"small_dtype must be None or one of {list(_SMALL_DTYPES)}; "
-            f"got small_dtype={small_dtype!r}"
-        )
-
-
 def check_output_path(name: str, path: str | os.PathLike) -> None:
     """Raise unless ``path`` names a file in an existing directory (checked before long runs).
 
@@ -423,8 +406,9 @@ def deep_compress(
         or not (math.isfinite(learning_rate) and learning_rate > 0)
     ):
         raise ValueError(f"learning_rate must be a positive number; got {learning_rate!r}")
-    _check_small_dtype(small_dtype)
-    metadata = archive._check_metadata(metadata)  # before training, not after
+    # The archive's own checks, run before training rather than after it.
+    archive._check_raw_dtype(small_dtype, "small_dtype")
+    metadata = archive._check_metadata(metadata)
     if path is not None:
         check_output_path("path", path)
     params0 = nnx.state(model, nnx.Param)

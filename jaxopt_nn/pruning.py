@@ -101,14 +101,7 @@ def _per_leaf_sparsity(sparsity: Sparsity, names: list[str], scope: str) -> list
                 "sparsity must be a single number with scope='global'; got a mapping "
                 f"of {len(sparsity)} entries"
             )
-        missing = [n for n in names if n not in sparsity]
-        extra = [n for n in sparsity if n not in names]
-        if missing or extra:
-            raise ValueError(
-                "sparsity must map every selected leaf name to a value; "
-                f"missing {missing}, not selected {extra}"
-            )
-        values = [sparsity[n] for n in names]
+        values = tree_lib.values_by_name(sparsity, names, "sparsity")
     else:
         values = [sparsity] * len(names)
     for name, value in zip(names, values, strict=True):

@@ -713,14 +713,8 @@ def kmeans_tree(
     _check_kmeans_args(init, iters)
     names = tree_lib.selected_names(params, where)
     if isinstance(bits, Mapping):
-        missing = [name for name in names if name not in bits]
-        extra = [name for name in bits if name not in names]
-        if missing or extra:
-            raise ValueError(
-                "bits must map every selected leaf name to a width; "
-                f"missing {missing}, not selected {extra}"
-            )
-        widths = {name: _check_bits(bits[name]) for name in names}
+        values = tree_lib.values_by_name(bits, names, "bits")
+        widths = {name: _check_bits(value) for name, value in zip(names, values, strict=True)}
     else:
         widths = dict.fromkeys(names, _check_bits(bits))
     if init == "random" and key is None:

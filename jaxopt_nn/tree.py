@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -137,6 +137,27 @@ def selected_names(tree: PyTree, where: Where = None) -> list[str]:
     """Names of the selected leaves, in tree order."""
     flags = jax.tree.leaves(select(tree, where))
     return [name for (name, _), flag in zip(leaves_with_names(tree), flags, strict=True) if flag]
+
+
+def values_by_name(mapping: Mapping[str, Any], names: Sequence[str], what: str) -> list[Any]:
+    """``[mapping[n] for n in names]``, refusing a mapping that misses or adds names.
+
+    Args:
+      mapping: leaf name -> value, e.g. a per-leaf sparsity or bit width.
+      names: the selected leaves' names, in tree order.
+      what: the argument's name and what it maps to, for the message.
+
+    Raises:
+      ValueError: naming the missing and the unselected names.
+    """
+    missing = [name for name in names if name not in mapping]
+    extra = [name for name in mapping if name not in names]
+    if missing or extra:
+        raise ValueError(
+            f"{what} must map every selected leaf name to a value; "
+            f"missing {missing}, not selected {extra}"
+        )
+    return [mapping[name] for name in names]
 
 
 def map_selected(

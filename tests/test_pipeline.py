@@ -91,7 +91,7 @@ def test_plot_report_writes_an_image(compressed, tmp_path):
         ({"prune_epochs": 1}, "prune_epochs must be an integer >= 2"),
         ({"learning_rate": -1.0}, "learning_rate must be a positive number"),
         ({"where": lambda name, leaf: False}, "where selects no leaf"),
-        ({"small_dtype": "int8"}, r"small_dtype must be None or one of .*; got small_dtype='int8'"),
+        ({"small_dtype": "int8"}, r"small_dtype must be None, float16, .*; got small_dtype='int8'"),
         ({"path": "/no/such/dir/model.jnz"}, "path must be in an existing directory"),
         ({"metadata": {"f": object()}}, "metadata must be JSON-serialisable"),
     ],

@@ -73,6 +73,14 @@ def test_where_bad_structure_names_argument():
         tree.select({"a": jnp.ones(2)}, nnx.Param)
 
 
+def test_values_by_name_orders_by_names_and_refuses_missing_or_extra_names():
+    assert tree.values_by_name({"b": 2, "a": 1}, ["a", "b"], "bits") == [1, 2]
+    with pytest.raises(ValueError, match=r"bits must map .*; missing \['b'\], not selected \[\]"):
+        tree.values_by_name({"a": 1}, ["a", "b"], "bits")
+    with pytest.raises(ValueError, match=r"missing \[\], not selected \['c'\]"):
+        tree.values_by_name({"a": 1, "b": 2, "c": 3}, ["a", "b"], "bits")
+
+
 def test_map_selected_touches_only_selected_leaves():
     params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
     out = tree.map_selected(lambda x: x * 0, params)
