@@ -20,6 +20,7 @@ from jaxopt_nn import (
     pipeline,
     pruning,
     quantization,
+    speed,
     train,
     tree,
 )
@@ -121,6 +122,7 @@ from jaxopt_nn.quantization import (
     unpack_bits,
     update_codebooks,
 )
+from jaxopt_nn.speed import LatencyComparison, compare_latency, count_flops, latency
 from jaxopt_nn.train import (
     FitResult,
     TrainState,
@@ -148,6 +150,7 @@ __all__ = [
     "Dataset",
     "EncodedStream",
     "FitResult",
+    "LatencyComparison",
     "LeNet300100",
     "LeNet5",
     "PruneState",
@@ -174,7 +177,9 @@ __all__ = [
     "centroid_params",
     "code_lengths",
     "codebook_weights",
+    "compare_latency",
     "constant",
+    "count_flops",
     "count_params",
     "cross_entropy_loss",
     "data",
@@ -201,6 +206,7 @@ __all__ = [
     "inspect",
     "kmeans_codebook",
     "kmeans_tree",
+    "latency",
     "load",
     "load_data",
     "load_digits",
@@ -244,6 +250,7 @@ __all__ = [
     "share_weights",
     "size_summary",
     "sparsity_summary",
+    "speed",
     "split_batch",
     "state_shardings",
     "structured_masks",

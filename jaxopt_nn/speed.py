@@ -1,0 +1,197 @@
+"""FLOPs from XLA's cost analysis and measured latency, baseline in the same run.
+
+A smaller model is only faster when a ratio measured in the same run says so.
+:func:`count_flops` asks XLA for the floating-point operations of the
+compiled function (a prediction); :func:`latency` times it, and
+:func:`compare_latency` times a baseline and a candidate in alternating
+rounds so that both see the same machine load, and reports the ratio.
+
+Every helper accepts a plain function or an NNX module. A module is split
+into its graph definition and state, and the call is jitted as a function of
+the state (so the weights are arguments, not constants folded into the
+program). It runs in its current mode: call ``model.eval()`` first to time
+inference of a model with batch norm or dropout.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+from flax import nnx
+
+__all__ = ["LatencyComparison", "compare_latency", "count_flops", "latency"]
+
+
+class LatencyComparison(NamedTuple):
+    """Median seconds per call of a baseline and a candidate measured together."""
+
+    baseline: float  # median seconds per call of the baseline
+    candidate: float  # median seconds per call of the candidate
+    speedup: float  # baseline / candidate (> 1: the candidate is faster)
+
+
+def _as_function(fn_or_model: Callable[..., Any] | nnx.Module) -> tuple[Callable[..., Any], tuple]:
+    """``(fn, leading)`` with ``fn(*leading, *args)`` equal to the call; a module's state leads."""
+    if isinstance(fn_or_model, nnx.Module):
+        graphdef, state = nnx.split(fn_or_model)
+        return (lambda s, *args: nnx.merge(graphdef, s)(*args)), (state,)
+    if not callable(fn_or_model):
+        raise TypeError(
+            f"fn_or_model must be a callable or an nnx.Module; got {type(fn_or_model).__name__}"
+        )
+    return fn_or_model, ()
+
+
+def _jitted(fn_or_model: Callable[..., Any] | nnx.Module) -> Callable[..., Any]:
+    """A jitted callable of the call arguments."""
+    fn, leading = _as_function(fn_or_model)
+    call = jax.jit(fn)
+    return lambda *args: call(*leading, *args)
+
+
+def count_flops(fn_or_model: Callable[..., Any] | nnx.Module, *args: Any) -> float:
+    """Floating-point operations of one call, from XLA's cost analysis.
+
+    The function (or module) is jitted, lowered for ``args`` and compiled; the
+    count is the ``'flops'`` entry of ``Compiled.cost_analysis()`` (a dict in
+    recent JAX, a list with one dict per program in older releases, summed).
+    A multiply-add counts as two operations. It is the compiler's estimate
+    for the compiled program, not a measurement.
+
+    Args:
+      fn_or_model: a function of ``args`` or an NNX module called on ``args``.
+      *args: example arguments (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      The number of floating-point operations as a float.
+
+    Raises:
+      TypeError: if ``fn_or_model`` is not callable.
+      ValueError: if the backend reports no cost analysis.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 3)))
+      192.0
+    """
+    fn, leading = _as_function(fn_or_model)
+    analysis = jax.jit(fn).lower(*leading, *args).compile().cost_analysis()
+    if isinstance(analysis, dict):
+        analysis = [analysis]
+    if not analysis or any(not isinstance(a, dict) for a in analysis):
+        raise ValueError(f"the backend reported no cost analysis; got {analysis!r}")
+    return float(sum(a.get("flops", 0.0) for a in analysis))
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {name}={value!r}")
+
+
+def _timed(call: Callable[..., Any], args: tuple, repeats: int) -> float:
+    """Seconds per call, averaged over ``repeats`` back-to-back calls."""
+    start = time.perf_counter()
+    out = None
+    for _ in range(repeats):
+        out = call(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def latency(
+    fn_or_model: Callable[..., Any] | nnx.Module,
+    *args: Any,
+    repeats: int = 10,
+    rounds: int = 5,
+    warmup: int = 2,
+) -> float:
+    """Median wall-clock seconds per call of the jitted function.
+
+    The function is jitted (a module as a function of its state) and called
+    ``warmup`` times (compilation included), then ``rounds`` times
+    ``repeats`` back-to-back calls are timed, each round ending with
+    ``jax.block_until_ready``. The result is the median over the rounds of
+    the mean time per call in a round.
+
+    Args:
+      fn_or_model: a function of ``args`` or an NNX module called on ``args``.
+      *args: the arguments of each call.
+      repeats: calls per timed round (>= 1).
+      rounds: timed rounds (>= 1).
+      warmup: untimed calls first (>= 1, the first one compiles).
+
+    Returns:
+      Median seconds per call.
+
+    Raises:
+      TypeError: if ``fn_or_model`` is not callable.
+      ValueError: if a count is out of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> latency(lambda x: x * 2, jnp.ones(8), repeats=2, rounds=2) > 0
+      True
+    """
+    _check_count("repeats", repeats, 1)
+    _check_count("rounds", rounds, 1)
+    _check_count("warmup", warmup, 1)
+    call = _jitted(fn_or_model)
+    _timed(call, args, warmup)
+    return statistics.median(_timed(call, args, repeats) for _ in range(rounds))
+
+
+def compare_latency(
+    baseline: Callable[..., Any] | nnx.Module,
+    candidate: Callable[..., Any] | nnx.Module,
+    *args: Any,
+    repeats: int = 10,
+    rounds: int = 7,
+    warmup: int = 2,
+) -> LatencyComparison:
+    """Latency of a baseline and a candidate measured in interleaved rounds.
+
+    Both are jitted and warmed up, then ``rounds`` times each is timed for
+    ``repeats`` back-to-back calls on the same ``args``; the order alternates
+    every round (baseline first, then candidate first) so that a slow phase of
+    the machine hits both. Reported: the median seconds per call of each and
+    ``speedup = baseline / candidate``.
+
+    Args:
+      baseline: the reference function or NNX module.
+      candidate: the function or module to compare against it.
+      *args: the arguments of each call, shared by both.
+      repeats: calls per timed round (>= 1).
+      rounds: timed rounds per callable (>= 1).
+      warmup: untimed calls of each first (>= 1, the first one compiles).
+
+    Returns:
+      A :class:`LatencyComparison` ``(baseline, candidate, speedup)``.
+
+    Raises:
+      TypeError: if either is not callable.
+      ValueError: if a count is out of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.ones((64, 64))
+      >>> result = compare_latency(lambda x: x @ x @ x, lambda x: x @ x, x, rounds=3)
+      >>> result.speedup == result.baseline / result.candidate
+      True
+    """
+    _check_count("repeats", repeats, 1)
+    _check_count("rounds", rounds, 1)
+    _check_count("warmup", warmup, 1)
+    calls = (_jitted(baseline), _jitted(candidate))
+    for call in calls:
+        _timed(call, args, warmup)
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            times[i].append(_timed(calls[i], args, repeats))
+    base, cand = statistics.median(times[0]), statistics.median(times[1])
+    return LatencyComparison(base, cand, base / cand)
