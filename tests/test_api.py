@@ -72,3 +72,9 @@ def test_all_lists_only_importable_names_once():
     assert len(jaxopt_nn.__all__) == len(set(jaxopt_nn.__all__))
     missing = [name for name in jaxopt_nn.__all__ if not hasattr(jaxopt_nn, name)]
     assert missing == []
+
+
+def test_package_ships_the_typed_marker():
+    import importlib.resources
+
+    assert importlib.resources.files("jaxopt_nn").joinpath("py.typed").is_file()
