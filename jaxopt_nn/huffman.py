@@ -33,6 +33,7 @@ References:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -264,7 +265,7 @@ def _decode_tables(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, bo
     )
     symbol_table = np.full(size, lengths.size, symbol_dtype)  # out of range = invalid code
     symbol_table[:filled] = np.repeat(order, widths)
-    length_table = np.zeros(size, np.uint32)
+    length_table = np.zeros(size, np.uint8)
     length_table[:filled] = np.repeat(ordered, widths)
     return symbol_table, length_table, longest, filled == size
 
@@ -274,40 +275,191 @@ def _windows(raw):
     return raw[:-3] << 24 | raw[1:-2] << 16 | raw[2:-1] << 8 | raw[3:]
 
 
-def _lockstep_numpy(
-    raw: np.ndarray,
-    offsets: np.ndarray,
-    symbol_table: np.ndarray,
-    length_table: np.ndarray,
-    last_count: int,
-    steps: int,
-    drop: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``steps`` symbols per lane; the Python loop runs once per step, in place."""
+class _Checked(NamedTuple):
+    """A stream whose sizes and offsets passed :func:`_check_stream`, with its tables."""
+
+    data: bytes
+    num_bits: int
+    offsets: np.ndarray  # int64 bit offset of each chunk
+    chunk_size: int
+    count: int
+    alphabet: int  # len(lengths); table entries equal to it flag invalid codewords
+    symbol_table: np.ndarray
+    length_table: np.ndarray
+    longest: int
+    complete: bool
+
+
+def _check_stream(stream: EncodedStream, lengths: np.ndarray, count: int) -> _Checked:
+    """Check a stream's sizes against ``lengths`` and ``count``; build its decode tables."""
+    lengths = _check_lengths(lengths)
+    data, num_bits, offsets, chunk_size = stream
+    offsets = np.asarray(offsets, np.int64).reshape(-1)
+    if not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"count must be a non-negative integer; got count={count!r}")
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got chunk_size={chunk_size!r}")
+    num_chunks = -(-count // chunk_size)
+    if offsets.size != num_chunks:
+        raise ValueError(
+            f"stream has {offsets.size} chunk offsets; {count} symbols in chunks of "
+            f"{chunk_size} need {num_chunks}"
+        )
+    if len(data) != (num_bits + 7) // 8:
+        raise ValueError(
+            f"stream of {num_bits} bits must hold {(num_bits + 7) // 8} bytes; got {len(data)}"
+        )
+    if num_bits % 8 and data[-1] & ((1 << (8 - num_bits % 8)) - 1):
+        raise ValueError("stream padding bits must be zero")
+    if count == 0:
+        if num_bits:
+            raise ValueError(f"an empty stream must hold 0 bits; got {num_bits}")
+    elif not lengths.any():
+        raise ValueError("lengths assign no codeword, but count > 0")
+    elif offsets[0] != 0 or np.any(np.diff(offsets) < 1) or offsets[-1] >= num_bits:
+        raise ValueError("chunk offsets must start at 0, increase, and lie inside the stream")
+    tables = _decode_tables(lengths)
+    return _Checked(
+        bytes(data), int(num_bits), offsets, int(chunk_size), int(count), lengths.size, *tables
+    )
+
+
+def _lockstep_numpy(group: list[_Checked]) -> list[np.ndarray]:
+    """Decode every chunk of every stream in ``group`` in lockstep.
+
+    The lanes (one per chunk) are sorted by their symbol count, longest first,
+    so step ``s`` runs on a prefix of them: the work is the total symbol
+    count, and the Python loop runs once per step of the longest chunk,
+    however many streams there are. Each lane reads its own stream's table
+    (at an offset into one concatenated table) and its own stream's bytes
+    (at an offset into one concatenated buffer).
+    """
+    symbol_table = np.concatenate([s.symbol_table for s in group])  # widest dtype of the group
+    length_table = np.concatenate([s.length_table for s in group])
+    table_base = np.cumsum([0] + [s.symbol_table.size for s in group])[:-1]
+    byte_base = np.cumsum([0] + [len(s.data) for s in group])[:-1]
+    raw = np.frombuffer(b"".join(s.data for s in group) + bytes(4), np.uint8)
     window = _windows(raw.astype(np.uint32))
-    lanes = offsets.size
-    position = offsets.astype(np.uint32 if 8 * raw.size < 2**32 else np.uint64)
-    length_table = length_table.astype(position.dtype)
-    byte = np.empty_like(position)
-    shift = np.empty(lanes, np.uint32)
-    bits = np.empty(lanes, np.uint32)
-    step_length = np.empty_like(position)
-    out = np.empty((steps, lanes), symbol_table.dtype)
-    last_end = None
-    for step in range(steps):
-        if step == last_count:
-            last_end = int(position[-1])
-        np.right_shift(position, 3, out=byte)
-        window.take(byte, out=bits, mode="clip")
-        np.bitwise_and(position, 7, out=shift, casting="unsafe")
-        np.left_shift(bits, shift, out=bits)
-        np.right_shift(bits, np.uint32(drop), out=bits)
-        symbol_table.take(bits, out=out[step], mode="clip")
-        length_table.take(bits, out=step_length, mode="clip")
-        position += step_length
-    if last_end is None:
-        last_end = int(position[-1])
-    return out, np.append(position[:-1].astype(np.int64), last_end)
+    # Per lane: stream, start bit, symbols, where its symbols go in the output.
+    lane_stream = np.concatenate([np.full(s.offsets.size, i) for i, s in enumerate(group)])
+    starts = np.concatenate([s.offsets + 8 * b for s, b in zip(group, byte_base, strict=True)])
+    steps = np.concatenate(
+        [
+            np.minimum(s.chunk_size, s.count - s.chunk_size * np.arange(s.offsets.size))
+            for s in group
+        ]
+    )
+    out_base = np.cumsum(steps) - steps
+    order = np.argsort(-steps, kind="stable")
+    position_dtype = np.uint32 if 8 * raw.size < 2**32 else np.uint64
+    position = starts[order].astype(position_dtype)
+    lane_drop = np.array([32 - s.longest for s in group], np.uint32)[lane_stream[order]]
+    lane_table = table_base[lane_stream[order]].astype(np.uint32)
+    lane_out = out_base[order]
+    sorted_steps = steps[order]
+    # Lanes still running at step s: the first active[s] of them.
+    active = np.searchsorted(-sorted_steps, -np.arange(int(sorted_steps[0])), side="left")
+    # Lanes that run every step (full chunks) write rows of ``block``; the
+    # shorter ones scatter straight into ``out``.
+    steps_max, full = active.size, int(active[-1])
+    block = np.empty((steps_max, full), symbol_table.dtype)
+    out = np.empty(int(steps.sum()), symbol_table.dtype)
+    ends = np.empty(position.size, np.int64)
+    byte = np.empty(position.size, position_dtype)
+    step_length = np.empty(position.size, position_dtype)
+    shift, bits = np.empty(position.size, np.uint32), np.empty(position.size, np.uint32)
+    target = np.empty(position.size, np.int64)
+    for step in range(steps_max):
+        n = int(active[step])
+        p = position[:n]
+        np.right_shift(p, 3, out=byte[:n])
+        window.take(byte[:n], out=bits[:n], mode="clip")
+        np.bitwise_and(p, 7, out=shift[:n], casting="unsafe")
+        np.left_shift(bits[:n], shift[:n], out=bits[:n])
+        np.right_shift(bits[:n], lane_drop[:n], out=bits[:n])
+        np.add(bits[:n], lane_table[:n], out=bits[:n])
+        symbol_table.take(bits[:full], out=block[step], mode="clip")
+        if n > full:
+            np.add(lane_out[full:n], step, out=target[full:n])
+            out[target[full:n]] = symbol_table.take(bits[full:n], mode="clip")
+        length_table.take(bits[:n], out=step_length[:n], mode="clip")
+        p += step_length[:n]
+        done = int(active[step + 1]) if step + 1 < steps_max else 0
+        ends[done:n] = position[done:n]
+    # Full lanes of one stream are consecutive chunks: copy each run of them at once.
+    runs = np.flatnonzero(np.diff(lane_out[:full]) != steps_max) + 1
+    for first, stop in zip(np.append(0, runs), np.append(runs, full), strict=True):
+        start = int(lane_out[first])
+        out[start : start + (stop - first) * steps_max] = block[:, first:stop].T.reshape(-1)
+    lane_ends = np.empty_like(ends)
+    lane_ends[order] = ends
+    results, lane = [], 0
+    for s, b in zip(group, byte_base, strict=True):
+        got = lane_ends[lane : lane + s.offsets.size] - 8 * b
+        lane += s.offsets.size
+        if not np.array_equal(got, np.append(s.offsets[1:], s.num_bits)):
+            raise ValueError("stream does not decode to the stored chunk offsets and bit count")
+    symbols = np.split(out, np.cumsum([s.count for s in group])[:-1])
+    for s, decoded in zip(group, symbols, strict=True):
+        if not s.complete and decoded.size and int(decoded.max()) >= s.alphabet:
+            raise ValueError("stream holds a bit pattern that is no codeword")
+        results.append(decoded.astype(s.symbol_table.dtype, copy=False))
+    return results
+
+
+TABLE_BUDGET = 1 << 22  # decode-table entries built at once by decode_streams
+
+
+def decode_streams(
+    streams: Sequence[EncodedStream], lengths: Sequence[np.ndarray], counts: Sequence[int]
+) -> list[np.ndarray]:
+    """Decode many streams at once: one lockstep pass over all their chunks (NumPy).
+
+    Equivalent to ``[decode(s, l, c) for s, l, c in zip(streams, lengths, counts)]``,
+    but the Python loop runs once per step of the longest chunk rather than
+    once per step of every stream, so a thousand short streams cost about
+    what one long one does. Decode tables are built for groups of streams of
+    at most :data:`TABLE_BUDGET` entries together (a stream whose own table
+    is larger forms a group alone), which bounds the memory whatever the code
+    lengths.
+
+    Args:
+      streams: the encoded streams.
+      lengths: the code lengths of each stream.
+      counts: the number of symbols of each stream.
+
+    Returns:
+      The symbols of each stream, as :func:`decode` returns them.
+
+    Raises:
+      ValueError: as :func:`decode`, for the first inconsistent stream; or if
+        the three sequences differ in length.
+
+    Example:
+      >>> lengths = np.array([1, 1])
+      >>> parts = [encode(np.array(s, int), lengths) for s in ([0, 1, 1], [1], [])]
+      >>> [d.tolist() for d in decode_streams(parts, [lengths] * 3, [3, 1, 0])]
+      [[0, 1, 1], [1], []]
+    """
+    if not len(streams) == len(lengths) == len(counts):
+        raise ValueError(
+            f"streams, lengths and counts must have the same length; got "
+            f"{len(streams)}, {len(lengths)} and {len(counts)}"
+        )
+    checked = [_check_stream(*args) for args in zip(streams, lengths, counts, strict=True)]
+    results: list[np.ndarray] = [np.zeros(0, s.symbol_table.dtype) for s in checked]
+    group: list[int] = []
+    entries = 0
+    for i in [i for i, s in enumerate(checked) if s.count] + [-1]:
+        size = checked[i].symbol_table.size if i >= 0 else 0
+        if group and (i < 0 or entries + size > TABLE_BUDGET):
+            for j, decoded in zip(group, _lockstep_numpy([checked[j] for j in group]), strict=True):
+                results[j] = decoded
+            group, entries = [], 0
+        if i >= 0:
+            group.append(i)
+            entries += size
+    return results
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "drop"))
@@ -364,66 +516,32 @@ def decode(
     """
     if backend not in ("numpy", "jax"):
         raise ValueError(f"backend must be 'numpy' or 'jax'; got backend={backend!r}")
-    lengths = _check_lengths(lengths)
-    data, num_bits, offsets, chunk_size = stream
-    offsets = np.asarray(offsets, np.int64).reshape(-1)
-    if not isinstance(count, (int, np.integer)) or count < 0:
-        raise ValueError(f"count must be a non-negative integer; got count={count!r}")
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got chunk_size={chunk_size!r}")
-    num_chunks = -(-count // chunk_size)
-    if offsets.size != num_chunks:
-        raise ValueError(
-            f"stream has {offsets.size} chunk offsets; {count} symbols in chunks of "
-            f"{chunk_size} need {num_chunks}"
-        )
-    if len(data) != (num_bits + 7) // 8:
-        raise ValueError(
-            f"stream of {num_bits} bits must hold {(num_bits + 7) // 8} bytes; got {len(data)}"
-        )
-    if num_bits % 8 and data[-1] & ((1 << (8 - num_bits % 8)) - 1):
-        raise ValueError("stream padding bits must be zero")
-    symbol_table, length_table, longest, complete = _decode_tables(lengths)
+    if backend == "numpy":
+        return decode_streams([stream], [lengths], [count])[0]
+    checked = _check_stream(stream, lengths, count)
     if count == 0:
-        if num_bits:
-            raise ValueError(f"an empty stream must hold 0 bits; got {num_bits}")
-        return (
-            np.zeros(0, symbol_table.dtype)
-            if backend == "numpy"
-            else jnp.zeros(0, symbol_table.dtype)
-        )
-    if longest == 0:
-        raise ValueError("lengths assign no codeword, but count > 0")
-    if offsets[0] != 0 or np.any(np.diff(offsets) < 1) or offsets[-1] >= num_bits:
-        raise ValueError("chunk offsets must start at 0, increase, and lie inside the stream")
+        return jnp.zeros(0, checked.symbol_table.dtype)
+    offsets, chunk_size = checked.offsets, checked.chunk_size
     # Zero padding covers lanes that run past their chunk (the short last
     # chunk, or corrupt data) and the last 32-bit windows.
-    raw = np.frombuffer(data + bytes((chunk_size * longest + 7) // 8 + 4), np.uint8)
-    steps = min(chunk_size, count)
-    last_count = count - (offsets.size - 1) * chunk_size
-    if backend == "numpy":
-        out, ends = _lockstep_numpy(
-            raw, offsets, symbol_table, length_table, last_count, steps, 32 - longest
+    raw = np.frombuffer(checked.data + bytes((chunk_size * checked.longest + 7) // 8 + 4), np.uint8)
+    if 8 * raw.size >= 2**32:
+        raise ValueError(
+            f"backend='jax' decodes streams below 2**32 bits; got {checked.num_bits} bits "
+            "(use backend='numpy')"
         )
-    else:
-        if 8 * raw.size >= 2**32:
-            raise ValueError(
-                f"backend='jax' decodes streams below 2**32 bits; got {num_bits} bits "
-                "(use backend='numpy')"
-            )
-        out, ends = _lockstep_jax(
-            jnp.asarray(raw),
-            jnp.asarray(offsets, jnp.uint32),
-            jnp.asarray(symbol_table),
-            jnp.asarray(length_table),
-            jnp.int32(last_count),
-            steps=steps,
-            drop=32 - longest,
-        )
-        ends = np.asarray(ends, np.int64)
-    if not np.array_equal(ends, np.append(offsets[1:], num_bits)):
+    out, ends = _lockstep_jax(
+        jnp.asarray(raw),
+        jnp.asarray(offsets, jnp.uint32),
+        jnp.asarray(checked.symbol_table),
+        jnp.asarray(checked.length_table, jnp.uint32),
+        jnp.int32(count - (offsets.size - 1) * chunk_size),
+        steps=min(chunk_size, count),
+        drop=32 - checked.longest,
+    )
+    if not np.array_equal(np.asarray(ends, np.int64), np.append(offsets[1:], checked.num_bits)):
         raise ValueError("stream does not decode to the stored chunk offsets and bit count")
     symbols = out.T.reshape(-1)[:count]
-    if not complete and int(symbols.max()) >= lengths.size:
+    if not checked.complete and int(symbols.max()) >= checked.alphabet:
         raise ValueError("stream holds a bit pattern that is no codeword")
     return symbols
