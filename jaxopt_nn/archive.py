@@ -56,9 +56,15 @@ MAGIC = b"JNZ"
 VERSION = 1
 _MAX_LENGTH = 15  # code length limit while <= 2**15 symbols are used (4-bit table entries)
 _MAX_INDEX_BITS = 16
-_MAX_HEADER = 1 << 26  # bytes of decompressed JSON accepted
+# Reader limits (docs/archive-format.md, "What a reader accepts"); the writer keeps to them too.
+MAX_HEADER_BYTES = 1 << 24  # bytes of inflated header JSON
+MAX_HEADER_NODES = 1 << 19  # JSON values and keys in the header ...
+_HEADER_NODE_FLOOR, _HEADER_NODES_PER_BYTE = 1 << 16, 64  # ... and at most 2**16 + 64 per byte
+MAX_DEPTH = 64  # nesting of the tree and of the metadata
 MAX_NDIM = 64  # dimensions of a tensor the reader accepts (NumPy's limit)
 MAX_ELEMENTS = 1 << 40  # elements of a tensor (and size of any one dimension) the reader accepts
+DEFAULT_MAX_BYTES = 1 << 32  # default bound on the bytes of all loaded leaves together
+_MIN_INT_KEY, _MAX_INT_KEY = -(1 << 31), 1 << 31  # integer dict keys: int32
 # Preset dictionary of the raw-deflate header: common keys and record prefixes.
 HEADER_DICTIONARY = (
     b'"params":{"batch_stats":"mean":"var":"scale":["s",[":["r",[":["q",['
@@ -93,6 +99,7 @@ _CENTROID_DTYPES = {
 }
 _CENTROID_TAGS = {dtype: tag for tag, dtype in _CENTROID_DTYPES.items()}
 _METHODS = {"r": "raw", "s": "sparse", "q": "codebook"}
+_RAW_FLOAT_CODES = {"f2", "bfloat16", "f4", "f8"}  # raw_dtype choices; codebook leaf dtypes
 # Root keys of a header that carries metadata: {"#m": metadata, "#t": tree}.
 _META_KEY, _TREE_KEY = "#m", "#t"
 
@@ -195,8 +202,8 @@ def _put_varint(out: bytearray, value: int) -> None:
 class _Reader:
     """Bounded reads from a section; running past its end is an ArchiveError."""
 
-    def __init__(self, data: bytes, what: str):
-        self.data, self.pos, self.what = data, 0, what
+    def __init__(self, data: bytes, what: str, pos: int = 0):
+        self.data, self.pos, self.what = data, pos, what
 
     def read(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
@@ -208,13 +215,19 @@ class _Reader:
         return self.data[self.pos - n : self.pos]
 
     def varint(self) -> int:
+        """An unsigned LEB128 integer below 2**63, in its shortest form (as written)."""
         value = 0
-        for shift in range(0, 64, 7):
+        for shift in range(0, 63, 7):
             byte = self.read(1)[0]
             value |= (byte & 0x7F) << shift
             if byte < 0x80:
+                if shift and not byte:
+                    break
                 return value
-        raise ArchiveError(f"{self.what}: malformed variable-length integer")
+        raise ArchiveError(
+            f"{self.what}: malformed variable-length integer at offset {self.pos} "
+            "(over 9 bytes, or not in its shortest form)"
+        )
 
 
 def _pack_bits(values: np.ndarray, width: int) -> bytes:
@@ -223,8 +236,9 @@ def _pack_bits(values: np.ndarray, width: int) -> bytes:
 
 
 def _unpack_bits(data: bytes, count: int, width: int) -> np.ndarray:
+    """``count`` unsigned ``width``-bit fields (``width <= 8``), most significant bit first."""
     bits = np.unpackbits(np.frombuffer(data, np.uint8))[: count * width].reshape(count, width)
-    return bits.astype(np.int64) @ (1 << np.arange(width - 1, -1, -1))
+    return np.packbits(np.pad(bits, ((0, 0), (8 - width, 0))), axis=1).reshape(count)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -292,44 +306,84 @@ def _write_stream(out: bytearray, symbols: np.ndarray, num_symbols: int) -> None
     out += stream.data
 
 
-def _read_stream(reader: _Reader, num_symbols: int) -> tuple[np.ndarray, int]:
-    """Inverse of :func:`_write_stream`: (symbols, payload bits)."""
+class _Stream(NamedTuple):
+    """A Huffman stream located and checked in a section, not yet decoded."""
+
+    encoded: huffman.EncodedStream
+    lengths: np.ndarray  # code lengths, shape (T,)
+    count: int  # number of symbols
+    what: str  # names the stream in error messages
+
+
+def _read_stream(reader: _Reader, num_symbols: int | None, what: str) -> _Stream:
+    """Locate and check a stream written by :func:`_write_stream` (decoded later).
+
+    ``num_symbols`` is the alphabet size; ``None`` for a value stream, whose
+    alphabet (the used centroids) is at most its symbol count.
+    """
+    what = f"{reader.what}: {what}"
     count = reader.varint()
     if not count:
-        return np.zeros(0, np.int64), 0
+        empty = huffman.EncodedStream(b"", 0, np.zeros(0, np.int64), 1)
+        return _Stream(empty, np.zeros(0, np.uint8), 0, what)
+    num_symbols = count if num_symbols is None else num_symbols
     table_size = reader.varint()
     if not 1 <= table_size <= num_symbols:
         raise ArchiveError(
-            f"{reader.what}: code table of {table_size} symbols, alphabet has {num_symbols}"
+            f"{what}: code table of {table_size} symbols, alphabet has {num_symbols}"
         )
     width = reader.read(1)[0]
     if not 1 <= width <= 5:
-        raise ArchiveError(f"{reader.what}: code-length width {width} not in [1, 5]")
-    lengths = _unpack_bits(reader.read(-(-table_size * width // 8)), table_size, width)
-    used = int(np.count_nonzero(lengths))
-    if not used:
-        raise ArchiveError(f"{reader.what}: code table assigns no codeword")
-    if int(lengths.max()) > _length_limit(used):
-        raise ArchiveError(
-            f"{reader.what}: code length {int(lengths.max())} exceeds "
-            f"{_length_limit(used)} bits, the limit for {used} coded symbols"
-        )
+        raise ArchiveError(f"{what}: code-length width {width} not in [1, 5]")
+    table = reader.read(-(-table_size * width // 8))
+    lengths = _unpack_bits(table, table_size, width)
+    _check_code(lengths, table, width, what)
     chunk_dtype = np.dtype(_chunk_dtype(lengths))
+    chunk_size = _chunk_size(count)
     chunk_bits = np.frombuffer(
-        reader.read((-(-count // _chunk_size(count)) - 1) * chunk_dtype.itemsize), chunk_dtype
+        reader.read((-(-count // chunk_size) - 1) * chunk_dtype.itemsize), chunk_dtype
     )
     num_bits = reader.varint()
     if count > num_bits:
-        raise ArchiveError(f"{reader.what}: {count} symbols cannot fit {num_bits} bits")
+        raise ArchiveError(f"{what}: {count} symbols cannot fit {num_bits} bits")
     data = reader.read((num_bits + 7) // 8)
     offsets = np.concatenate([[0], np.cumsum(chunk_bits, dtype=np.int64)])
+    return _Stream(huffman.EncodedStream(data, num_bits, offsets, chunk_size), lengths, count, what)
+
+
+def _check_code(lengths: np.ndarray, table: bytes, width: int, what: str) -> None:
+    """The code-length table is one the writer makes: optimal codes are complete."""
+    if table[-1] & ((1 << (-len(lengths) * width % 8)) - 1):
+        raise ArchiveError(f"{what}: code-length table padding bits must be zero")
+    if not lengths[-1]:
+        raise ArchiveError(f"{what}: code table ends with an unused symbol")
+    used = int(np.count_nonzero(lengths))
+    longest = int(lengths.max())
+    if longest > _length_limit(used):
+        raise ArchiveError(
+            f"{what}: code length {longest} exceeds {_length_limit(used)} bits, "
+            f"the limit for {used} coded symbols"
+        )
+    if longest > huffman.MAX_CODE_LENGTH:
+        raise ArchiveError(f"{what}: code length {longest} above {huffman.MAX_CODE_LENGTH} bits")
+    kraft = int(np.sum(np.left_shift(1, longest - lengths[lengths > 0].astype(np.int64))))
+    if (used == 1 and longest != 1) or (used > 1 and kraft != 1 << longest):
+        raise ArchiveError(
+            f"{what}: code lengths are not those of an optimal (complete) prefix code"
+        )
+
+
+def _decode_streams(streams: list[_Stream]) -> list[np.ndarray]:
+    """Decode every stream of the archive at once (see :func:`huffman.decode_streams`)."""
     try:
-        symbols = huffman.decode(
-            huffman.EncodedStream(data, num_bits, offsets, _chunk_size(count)), lengths, count
+        return huffman.decode_streams(
+            [s.encoded for s in streams],
+            [s.lengths for s in streams],
+            [s.count for s in streams],
+            names=[s.what for s in streams],
         )
     except ValueError as err:
-        raise ArchiveError(f"{reader.what}: {err}") from err
-    return symbols.astype(np.int64), num_bits
+        raise ArchiveError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- positions
@@ -358,16 +412,6 @@ def _best_index_bits(positions: np.ndarray) -> int:
     widest = min(_MAX_INDEX_BITS, int(gaps.max(initial=0) + 1).bit_length())
     sizes = [_stream_bytes(_gap_counts(gaps, bits)) for bits in range(1, widest + 1)]
     return 1 + int(np.argmin(sizes))
-
-
-def _positions(symbols: np.ndarray, index_bits: int, size: int, what: str) -> np.ndarray:
-    filler = (1 << index_bits) - 1
-    is_filler = symbols == filler
-    ends = np.cumsum(np.where(is_filler, filler, symbols + 1)) - 1
-    positions = ends[~is_filler]
-    if positions.size and positions[-1] >= size:
-        raise ArchiveError(f"{what}: kept position {positions[-1]} outside a tensor of {size}")
-    return positions
 
 
 # ----------------------------------------------------------------------------- leaves
@@ -424,7 +468,12 @@ def _encode_codebook(
             f"but {centroids.size} centroids"
         )
     used = np.flatnonzero(np.bincount(kept, minlength=centroids.size))
-    values = centroids.astype(leaf.dtype)[used]  # exactly what codebook_weights(..., dtype) holds
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = centroids.astype(leaf.dtype)[used]  # what codebook_weights(..., dtype) holds
+    if not np.isfinite(values.astype(np.float64)).all():
+        raise ValueError(
+            f"codebook for {name!r} uses centroids that are not finite in {leaf.dtype}"
+        )
     if centroid_dtype is None:  # the narrowest type that holds every value bit-exactly
         bits = f"u{leaf.dtype.itemsize}"
         centroid_dtype = next(
@@ -432,11 +481,17 @@ def _encode_codebook(
             for dtype in _CENTROID_DTYPES.values()
             if np.array_equal(values.astype(dtype).astype(leaf.dtype).view(bits), values.view(bits))
         )
+    with np.errstate(over="ignore"):
+        stored = values.astype(centroid_dtype.newbyteorder("<"))
+    if not np.isfinite(stored).all():
+        raise ValueError(
+            f"codebook for {name!r} has centroids that overflow centroid_dtype={centroid_dtype}"
+        )
     out = bytearray()
     _encode_positions(out, positions, index_bits)
     _write_stream(out, np.searchsorted(used, kept), used.size)
     out += _CENTROID_TAGS[centroid_dtype]
-    out += values.astype(centroid_dtype.newbyteorder("<")).tobytes()
+    out += stored.tobytes()
     return bytes(out)
 
 
@@ -487,76 +542,6 @@ def _encode_leaf(
     return record, payload
 
 
-def _decode_leaf(
-    name: str, record: list, payload: bytes, *, materialize: bool
-) -> tuple[np.ndarray | None, TensorInfo]:
-    """Check a section and account for its bytes; build the dense leaf only if ``materialize``."""
-    method, shape = record[0], tuple(record[1])
-    dtype, stored = _record_dtypes(record)
-    size = math.prod(shape)
-    reader = _Reader(payload, f"tensor {name!r}")
-    index_bytes = value_bytes = codebook_bytes = 0
-    index_bits = weight_bits = 0.0
-    if method == "r":
-        raw = np.frombuffer(reader.read(size * stored.itemsize), stored.newbyteorder("<"))
-        kept, value_bytes, weight_bits = size, reader.pos, 8.0 * stored.itemsize
-    else:
-        bits = reader.read(1)[0]
-        if not 1 <= bits <= _MAX_INDEX_BITS:
-            raise ArchiveError(f"tensor {name!r}: index width {bits} not in [1, {_MAX_INDEX_BITS}]")
-        gaps, position_bits = _read_stream(reader, 1 << bits)
-        positions = _positions(gaps, bits, size, reader.what)
-        kept, index_bytes = positions.size, reader.pos
-        if method == "q":
-            value_symbols, value_bits = _read_stream(reader, max(kept, 1))
-            if value_symbols.size != kept:
-                raise ArchiveError(
-                    f"tensor {name!r}: {value_symbols.size} codebook indices for "
-                    f"{kept} kept positions (inconsistent lengths)"
-                )
-            value_bytes = reader.pos - index_bytes
-            tag = reader.read(1)
-            if tag not in _CENTROID_DTYPES:
-                raise ArchiveError(f"tensor {name!r}: unknown centroid dtype tag {tag!r}")
-            centroid_dtype = _CENTROID_DTYPES[tag].newbyteorder("<")
-            num_centroids = int(value_symbols.max()) + 1 if kept else 0
-            centroids = np.frombuffer(
-                reader.read(num_centroids * centroid_dtype.itemsize), centroid_dtype
-            )
-            codebook_bytes = reader.pos - index_bytes - value_bytes
-            weight_bits = value_bits / max(kept, 1)
-        else:
-            values = np.frombuffer(reader.read(kept * dtype.itemsize), dtype.newbyteorder("<"))
-            value_bytes, weight_bits = reader.pos - index_bytes, 8.0 * dtype.itemsize
-        index_bits = position_bits / max(kept, 1)
-    if reader.pos != len(payload):
-        raise ArchiveError(
-            f"tensor {name!r}: {len(payload) - reader.pos} unexpected bytes at "
-            "the end of its section (inconsistent lengths)"
-        )
-    info = TensorInfo(
-        name,
-        shape,
-        dtype.name,
-        _METHODS[method],
-        size,
-        kept,
-        weight_bits,
-        index_bits,
-        index_bytes,
-        value_bytes,
-        codebook_bytes,
-        len(payload) + 4,
-    )
-    if not materialize:
-        return None, info
-    if method == "r":
-        return raw.astype(dtype).reshape(shape), info
-    flat = np.zeros(size, dtype)
-    flat[positions] = centroids.astype(dtype)[value_symbols] if method == "q" else values
-    return flat.reshape(shape), info
-
-
 # ----------------------------------------------------------------------------- tree <-> header
 
 
@@ -574,6 +559,10 @@ def _container_key(key: Any, name: str) -> tuple[bool, Any]:
         raise TypeError(f"leaf {name!r}: cannot store key {key!r}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
         raise TypeError(f"leaf {name!r}: dict keys must be str or int; got {value!r}")
+    if not isinstance(value, str) and not _MIN_INT_KEY <= value < _MAX_INT_KEY:
+        raise ValueError(
+            f"leaf {name!r}: integer dict keys must lie in [-2**31, 2**31); got {value!r}"
+        )
     return False, value if isinstance(value, str) else int(value)
 
 
@@ -607,7 +596,16 @@ def _to_json(node: Any) -> Any:
     return {"#": [[k, _to_json(v)] for k, v in node.items.items()]}
 
 
-def _header_tree(paths: list[tuple], records: list[list]) -> Any:
+def _is_empty(node: Any) -> bool:
+    """``None`` or an empty container: kept in the header (``null``, ``{}``, ``[]``)."""
+    return node is None or (isinstance(node, (Mapping, list, tuple)) and not node)
+
+
+def _empty_json(node: Any) -> Any:
+    return None if node is None else {} if isinstance(node, Mapping) else []
+
+
+def _header_tree(paths: list[tuple], records: list[Any]) -> Any:
     if len(paths) == 1 and not paths[0]:
         return records[0]
     root = None
@@ -627,81 +625,6 @@ def _header_tree(paths: list[tuple], records: list[list]) -> Any:
             else:
                 node = node.items.setdefault(key, _Node(steps[depth + 1][0]))
     return _to_json(root if root is not None else _Node(False))
-
-
-def _read_tree(node: Any, path: tuple, leaves: list) -> Any:
-    """Rebuild the tree with placeholders; collect (path, record) in order."""
-    if isinstance(node, list) and node and isinstance(node[0], str):
-        _check_record(node, path)
-        leaves.append((path, node))
-        return len(leaves) - 1
-    if isinstance(node, list):
-        return [
-            None if child is None else _read_tree(child, (*path, i), leaves)
-            for i, child in enumerate(node)
-        ]
-    if isinstance(node, dict) and set(node) == {"#"} and isinstance(node["#"], list):
-        items = node["#"]
-        if not all(
-            isinstance(i, list)
-            and len(i) == 2
-            and isinstance(i[0], (str, int))
-            and not isinstance(i[0], bool)
-            for i in items
-        ):
-            raise ArchiveError("header: malformed mapping entry")
-        _check_unique([k for k, _ in items], f"the mapping at {'/'.join(map(str, path))!r}")
-        return {k: _read_tree(v, (*path, k), leaves) for k, v in items}
-    if isinstance(node, dict):
-        return {k: _read_tree(v, (*path, k), leaves) for k, v in node.items()}
-    raise ArchiveError(f"header: unexpected node {node!r:.40} at {'/'.join(map(str, path))!r}")
-
-
-def _check_unique(keys: list, where: str) -> None:
-    if len(set(keys)) != len(keys):
-        duplicate = next(k for i, k in enumerate(keys) if k in keys[:i])
-        raise ArchiveError(f"header: key {duplicate!r} appears twice in {where}")
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refusing duplicate keys (``json`` would keep the last silently)."""
-    _check_unique([k for k, _ in pairs], "a JSON object")
-    return dict(pairs)
-
-
-def _check_record(record: list, path: tuple) -> None:
-    name = "/".join(map(str, path))
-    ok = (
-        3 <= len(record) <= 5
-        and record[0] in _METHODS
-        and isinstance(record[1], list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in record[1])
-        and isinstance(record[2], int)
-        and not isinstance(record[2], bool)
-        and record[2] >= 4
-        and all(isinstance(c, str) and c in _DTYPES for c in record[3:])
-    )
-    if not ok:
-        raise ArchiveError(f"header: malformed record for tensor {name!r}: {record!r:.80}")
-    shape = record[1]
-    if len(shape) > MAX_NDIM:
-        raise ArchiveError(
-            f"header: tensor {name!r} has {len(shape)} dimensions; "
-            f"this reader accepts at most {MAX_NDIM}"
-        )
-    if max(shape, default=0) > MAX_ELEMENTS or math.prod(shape) > MAX_ELEMENTS:
-        raise ArchiveError(
-            f"header: tensor {name!r} has shape {shape!r:.80}; this reader accepts at most "
-            f"2**{MAX_ELEMENTS.bit_length() - 1} elements (and as many per dimension)"
-        )
-
-
-def _fill(node: Any, arrays: list) -> Any:
-    if isinstance(node, int):
-        return arrays[node]
-    if isinstance(node, list):
-        return [None if child is None else _fill(child, arrays) for child in node]
-    return {k: _fill(v, arrays) for k, v in node.items()}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -768,16 +691,22 @@ def dumps(
     options = _check_options(index_bits, raw_dtype, centroid_dtype)
     metadata = _check_metadata(metadata)
     codebooks = dict(codebooks or {})
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    names = [tree_lib.path_name(path) for path, _ in flat]
+    # None and empty containers are kept as header nodes; arrays are the leaves.
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_empty)
+    arrays = [(path, leaf) for path, leaf in flat if not _is_empty(leaf)]
+    names = [tree_lib.path_name(path) for path, _ in arrays]
     unknown = sorted(set(codebooks) - set(names))
     if unknown:
         raise ValueError(f"codebooks names {unknown} are not leaves of params; leaves: {names}")
-    flags = jax.tree.leaves(tree_lib.select(params, where))
+    flags = iter(jax.tree.leaves(tree_lib.select(params, where)))
     records, sections = [], bytearray()
-    for (_, leaf), name, flag in zip(flat, names, flags, strict=True):
+    for path, leaf in flat:
+        if _is_empty(leaf):
+            records.append(_empty_json(leaf))
+            continue
+        name = tree_lib.path_name(path)
         record, payload = _encode_leaf(
-            name, _as_array(leaf, name), flag, codebooks.get(name), options
+            name, _as_array(leaf, name), next(flags), codebooks.get(name), options
         )
         records.append(record)
         sections += payload + zlib.crc32(payload).to_bytes(4, "little")
@@ -787,6 +716,13 @@ def dumps(
     text = json.dumps(header, separators=(",", ":")).encode()
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICTIONARY)
     compressed = packer.compress(text) + packer.flush()
+    try:  # never write what the reader refuses
+        if len(text) > MAX_HEADER_BYTES:
+            raise ArchiveError(f"the header would take {len(text):,} bytes of JSON")
+        _check_header_size(text, len(compressed))
+        _read_document(header)
+    except ArchiveError as err:
+        raise ValueError(f"params and metadata exceed the archive reader's limits: {err}") from None
     out = bytearray(MAGIC)
     out.append(VERSION)
     _put_varint(out, len(compressed))
@@ -945,7 +881,353 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> int:
     return len(data)
 
 
-def _parse(data: bytes, *, materialize: bool) -> tuple[Any, list[np.ndarray | None], ArchiveInfo]:
+# ----------------------------------------------------------------------------- reader
+#
+# Every check a reader makes lives below, in the order it runs: header size
+# and shape (_inflate_header, _check_header_size, _read_document), records
+# (_check_record), the decoded size (_check_decoded_size), sections
+# (_scan_section, _read_stream, _check_code), then values (_finish_section).
+# A new stream coding or stored dtype adds its case to these functions.
+
+
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _inflate_header(compressed: bytes) -> bytes:
+    unpacker = zlib.decompressobj(-15, zdict=HEADER_DICTIONARY)
+    text = unpacker.decompress(compressed, MAX_HEADER_BYTES + 1)
+    if len(text) > MAX_HEADER_BYTES:
+        raise ArchiveError(
+            f"archive header inflates to more than {MAX_HEADER_BYTES:,} bytes, "
+            "the reader's limit (MAX_HEADER_BYTES)"
+        )
+    if not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data:
+        raise ArchiveError("archive header: compressed JSON is truncated or has trailing data")
+    return text
+
+
+def _header_node_limit(compressed_bytes: int) -> int:
+    return min(MAX_HEADER_NODES, _HEADER_NODE_FLOOR + _HEADER_NODES_PER_BYTE * compressed_bytes)
+
+
+def _check_header_size(text: bytes, compressed_bytes: int) -> None:
+    """Bound the JSON values the header can hold before parsing it.
+
+    Every value or key but the first follows a ``,``, ``:``, ``[`` or ``{``,
+    so counting those (also inside strings) bounds the objects ``json``
+    builds, in one pass over the text.
+    """
+    nodes = 1 + sum(text.count(c) for c in (b",", b":", b"[", b"{"))
+    limit = _header_node_limit(compressed_bytes)
+    if nodes > limit:
+        raise ArchiveError(
+            f"archive header may hold {nodes:,} JSON values; this reader accepts at most "
+            f"{limit:,} for {compressed_bytes:,} compressed bytes (min({MAX_HEADER_NODES:,}, "
+            f"{_HEADER_NODE_FLOOR:,} + {_HEADER_NODES_PER_BYTE} per compressed byte))"
+        )
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing duplicate keys (``json`` would keep the last silently)."""
+    obj = dict(pairs)  # str keys: hashes are salted per process, so this is linear
+    if len(obj) != len(pairs):
+        _raise_duplicate([k for k, _ in pairs], "a JSON object")
+    return obj
+
+
+def _raise_duplicate(keys: list, where: str) -> None:
+    seen: set = set()
+    for key in keys:
+        if key in seen:
+            raise ArchiveError(f"header: key {key!r:.80} appears twice in {where}")
+        seen.add(key)
+
+
+def _check_depth(node: Any, depth: int, where: str) -> None:
+    if depth > MAX_DEPTH:
+        raise ArchiveError(f"header: {where} nests deeper than {MAX_DEPTH} levels")
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        _check_depth(child, depth + 1, where)
+
+
+def _read_document(document: Any) -> tuple[Any, list[tuple[tuple, list]], dict | None]:
+    """(skeleton, [(path, record)], metadata) of a parsed header; checks everything in it."""
+    metadata = None
+    if isinstance(document, dict) and set(document) == {_META_KEY, _TREE_KEY}:
+        metadata, document = document[_META_KEY], document[_TREE_KEY]
+        if not isinstance(metadata, dict):
+            raise ArchiveError("archive header: metadata is not a JSON object")
+        _check_depth(metadata, 1, "the metadata")
+    leaves: list = []
+    return _read_tree(document, (), leaves, 0), leaves, metadata
+
+
+def _read_tree(node: Any, path: tuple, leaves: list, depth: int) -> Any:
+    """Rebuild the tree with placeholders (leaf indices); collect (path, record) in order."""
+    if depth > MAX_DEPTH:
+        raise ArchiveError(f"header: the tree nests deeper than {MAX_DEPTH} levels")
+    if node is None:
+        return None
+    if isinstance(node, list) and node and isinstance(node[0], str):
+        _check_record(node, _name(path))
+        leaves.append((path, node))
+        return len(leaves) - 1
+    if isinstance(node, list):
+        return [_read_tree(child, (*path, i), leaves, depth + 1) for i, child in enumerate(node)]
+    if isinstance(node, dict) and set(node) == {"#"} and isinstance(node["#"], list):
+        items = node["#"]
+        for item in items:
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and (
+                    isinstance(item[0], str)
+                    or (type(item[0]) is int and _MIN_INT_KEY <= item[0] < _MAX_INT_KEY)
+                )
+            ):
+                raise ArchiveError(
+                    f"header: malformed mapping entry {item!r:.80} at {_name(path)!r:.80}; "
+                    f"keys are strings or integers in [-2**31, 2**31)"
+                )
+        # Integer keys are bounded, so their hashes are distinct: building the dict is linear.
+        tree = {k: _read_tree(v, (*path, k), leaves, depth + 1) for k, v in items}
+        if len(tree) != len(items):
+            _raise_duplicate([k for k, _ in items], f"the mapping at {_name(path)!r:.80}")
+        return tree
+    if isinstance(node, dict):
+        return {k: _read_tree(v, (*path, k), leaves, depth + 1) for k, v in node.items()}
+    raise ArchiveError(f"header: unexpected node {node!r:.40} at {_name(path)!r:.80}")
+
+
+def _check_record(record: list, name: str) -> None:
+    ok = (
+        3 <= len(record) <= 5
+        and record[0] in _METHODS
+        and isinstance(record[1], list)
+        and all(type(d) is int and d >= 0 for d in record[1])
+        and type(record[2]) is int
+        and record[2] >= 4
+        and all(isinstance(c, str) and c in _DTYPES for c in record[3:])
+    )
+    if not ok:
+        raise ArchiveError(f"header: malformed record for tensor {name!r:.80}: {record!r:.80}")
+    method, shape, _, *codes = record
+    if len(shape) > MAX_NDIM:
+        raise ArchiveError(
+            f"header: tensor {name!r:.80} has {len(shape)} dimensions; "
+            f"this reader accepts at most {MAX_NDIM}"
+        )
+    if max(shape, default=0) > MAX_ELEMENTS or math.prod(shape) > MAX_ELEMENTS:
+        raise ArchiveError(
+            f"header: tensor {name!r:.80} has shape {shape!r:.80}; this reader accepts at most "
+            f"2**{MAX_ELEMENTS.bit_length() - 1} elements (and as many per dimension)"
+        )
+    # One encoding per value: the dtype fields are present exactly when the writer writes them.
+    if codes == ["f4"] or (
+        len(codes) == 2
+        and (method != "r" or codes[0] == codes[1] or not set(codes) <= _RAW_FLOAT_CODES)
+    ):
+        raise ArchiveError(
+            f"header: tensor {name!r:.80} has dtype fields {codes}, which the writer never "
+            "writes: 'f4' is implied, and a stored dtype differs from the dtype only for "
+            "raw float leaves (both of f2, bfloat16, f4, f8)"
+        )
+    if method == "q" and codes and codes[0] not in _RAW_FLOAT_CODES:
+        raise ArchiveError(
+            f"header: codebook tensor {name!r:.80} has dtype {codes[0]}; codebook leaves are "
+            "floating (f2, bfloat16, f4, f8)"
+        )
+
+
+def _check_decoded_size(leaves: list[tuple[tuple, list]], max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    total = sum(math.prod(record[1]) * _record_dtypes(record)[0].itemsize for _, record in leaves)
+    if total > max_bytes:
+        raise ArchiveError(
+            f"archive decodes to {total:,} bytes, more than max_bytes={max_bytes:,} "
+            "(pass a larger max_bytes, or None, to read it)"
+        )
+
+
+def _check_max_bytes(max_bytes: Any) -> None:
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0
+    ):
+        raise ValueError(
+            f"max_bytes must be None or a non-negative integer; got max_bytes={max_bytes!r}"
+        )
+
+
+class _Section(NamedTuple):
+    """A tensor's section, located and checked; its streams are decoded later, all at once."""
+
+    name: str
+    record: list
+    index_bits: int  # width of a relative index; 0 for raw
+    streams: list[_Stream]  # the position stream, then a codebook's value stream
+    values: bytes  # raw: every value; sparse: the kept values; codebook: the centroids
+    centroid_dtype: np.dtype | None
+    index_bytes: int
+    value_bytes: int
+    codebook_bytes: int
+
+
+def _scan_section(name: str, record: list, payload: bytes) -> _Section:
+    method, shape = record[0], record[1]
+    dtype, stored = _record_dtypes(record)
+    reader = _Reader(payload, f"tensor {name!r:.80}")
+    index_bits = index_bytes = codebook_bytes = 0
+    streams, centroid_dtype = [], None
+    if method == "r":
+        values = reader.read(math.prod(shape) * stored.itemsize)
+        value_bytes = reader.pos
+    else:
+        index_bits = reader.read(1)[0]
+        if not 1 <= index_bits <= _MAX_INDEX_BITS:
+            raise ArchiveError(
+                f"{reader.what}: index width {index_bits} not in [1, {_MAX_INDEX_BITS}]"
+            )
+        streams.append(_read_stream(reader, 1 << index_bits, "position stream"))
+        index_bytes = reader.pos
+        item = dtype
+        if method == "q":
+            streams.append(_read_stream(reader, None, "value stream"))
+            value_bytes = reader.pos - index_bytes
+            tag = reader.read(1)
+            if tag not in _CENTROID_DTYPES:
+                raise ArchiveError(f"{reader.what}: unknown centroid dtype tag {tag!r}")
+            item = centroid_dtype = _CENTROID_DTYPES[tag]
+        rest = len(payload) - reader.pos
+        if rest % item.itemsize:
+            raise ArchiveError(
+                f"{reader.what}: {rest} bytes of values are not a whole number of {item} values"
+            )
+        values = reader.read(rest)
+        if method == "q":
+            codebook_bytes = len(payload) - index_bytes - value_bytes
+            table = streams[1].lengths.size
+            if rest // item.itemsize != table:
+                raise ArchiveError(
+                    f"{reader.what}: {rest // item.itemsize} centroids for a value code "
+                    f"of {table} symbols (inconsistent lengths)"
+                )
+        else:
+            value_bytes = rest
+    if reader.pos != len(payload):
+        raise ArchiveError(
+            f"{reader.what}: {len(payload) - reader.pos} unexpected bytes at "
+            "the end of its section (inconsistent lengths)"
+        )
+    return _Section(
+        name,
+        record,
+        index_bits,
+        streams,
+        values,
+        centroid_dtype,
+        index_bytes,
+        value_bytes,
+        codebook_bytes,
+    )
+
+
+def _positions(symbols: np.ndarray, index_bits: int, size: int, what: str) -> np.ndarray:
+    """Kept positions from relative indices (fillers advance by 2**bits - 1)."""
+    filler = (1 << index_bits) - 1
+    if symbols.size and symbols[-1] == filler:
+        raise ArchiveError(f"{what}: position stream ends with a filler symbol")
+    is_filler = symbols == filler
+    ends = symbols.astype(np.int64)
+    ends += 1
+    ends[is_filler] = filler
+    np.cumsum(ends, out=ends)
+    ends -= 1
+    positions = ends[~is_filler]
+    if positions.size and positions[-1] >= size:
+        raise ArchiveError(f"{what}: kept position {positions[-1]} outside a tensor of {size}")
+    return positions
+
+
+def _finish_section(
+    section: _Section, symbols: list[np.ndarray], *, materialize: bool
+) -> tuple[np.ndarray | None, TensorInfo]:
+    """Check the decoded values; build the dense leaf only if ``materialize``."""
+    name, record = section.name, section.record
+    method, shape = record[0], tuple(record[1])
+    dtype, stored = _record_dtypes(record)
+    size = math.prod(shape)
+    what = f"tensor {name!r:.80}"
+    index_bits = weight_bits = 0.0
+    positions = values = None
+    if method == "r":
+        values = np.frombuffer(section.values, stored.newbyteorder("<"))
+        kept, weight_bits = size, 8.0 * stored.itemsize
+        if dtype == np.bool_ and values.view(np.uint8).max(initial=0) > 1:
+            raise ArchiveError(f"{what}: a bool byte other than 0 or 1")
+    else:
+        positions = _positions(symbols[0], section.index_bits, size, what)
+        kept = positions.size
+        index_bits = section.streams[0].encoded.num_bits / max(kept, 1)
+        if method == "q":
+            ranks = symbols[1]
+            if ranks.size != kept:
+                raise ArchiveError(
+                    f"{what}: {ranks.size} codebook indices for {kept} kept positions "
+                    "(inconsistent lengths)"
+                )
+            assert section.centroid_dtype is not None
+            centroids = np.frombuffer(section.values, section.centroid_dtype.newbyteorder("<"))
+            with np.errstate(over="ignore"):
+                cast = centroids.astype(dtype)
+            if not (np.isfinite(centroids).all() and np.isfinite(cast.astype(np.float64)).all()):
+                raise ArchiveError(f"{what}: a centroid is not finite in {dtype}")
+            if kept and np.bincount(ranks, minlength=centroids.size).min() == 0:
+                raise ArchiveError(f"{what}: a stored centroid is used by no weight")
+            values = cast[ranks]
+            weight_bits = section.streams[1].encoded.num_bits / max(kept, 1)
+        else:
+            values = np.frombuffer(section.values, dtype.newbyteorder("<"))
+            if values.size != kept:
+                raise ArchiveError(
+                    f"{what}: {values.size} values for {kept} kept positions (inconsistent lengths)"
+                )
+            bits = values.view(f"u{dtype.itemsize}")
+            if kept and (bits.min() == 0 or (dtype == np.bool_ and bits.max() > 1)):
+                raise ArchiveError(
+                    f"{what}: a kept value is zero"
+                    + (" or a bool byte above 1" * (dtype == np.bool_))
+                )
+            weight_bits = 8.0 * dtype.itemsize
+    info = TensorInfo(
+        name,
+        shape,
+        dtype.name,
+        _METHODS[method],
+        size,
+        kept,
+        weight_bits,
+        index_bits,
+        section.index_bytes,
+        section.value_bytes,
+        section.codebook_bytes,
+        record[2],
+    )
+    if not materialize:
+        return None, info
+    if positions is None:
+        return values.astype(dtype).reshape(shape), info
+    flat = np.zeros(size, dtype)
+    flat[positions] = values
+    return flat.reshape(shape), info
+
+
+def _parse(
+    data: bytes, *, materialize: bool, max_bytes: int | None
+) -> tuple[Any, list[np.ndarray | None], ArchiveInfo]:
+    _check_max_bytes(max_bytes)
     data = bytes(data)
     if len(data) <= len(MAGIC) and MAGIC.startswith(data):
         raise ArchiveError(f"truncated archive: {len(data)} bytes")
@@ -958,27 +1240,22 @@ def _parse(data: bytes, *, materialize: bool) -> tuple[Any, list[np.ndarray | No
             f"unsupported archive format version {data[len(MAGIC)]}; "
             f"this reader supports version {VERSION}"
         )
-    reader = _Reader(data[len(MAGIC) + 1 :], "archive header")
+    reader = _Reader(data, "archive header", len(MAGIC) + 1)
     try:
         compressed = reader.read(reader.varint())
-        unpacker = zlib.decompressobj(-15, zdict=HEADER_DICTIONARY)
-        text = unpacker.decompress(compressed, _MAX_HEADER)
-        if not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data:
-            raise ArchiveError("archive header: compressed JSON is truncated or has trailing data")
-        leaves: list = []
-        document, metadata = json.loads(text, object_pairs_hook=_unique_object), None
-        if isinstance(document, dict) and set(document) == {_META_KEY, _TREE_KEY}:
-            metadata, document = document[_META_KEY], document[_TREE_KEY]
-            if not isinstance(metadata, dict):
-                raise ArchiveError("archive header: metadata is not a JSON object")
-        skeleton = _read_tree(document, (), leaves)
+        text = _inflate_header(compressed)
+        _check_header_size(text, len(compressed))
+        skeleton, leaves, metadata = _read_document(
+            json.loads(text, object_pairs_hook=_unique_object)
+        )
     except (ArchiveError, zlib.error, ValueError, RecursionError) as err:
         if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
             raise ArchiveError(
                 f"archive is corrupt or truncated: CRC32 of the file does not match ({err})"
             ) from err
         raise ArchiveError(f"archive header is malformed: {err}") from err
-    start = len(MAGIC) + 1 + reader.pos
+    _check_decoded_size(leaves, max_bytes)
+    start = reader.pos
     expected = start + sum(record[2] for _, record in leaves) + 4
     if expected != len(data):
         raise ArchiveError(
@@ -987,25 +1264,26 @@ def _parse(data: bytes, *, materialize: bool) -> tuple[Any, list[np.ndarray | No
         )
     if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
         raise ArchiveError("archive is corrupt: CRC32 of the file does not match")
-    arrays, infos = [], []
+    sections = []
     for path, record in leaves:
-        name = "/".join(map(str, path))
-        section = data[start : start + record[2]]
+        name = _name(path)
+        payload = data[start : start + record[2] - 4]
         start += record[2]
-        payload = section[:-4]
-        if zlib.crc32(payload) != int.from_bytes(section[-4:], "little"):
-            raise ArchiveError(f"tensor {name!r}: section CRC32 does not match")
+        if zlib.crc32(payload) != int.from_bytes(data[start - 4 : start], "little"):
+            raise ArchiveError(f"tensor {name!r:.80}: section CRC32 does not match")
+        sections.append(_scan_section(name, record, payload))
+    decoded = iter(_decode_streams([s for section in sections for s in section.streams]))
+    arrays, infos = [], []
+    for section in sections:
+        symbols = [next(decoded) for _ in section.streams]
         try:
-            array, info = _decode_leaf(name, record, payload, materialize=materialize)
-        except ArchiveError:
-            raise
-        except (ValueError, IndexError) as err:
-            raise ArchiveError(f"tensor {name!r}: {err}") from err
+            array, info = _finish_section(section, symbols, materialize=materialize)
         except (MemoryError, OverflowError) as err:
+            record = section.record
             needed = math.prod(record[1]) * _record_dtypes(record)[0].itemsize
             raise ArchiveError(
-                f"tensor {name!r} of shape {tuple(record[1])} needs {needed:,} bytes, "
-                f"more than can be allocated ({type(err).__name__})"
+                f"tensor {section.name!r:.80} of shape {tuple(record[1])} needs {needed:,} "
+                f"bytes, more than can be allocated ({type(err).__name__})"
             ) from err
         arrays.append(array)
         infos.append(info)
@@ -1013,42 +1291,69 @@ def _parse(data: bytes, *, materialize: bool) -> tuple[Any, list[np.ndarray | No
     return skeleton, arrays, ArchiveInfo(infos, header_bytes, len(data), metadata)
 
 
-def loads(data: bytes) -> PyTree:
+def _fill(node: Any, arrays: list) -> Any:
+    if node is None:
+        return None
+    if isinstance(node, int):
+        return arrays[node]
+    if isinstance(node, list):
+        return [_fill(child, arrays) for child in node]
+    return {k: _fill(v, arrays) for k, v in node.items()}
+
+
+def loads(data: bytes, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> PyTree:
     """Parameters from archive bytes (see :func:`load`)."""
-    skeleton, arrays, _ = _parse(data, materialize=True)
+    skeleton, arrays, _ = _parse(data, materialize=True, max_bytes=max_bytes)
     return _fill(skeleton, arrays)
 
 
-def load(path: str | os.PathLike) -> PyTree:
+def load(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> PyTree:
     """Read an archive written by :func:`save`.
+
+    Every byte is treated as untrusted (CRC32s catch damage, not forgery):
+    the reader's time and memory grow with the file's size, declared sizes
+    are checked before anything is allocated, and a value the writer would
+    never write is refused (see ``docs/archive-format.md``, "What a reader
+    accepts").
 
     Args:
       path: the archive file.
+      max_bytes: the most bytes the loaded leaves may take together (their
+        shapes times their itemsizes), checked from the header before any
+        section is read; ``None`` for no limit. Default: 4 GiB
+        (:data:`DEFAULT_MAX_BYTES`).
 
     Returns:
       The parameters as nested ``dict`` / ``list`` of NumPy arrays, with the
-      saved shapes, dtypes and keys (``str`` or ``int``); tuples come back as
-      lists and an NNX state as its pure dict (restore it with
+      saved shapes, dtypes and keys (``str`` or ``int``); ``None`` and empty
+      containers where the tree held them; tuples come back as lists and an
+      NNX state as its pure dict (restore it with
       ``nnx.replace_by_pure_dict``). Values are bit-exact, except leaves cast
       by ``raw_dtype`` or ``centroid_dtype``.
 
     Raises:
       ArchiveError: if the file is not an archive, has an unknown version, is
         truncated, fails a CRC32 or consistency check, exceeds a reader limit
-        (e.g. more than :data:`MAX_ELEMENTS` elements in a tensor; see
-        ``docs/archive-format.md``), or holds a tensor too large to allocate.
+        (e.g. more than :data:`MAX_ELEMENTS` elements in a tensor) or
+        ``max_bytes``, holds an encoding the writer never produces, or holds a
+        tensor too large to allocate.
+      ValueError: if ``max_bytes`` is not ``None`` or a non-negative integer.
     """
     with open(path, "rb") as file:
-        return loads(file.read())
+        return loads(file.read(), max_bytes=max_bytes)
 
 
-def inspect(source: str | os.PathLike | bytes) -> ArchiveInfo:
+def inspect(
+    source: str | os.PathLike | bytes, *, max_bytes: int | None = DEFAULT_MAX_BYTES
+) -> ArchiveInfo:
     """Per-tensor storage and byte accounting of an archive (a path or its bytes).
 
     The bytes of the tensors' sections plus ``header_bytes`` equal the file
     size; ``ArchiveInfo.table()`` prints them Deep-Compression style. Every
-    check of :func:`load` runs, but no dense tensor is built, so the memory
-    used grows with the file's size, not with the tensors' shapes.
+    check of :func:`load` runs, ``max_bytes`` included, but no dense tensor is
+    built, so the memory used grows with the file's size, not with the
+    tensors' shapes (pass ``max_bytes=None`` to account for an archive too
+    large to load).
 
     Raises:
       ArchiveError: as :func:`load`.
@@ -1056,4 +1361,4 @@ def inspect(source: str | os.PathLike | bytes) -> ArchiveInfo:
     if not isinstance(source, (bytes, bytearray, memoryview)):
         with open(source, "rb") as file:
             source = file.read()
-    return _parse(source, materialize=False)[2]
+    return _parse(source, materialize=False, max_bytes=max_bytes)[2]

@@ -527,10 +527,12 @@ def test_forged_shapes_beyond_the_reader_limits_raise_archive_error(shape, match
 
 def test_inspect_accounts_for_a_huge_sparse_tensor_without_building_it():
     shape = [2**20, 2**20]  # 8 TiB of float64 zeros, described by a 6-byte section
-    info = archive.inspect(empty_sparse(shape)).tensors[0]
+    info = archive.inspect(empty_sparse(shape), max_bytes=None).tensors[0]
     assert (info.shape, info.size, info.kept, info.method) == (tuple(shape), 2**40, 0, "sparse")
     assert info.index_bytes + info.value_bytes + info.codebook_bytes + 4 == info.nbytes
     assert archive.inspect(empty_sparse([0, 2**40])).tensors[0].size == 0
+    with pytest.raises(ArchiveError, match=r"decodes to 8,796,093,022,208 bytes, more than"):
+        archive.inspect(empty_sparse(shape))
 
 
 def test_a_tensor_too_large_to_allocate_raises_archive_error_with_its_size(monkeypatch):
@@ -543,7 +545,7 @@ def test_a_tensor_too_large_to_allocate_raises_archive_error_with_its_size(monke
 
     monkeypatch.setattr(np, "zeros", no_large_zeros)
     with pytest.raises(ArchiveError, match=r"tensor 'w' of shape \(65536, 65536\) needs 34,359"):
-        archive.loads(empty_sparse([2**16, 2**16]))
+        archive.loads(empty_sparse([2**16, 2**16]), max_bytes=None)
 
 
 def stream(symbols, lengths, width=5):
@@ -570,7 +572,8 @@ def stream(symbols, lengths, width=5):
 @pytest.mark.parametrize(("longest", "accepted"), [(15, True), (16, False), (24, False)])
 def test_code_lengths_beyond_the_writers_limit_raise_archive_error(longest, accepted):
     values = np.array([1.0, 2.0], "<f4")
-    payload = bytes([16]) + stream([0, 0], [1, longest]) + values.tobytes()
+    lengths = [*range(1, longest + 1), longest]  # a complete code: lengths 1..longest, longest twice
+    payload = bytes([16]) + stream([0, 0], lengths) + values.tobytes()
     data = forge({"w": ["s", [4], len(payload) + 4]}, [payload])
     if accepted:
         assert_bit_exact(archive.loads(data)["w"], np.array([1.0, 2.0, 0.0, 0.0], np.float32))
