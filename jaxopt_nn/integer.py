@@ -1,0 +1,899 @@
+"""Integer inference: int8 layers that compute ``int8 x int8 -> int32``.
+
+A quantized weight only makes a model faster if the product itself runs on
+integers. :class:`Int8Linear` and :class:`Int8Conv` hold symmetric int8
+weights with one float32 scale per output channel and quantize their input
+to int8 on the fly; the product is an ``int8 x int8 -> int32``
+``lax.dot_general`` / ``lax.conv_general_dilated`` followed by one fused
+float32 rescale and the bias:
+
+.. math::
+  s_x = \\frac{r_x}{127}, \\quad q_x = \\operatorname{clip}(\\operatorname{round}(x / s_x),
+  -127, 127), \\quad s_w = \\frac{\\max_{i} |W_{i,o}|}{127}, \\quad
+  y = (q_x q_W)\\, s_x s_w + b.
+
+The activation range :math:`r_x` is either **dynamic** (default): the
+absolute maximum of each row of a dense input (each token) or of each example
+of a convolution input, computed at every call; or **static**: one number per
+layer recorded by :func:`calibrate` (absolute maximum or a percentile of
+``|x|`` over calibration batches), larger inputs saturate at
+:math:`\\pm 127 s_x`.
+
+Error bound (symmetric rounding to nearest, no saturation): every element is
+off by at most half a step, :math:`|x - s_x q_x| \\le s_x / 2` and
+:math:`|W - s_w q_W| \\le s_w / 2`, so each output of a layer with reduction
+size :math:`K` satisfies
+
+.. math::
+  |y - \\hat y| \\le \\tfrac{1}{2} \\sum_k \\left(s_x |W_{k,o}| + s_{w,o} |x_k|\\right)
+  + \\tfrac{K}{4} s_x s_{w,o}
+  \\le \\tfrac{K}{127}\\, r_x \\max_k |W_{k,o}|\\, \\left(1 + \\tfrac{1}{254}\\right),
+
+plus the float32 rounding of the rescale (the int32 sum is exact while
+:math:`K \\cdot 127^2 < 2^{31}`, i.e. :math:`K < 133{,}143`). A saturated
+static input adds :math:`|x_k| - r_x` per clipped element.
+
+Conversion: :func:`to_int8` returns a new model in which the chosen
+``nnx.Linear`` / ``nnx.Conv`` layers are int8 twins; :func:`fold_batchnorm`
+first folds each batch norm into the convolution before it (ResNet).
+Quantization-aware training that matches the int8 model: :func:`to_qat`
+wraps the same layers in :class:`FakeQuant`, which applies
+:func:`jaxopt_nn.quantization.fake_quant` with exactly the scales and rounding
+of the int8 layers; ``to_int8(to_qat(model))`` gives the same logits up to
+float32 rounding.
+
+When int8 loses: quantizing the input, the int32 product and the rescale cost
+more than a float32 product for small layers and small batches. With
+``fallback=True`` (default) :func:`to_int8` keeps a layer in float32 unless
+its product is large enough (see :func:`int8_plan`, which says why for each
+layer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from jaxopt_nn.quantization import _affine_params, _codes, fake_quant
+
+_BITS = 8
+_QMAX = 2 ** (_BITS - 1) - 1  # 127: symmetric codes in [-127, 127]
+_METHODS = ("absmax", "percentile")
+# The fallback rule (int8_plan): int8 when a call multiplies at least
+# _MIN_ROWS rows (batch x output pixels) by a weight of at least _MIN_WEIGHT
+# elements (K x N). Measured with benchmarks/integer.py (see the README).
+_MIN_ROWS = 16
+_MIN_WEIGHT = 16_384
+_SUPPORTED = (nnx.Linear, nnx.Conv)
+_LAX_PADDING = ("SAME", "VALID")
+
+Where = Callable[[str, nnx.Module], bool] | Iterable[str] | None
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def _symmetric_scale(bound: jax.Array) -> jax.Array:
+    """``bound / 127``, computed exactly as :func:`~jaxopt_nn.quantization.fake_quant` does."""
+    scale, _, _, _ = _affine_params(-bound, bound, _BITS, True)
+    return scale
+
+
+def _to_int8(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``clip(round(x / scale), -127, 127)`` as int8 (0 where ``scale == 0``)."""
+    return _codes(x, scale, jnp.zeros((), jnp.int32), _BITS, True).astype(jnp.int8)
+
+
+def quantize_weight(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 codes and per-output-channel scales of a kernel.
+
+    The output channels are the last axis (Dense ``(in, out)``, conv
+    ``HWIO``); the scale is :math:`\\max |W_{\\cdot, o}| / 127` and the codes
+    are ``clip(round(W / s), -127, 127)``, the same numbers as
+    ``quantize(kernel, 8, axis=-1, symmetric=True)``.
+
+    Args:
+      kernel: a floating-point kernel, output channels last.
+
+    Returns:
+      ``(codes, scale)``: int8 of the kernel's shape and float32 of shape ``(out,)``.
+
+    Example:
+      >>> codes, scale = quantize_weight(jnp.array([[1.0, -0.5], [-2.0, 0.25]]))
+      >>> codes
+      Array([[  64, -127],
+             [-127,   64]], dtype=int8)
+      >>> scale * 127
+      Array([2. , 0.5], dtype=float32)
+    """
+    kernel = jnp.asarray(kernel)
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise TypeError(f"kernel must be floating point; got dtype={kernel.dtype}")
+    reduce = tuple(range(kernel.ndim - 1))
+    bound = jnp.max(jnp.abs(kernel.astype(jnp.float32)), axis=reduce, keepdims=True)
+    scale = _symmetric_scale(bound)
+    return _to_int8(kernel, scale), scale.reshape(-1)
+
+
+def _row_scale(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Dynamic scale: ``max |x| / 127`` over ``axes`` (kept as size 1)."""
+    return _symmetric_scale(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True))
+
+
+# --------------------------------------------------------------------------- products
+
+
+class _ConvSpec:
+    """The static configuration of an ``nnx.Conv`` that a product needs."""
+
+    def __init__(self, layer: nnx.Conv, name: str):
+        rank = len(layer.kernel_size)
+
+        def broadcast(value: int | Sequence[int] | None) -> tuple[int, ...]:
+            if value is None:
+                return (1,) * rank
+            return (value,) * rank if isinstance(value, int) else tuple(value)
+
+        padding = layer.padding
+        if isinstance(padding, str):
+            if padding not in _LAX_PADDING:
+                raise ValueError(
+                    f"layer {name!r}: padding={padding!r} is not supported by int8 "
+                    f"convolutions; allowed: {_LAX_PADDING} or explicit (low, high) pairs"
+                )
+        elif isinstance(padding, int):
+            padding = ((padding, padding),) * rank
+        else:
+            padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+        self.rank = rank
+        self.strides = broadcast(layer.strides)
+        self.padding = padding
+        self.input_dilation = broadcast(layer.input_dilation)
+        self.kernel_dilation = broadcast(layer.kernel_dilation)
+        self.groups = int(layer.feature_group_count)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, spec: Any, preferred: Any) -> jax.Array:
+    """Channels-last convolution (``N...C`` input, ``...IO`` kernel) as ``nnx.Conv``."""
+    spatial = tuple(range(1, x.ndim - 1))
+    numbers = lax.ConvDimensionNumbers(
+        (0, x.ndim - 1, *spatial),
+        (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)),
+        (0, x.ndim - 1, *spatial),
+    )
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        spec.strides,
+        spec.padding,
+        lhs_dilation=spec.input_dilation,
+        rhs_dilation=spec.kernel_dilation,
+        dimension_numbers=numbers,
+        feature_group_count=spec.groups,
+        preferred_element_type=preferred,
+    )
+
+
+def _dense(x: jax.Array, kernel: jax.Array, preferred: Any) -> jax.Array:
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return lax.dot_general(x, kernel, dims, preferred_element_type=preferred)
+
+
+def _channels_last(v: jax.Array, ndim: int) -> jax.Array:
+    return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def _flatten_batch(x: jax.Array, rank: int) -> tuple[jax.Array, tuple[int, ...] | None]:
+    """Inputs with 0 or 2+ batch axes as one batch axis (as ``nnx.Conv``), and the shape back."""
+    batch_axes = x.ndim - rank - 1
+    if batch_axes == 1:
+        return x, None
+    return x.reshape((-1, *x.shape[batch_axes:])), x.shape[:batch_axes]
+
+
+def _restore_batch(y: jax.Array, batch_shape: tuple[int, ...] | None) -> jax.Array:
+    return y if batch_shape is None else y.reshape(batch_shape + y.shape[1:])
+
+
+# --------------------------------------------------------------------------- int8 layers
+
+
+def _input_scale(input_range: Any) -> nnx.Variable | None:
+    if input_range is None:
+        return None
+    bound = jnp.asarray(input_range, jnp.float32).reshape(())
+    return nnx.Param(_symmetric_scale(bound))
+
+
+def _check_layer(layer: Any, kind: type, name: str) -> None:
+    if not isinstance(layer, kind):
+        raise TypeError(f"{name} must be an {kind.__qualname__}; got {type(layer).__name__}")
+
+
+class Int8Linear(nnx.Module):
+    """A dense layer computing ``int8 x int8 -> int32`` (see the module docstring).
+
+    Build it from a float layer with :meth:`from_linear` (or let
+    :func:`to_int8` do it). ``kernel`` holds int8 codes ``(in, out)``,
+    ``scale`` the float32 per-output-channel weight scales, ``bias`` the
+    float32 bias (or ``None``) and ``input_scale`` the static activation scale
+    (a float32 scalar; ``None`` for dynamic per-row scales). Inputs have shape
+    ``(..., in)``; each row (each vector along the last axis) gets its own
+    dynamic scale, so the layer gives the same result under ``jax.vmap``.
+
+    Example:
+      >>> dense = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> q = Int8Linear.from_linear(dense)
+      >>> q.kernel.dtype, q.scale.shape, q.input_scale
+      (dtype('int8'), (3,), None)
+      >>> x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+      >>> bool(jnp.allclose(q(x), dense(x), atol=0.02))
+      True
+    """
+
+    def __init__(
+        self,
+        kernel: jax.Array,
+        scale: jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        input_scale: jax.Array | None = None,
+    ):
+        kernel, scale = jnp.asarray(kernel), jnp.asarray(scale, jnp.float32)
+        if kernel.dtype != jnp.int8 or kernel.ndim != 2:
+            raise ValueError(
+                f"kernel must be a 2-D int8 array (in, out); got {kernel.dtype} {kernel.shape}"
+            )
+        if scale.shape != kernel.shape[-1:]:
+            raise ValueError(f"scale must have shape {kernel.shape[-1:]}; got {scale.shape}")
+        self.kernel = nnx.Param(kernel)
+        self.scale = nnx.Param(scale)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
+        self.input_scale = (
+            None if input_scale is None else nnx.Param(jnp.asarray(input_scale, jnp.float32))
+        )
+
+    @classmethod
+    def from_linear(cls, layer: nnx.Linear, *, input_range: Any = None) -> Int8Linear:
+        """The int8 twin of ``layer``; ``input_range`` (a positive number) makes it static."""
+        _check_layer(layer, nnx.Linear, "layer")
+        codes, scale = quantize_weight(layer.kernel[...])
+        bias = None if layer.bias is None else layer.bias[...]
+        scale_var = _input_scale(input_range)
+        return cls(codes, scale, bias, input_scale=None if scale_var is None else scale_var[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``(..., in) -> (..., out)`` float32."""
+        x = jnp.asarray(x)
+        if self.input_scale is None:
+            s_x = _row_scale(x, (x.ndim - 1,))
+        else:
+            s_x = self.input_scale[...].reshape((1,) * x.ndim)
+        acc = _dense(_to_int8(x, s_x), self.kernel[...], jnp.int32)
+        y = acc.astype(jnp.float32) * (s_x * _channels_last(self.scale[...], x.ndim))
+        if self.bias is not None:
+            y = y + _channels_last(self.bias[...], y.ndim)
+        return y
+
+
+class Int8Conv(nnx.Module):
+    """A convolution computing ``int8 x int8 -> int32`` (see the module docstring).
+
+    Build it with :meth:`from_conv`. ``kernel`` holds int8 codes in the
+    float layer's layout (``HWIO`` for 2-D), ``scale`` the float32
+    per-output-channel scales, ``bias`` the float32 bias or ``None``,
+    ``input_scale`` the static activation scale or ``None`` (dynamic: one
+    scale per example, i.e. per leading batch element; an input without a
+    batch axis is one example). Strides, padding (``'SAME'``, ``'VALID'`` or
+    explicit pairs), dilations and feature groups are those of the float
+    layer; a pruning ``mask`` of the float layer is applied before
+    quantizing.
+
+    Example:
+      >>> conv = nnx.Conv(2, 4, (3, 3), rngs=nnx.Rngs(0))
+      >>> q = Int8Conv.from_conv(conv)
+      >>> q.kernel.shape, q.kernel.dtype, q.scale.shape, q.padding
+      ((3, 3, 2, 4), dtype('int8'), (4,), 'SAME')
+    """
+
+    def __init__(
+        self,
+        kernel: jax.Array,
+        scale: jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        strides: Sequence[int],
+        padding: str | Sequence[tuple[int, int]],
+        input_dilation: Sequence[int],
+        kernel_dilation: Sequence[int],
+        feature_group_count: int = 1,
+        input_scale: jax.Array | None = None,
+    ):
+        kernel, scale = jnp.asarray(kernel), jnp.asarray(scale, jnp.float32)
+        if kernel.dtype != jnp.int8 or kernel.ndim < 3:
+            raise ValueError(
+                f"kernel must be an int8 array (*window, in, out); got {kernel.dtype} "
+                f"{kernel.shape}"
+            )
+        if scale.shape != kernel.shape[-1:]:
+            raise ValueError(f"scale must have shape {kernel.shape[-1:]}; got {scale.shape}")
+        self.rank = kernel.ndim - 2
+        self.strides = tuple(strides)
+        self.padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+        self.input_dilation = tuple(input_dilation)
+        self.kernel_dilation = tuple(kernel_dilation)
+        self.groups = int(feature_group_count)
+        self.kernel = nnx.Param(kernel)
+        self.scale = nnx.Param(scale)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
+        self.input_scale = (
+            None if input_scale is None else nnx.Param(jnp.asarray(input_scale, jnp.float32))
+        )
+
+    @classmethod
+    def from_conv(
+        cls, layer: nnx.Conv, *, input_range: Any = None, name: str = "layer"
+    ) -> Int8Conv:
+        """The int8 twin of ``layer``; ``input_range`` (a positive number) makes it static.
+
+        Raises:
+          ValueError: for padding modes other than ``'SAME'``, ``'VALID'`` and
+            explicit pairs (``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``).
+        """
+        _check_layer(layer, nnx.Conv, "layer")
+        spec = _ConvSpec(layer, name)
+        kernel = layer.kernel[...]
+        if layer.mask is not None:
+            kernel = kernel * layer.mask
+        codes, scale = quantize_weight(kernel)
+        bias = layer.bias[...] if layer.use_bias and layer.bias is not None else None
+        scale_var = _input_scale(input_range)
+        return cls(
+            codes,
+            scale,
+            bias,
+            strides=spec.strides,
+            padding=spec.padding,
+            input_dilation=spec.input_dilation,
+            kernel_dilation=spec.kernel_dilation,
+            feature_group_count=spec.groups,
+            input_scale=None if scale_var is None else scale_var[...],
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``(batch..., *spatial, in) -> (batch..., *spatial', out)`` float32."""
+        x, batch_shape = _flatten_batch(jnp.asarray(x), self.rank)
+        if x.ndim == self.rank + 1:
+            x = x[None]
+            batch_shape = ()
+        if self.input_scale is None:
+            s_x = _row_scale(x, tuple(range(1, x.ndim)))
+        else:
+            s_x = self.input_scale[...].reshape((1,) * x.ndim)
+        acc = _conv(_to_int8(x, s_x), self.kernel[...], self, jnp.int32)
+        y = acc.astype(jnp.float32) * (s_x * _channels_last(self.scale[...], x.ndim))
+        if self.bias is not None:
+            y = y + _channels_last(self.bias[...], y.ndim)
+        return _restore_batch(y, batch_shape)
+
+
+# --------------------------------------------------------------------------- QAT twin
+
+
+class QuantRange(nnx.Variable):
+    """A static activation range of :class:`FakeQuant` (not an ``nnx.Param``: not trained)."""
+
+
+class FakeQuant(nnx.Module):
+    """A float ``nnx.Linear``/``nnx.Conv`` with the int8 layer's fake quantization.
+
+    The forward pass quantizes and dequantizes the input and the kernel with
+    :func:`jaxopt_nn.quantization.fake_quant` using exactly the scales and
+    rounding of :class:`Int8Linear` / :class:`Int8Conv` (8 bits, symmetric,
+    per-output-channel weights, per-row or per-example dynamic inputs, or the
+    static ``input_range``), then runs the float product; the gradient is the
+    straight-through estimator, so the wrapped layer's ``nnx.Param`` leaves
+    train with any optimizer. :func:`to_int8` turns it into the int8 layer.
+
+    Attributes:
+      layer: the wrapped float layer (trainable).
+      input_range: static activation range, a :class:`QuantRange` float32
+        scalar that optimizers over ``nnx.Param`` leave alone, or ``None``
+        (dynamic).
+    """
+
+    def __init__(
+        self, layer: nnx.Linear | nnx.Conv, *, input_range: Any = None, name: str = "layer"
+    ):
+        if not isinstance(layer, _SUPPORTED):
+            raise TypeError(f"layer must be an nnx.Linear or nnx.Conv; got {type(layer).__name__}")
+        if isinstance(layer, nnx.Conv):
+            _ConvSpec(layer, name)  # refuses unsupported padding now, not when traced
+        self.layer = layer
+        self.input_range = (
+            None
+            if input_range is None
+            else QuantRange(jnp.asarray(input_range, jnp.float32).reshape(()))
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The float layer applied to fake-quantized input and kernel."""
+        layer = self.layer
+        x = jnp.asarray(x).astype(jnp.float32)
+        rank = 0 if isinstance(layer, nnx.Linear) else len(layer.kernel_size)
+        batch_shape = None
+        if rank:
+            x, batch_shape = _flatten_batch(x, rank)
+            if x.ndim == rank + 1:
+                x, batch_shape = x[None], ()
+        if self.input_range is None:
+            kept = tuple(range(x.ndim - 1)) if not rank else 0
+            x = fake_quant(x, _BITS, axis=kept, symmetric=True)
+        else:
+            bound = self.input_range[...]
+            x = fake_quant(x, _BITS, symmetric=True, clip=(-bound, bound))
+        kernel = layer.kernel[...]
+        if rank and layer.mask is not None:
+            kernel = kernel * layer.mask
+        kernel = fake_quant(kernel, _BITS, axis=kernel.ndim - 1, symmetric=True)
+        if rank:
+            y = _conv(x, kernel, _ConvSpec(layer, "layer"), None)
+        else:
+            y = _dense(x, kernel, None)
+        if layer.bias is not None and getattr(layer, "use_bias", True):
+            y = y + _channels_last(layer.bias[...], y.ndim)
+        return _restore_batch(y, batch_shape)
+
+
+# --------------------------------------------------------------------------- model surgery
+
+
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _modules(model: nnx.Module) -> list[tuple[str, tuple, Any]]:
+    """``(name, path, module)`` for every module under ``model`` (not ``model`` itself)."""
+    found = [
+        (_name(path), tuple(path), node)
+        for path, node in nnx.iter_graph(model)
+        if path and isinstance(node, nnx.Module)
+    ]
+    return sorted(found, key=lambda item: len(item[1]))  # outermost first
+
+
+def _get(root: Any, path: tuple) -> Any:
+    node = root
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
+
+
+def _set(root: Any, path: tuple, value: Any) -> None:
+    parent, key = _get(root, path[:-1]), path[-1]
+    if isinstance(key, int):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+
+
+def _selector(where: Where) -> Callable[[str, Any], bool]:
+    if where is None:
+        return lambda name, module: isinstance(module, (*_SUPPORTED, FakeQuant))
+    if callable(where):
+        return where
+    if isinstance(where, str) or not isinstance(where, Iterable):
+        raise TypeError(
+            f"where must be None, a callable (name, module) -> bool or a collection of "
+            f"layer names; got where={where!r}"
+        )
+    names = set(where)
+    return lambda name, module: name in names
+
+
+def _selected(model: nnx.Module, where: Where) -> list[tuple[str, tuple, Any]]:
+    """The chosen layers (outermost first; nothing inside a chosen layer), checked."""
+    select = _selector(where)
+    found, chosen = {}, []
+    for name, path, module in _modules(model):
+        found[name] = module
+        if any(path[: len(p)] == p for _, p, _ in chosen):
+            continue
+        if not select(name, module):
+            continue
+        if not isinstance(module, (*_SUPPORTED, FakeQuant)):
+            raise TypeError(
+                f"layer {name!r} is an {type(module).__name__}; int8 conversion supports "
+                "nnx.Linear and nnx.Conv (and their FakeQuant wrappers)"
+            )
+        chosen.append((name, path, module))
+    if where is not None and not callable(where):
+        missing = sorted(set(where) - set(found))
+        if missing:
+            raise ValueError(f"where names layers the model lacks: {missing}")
+    return chosen
+
+
+class _Recorder(nnx.Module):
+    """Calls ``layer`` and hands its input to ``record`` (eager runs only)."""
+
+    def __init__(self, layer: nnx.Module, record: Callable[[jax.Array], None]):
+        self.layer = layer
+        self.record = record
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self.record(jnp.asarray(x))
+        return self.layer(x)
+
+
+def _layer_inputs(
+    model: nnx.Module, chosen: list, batches: Iterable[Any], reduce: Callable[[jax.Array], Any]
+) -> dict[str, list]:
+    """Run ``model`` eagerly on ``batches`` and collect ``reduce(input)`` of each chosen layer."""
+    probe = nnx.clone(model)
+    seen: dict[str, list] = {name: [] for name, _, _ in chosen}
+    for name, path, _ in chosen:
+        _set(probe, path, _Recorder(_get(probe, path), seen[name].append))
+    _eval_mode(probe)
+    count = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, tuple) else batch
+        probe(jnp.asarray(x))
+        count += 1
+    if not count:
+        raise ValueError("batches must hold at least one batch; got none")
+    return {name: [reduce(x) for x in inputs] for name, inputs in seen.items()}
+
+
+def _eval_mode(model: nnx.Module) -> None:
+    if hasattr(model, "eval"):
+        model.eval()
+
+
+def calibrate(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    method: str = "absmax",
+    percentile: float = 99.99,
+    where: Where = None,
+) -> dict[str, jax.Array]:
+    """Static activation ranges of the layers :func:`to_int8` will convert.
+
+    Runs ``model`` (a copy, in eval mode, eagerly) on ``batches`` and records
+    the input range of each chosen layer: the largest ``|x|`` over all
+    batches (``'absmax'``), or the ``percentile`` of ``|x|`` in each batch,
+    averaged over the batches (``'percentile'``, which clips rare outliers and
+    gives the bulk of the values a finer step).
+
+    Args:
+      model: the float model (or its :func:`to_qat` twin).
+      batches: an iterable of input arrays (or ``(x, y)`` tuples).
+      method: ``'absmax'`` or ``'percentile'``.
+      percentile: in ``(0, 100]``, used by ``'percentile'``.
+      where: the layers (as :func:`to_int8`).
+
+    Returns:
+      ``{layer name: float32 range}``, e.g. ``{'fc1': Array(3.2, dtype=float32)}``.
+
+    Raises:
+      ValueError: for an unknown ``method``, ``percentile`` out of range, or no batch.
+      TypeError: if ``where`` selects a layer that is not supported.
+
+    Example:
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+      >>> calibrate(model, [jnp.array([[1.0, -4.0]]), jnp.array([[2.0, 0.5]])])
+      {'layers/0': Array(4., dtype=float32)}
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}; got method={method!r}")
+    if (
+        isinstance(percentile, bool)
+        or not isinstance(percentile, (int, float))
+        or not (0 < percentile <= 100)
+    ):
+        raise ValueError(f"percentile must be a number in (0, 100]; got percentile={percentile!r}")
+    chosen = _selected(model, where)
+
+    def reduce(x: jax.Array) -> jax.Array:
+        a = jnp.abs(x.astype(jnp.float32))
+        return jnp.max(a) if method == "absmax" else jnp.percentile(a, percentile)
+
+    ranges = _layer_inputs(model, chosen, batches, reduce)
+    combine = jnp.max if method == "absmax" else jnp.mean
+    return {name: combine(jnp.stack(values)).astype(jnp.float32) for name, values in ranges.items()}
+
+
+def _float_layer(module: Any) -> Any:
+    return module.layer if isinstance(module, FakeQuant) else module
+
+
+def _plan_one(layer: Any, rows: int | None) -> str:
+    kernel_shape = layer.kernel.shape
+    weight = math.prod(kernel_shape)
+    if weight < _MIN_WEIGHT:
+        return f"float32 (weight {weight:,} < {_MIN_WEIGHT:,} elements)"
+    if rows is not None and rows < _MIN_ROWS:
+        return f"float32 ({rows} rows per call < {_MIN_ROWS})"
+    return "int8"
+
+
+def int8_plan(
+    model: nnx.Module, *, where: Where = None, example: jax.Array | None = None
+) -> dict[str, str]:
+    """Which chosen layers :func:`to_int8` makes int8 and which stay float32, and why.
+
+    The rule (from ``benchmarks/integer.py`` on CPUs): the int8 path costs a
+    pass over the input (absolute maximum, divide, round) and over the output
+    (rescale) on top of the product, so it pays off only for large products.
+    A layer becomes int8 when its weight has at least 16,384 elements
+    (``K x N``: LeNet-300-100's ``fc3`` of 100 x 10 stays float32) and, if
+    ``example`` is given, each call multiplies at least 16 rows (batch times
+    output pixels for a convolution; batch-1 dense inference stays float32).
+    Without ``example`` the row count is unknown and only the weight size
+    counts.
+
+    Args:
+      model: the float model.
+      where: the layers (as :func:`to_int8`).
+      example: an input batch of the size you will serve (optional).
+
+    Returns:
+      ``{layer name: 'int8' or 'float32 (reason)'}`` for every chosen layer.
+
+    Example:
+      >>> from jaxopt_nn.models import LeNet300100
+      >>> int8_plan(LeNet300100(64, rngs=nnx.Rngs(0)))
+      {'fc1': 'int8', 'fc2': 'int8', 'fc3': 'float32 (weight 1,000 < 16,384 elements)'}
+    """
+    chosen = _selected(model, where)
+    rows: dict[str, int | None] = {name: None for name, _, _ in chosen}
+    if example is not None:
+        shapes = _layer_inputs(model, chosen, [example], lambda x: x.shape)
+        for name, _, module in chosen:
+            layer = _float_layer(module)
+            shape = shapes[name][0]
+            if isinstance(layer, nnx.Conv):
+                out = jax.eval_shape(layer, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+                rows[name] = math.prod(out[:-1])
+            else:
+                rows[name] = math.prod(shape[:-1])
+    return {name: _plan_one(_float_layer(module), rows[name]) for name, _, module in chosen}
+
+
+def _check_calibration(calibration: Any, chosen: list) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    if not isinstance(calibration, Mapping):
+        raise TypeError(
+            f"calibration must be None or a mapping from layer name to range (from calibrate); "
+            f"got {type(calibration).__name__}"
+        )
+    names = [name for name, _, _ in chosen]
+    missing = sorted(set(names) - set(calibration))
+    if missing:
+        raise ValueError(
+            f"calibration lacks ranges for layers {missing}; it has {sorted(calibration)}"
+        )
+    for name in names:
+        value = np.asarray(calibration[name])
+        if value.size != 1 or not np.isfinite(value).all() or float(value) <= 0:
+            raise ValueError(
+                f"calibration[{name!r}] must be a positive finite number; got {value!r}"
+            )
+    return dict(calibration)
+
+
+def to_qat(
+    model: nnx.Module, calibration: Mapping[str, Any] | None = None, where: Where = None
+) -> nnx.Module:
+    """A copy of ``model`` for quantization-aware training that matches :func:`to_int8`.
+
+    Each chosen ``nnx.Linear``/``nnx.Conv`` is wrapped in :class:`FakeQuant`
+    (its float weights stay trainable ``nnx.Param`` leaves under
+    ``<name>/layer``). After training, ``to_int8(qat_model, ...)`` gives an
+    int8 model whose logits equal the QAT model's up to float32 rounding
+    (the same codes and scales; only the order of the float sums differs).
+
+    Args:
+      model: the float model (not modified).
+      calibration: static ranges from :func:`calibrate`, or ``None`` for
+        dynamic activation scales.
+      where: the layers (as :func:`to_int8`).
+
+    Returns:
+      The new model; it shares no variable with ``model``.
+
+    Example:
+      >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+      >>> qat = to_qat(model)
+      >>> x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+      >>> q = to_int8(qat, fallback=False)
+      >>> bool(jnp.allclose(qat(x), q(x), rtol=1e-5, atol=1e-6))
+      True
+    """
+    chosen = _selected(model, where)
+    ranges = _check_calibration(calibration, chosen)
+    out = nnx.clone(model)
+    for name, path, module in chosen:
+        if isinstance(module, FakeQuant):
+            continue
+        layer = _get(out, path)
+        bound = None if ranges is None else ranges[name]
+        _set(out, path, FakeQuant(layer, input_range=bound, name=name))
+    return out
+
+
+def to_int8(
+    model: nnx.Module,
+    calibration: Mapping[str, Any] | None = None,
+    where: Where = None,
+    *,
+    fallback: bool = True,
+    example: jax.Array | None = None,
+) -> nnx.Module:
+    """A new model whose chosen ``nnx.Linear``/``nnx.Conv`` layers compute in int8.
+
+    Each chosen layer becomes an :class:`Int8Linear` / :class:`Int8Conv`
+    (a :class:`FakeQuant` wrapper from :func:`to_qat` becomes the int8 twin of
+    its layer, with its static range unless ``calibration`` is given); every
+    other module is copied unchanged. The result shares no variable with
+    ``model``, which is left as it was. Fold batch norms first
+    (:func:`fold_batchnorm`) so that ResNet convolutions feed no float
+    normalisation.
+
+    Args:
+      model: the float (or QAT) model.
+      calibration: ``None`` for dynamic per-row / per-example activation
+        scales, or the static ranges from :func:`calibrate` (one per chosen layer).
+      where: ``None`` (every ``nnx.Linear``/``nnx.Conv``), a callable
+        ``(name, module) -> bool`` with names such as ``'fc1'`` or
+        ``'stages/0/1/conv1'``, or a collection of layer names.
+      fallback: keep a layer in float32 where int8 would be slower (the rule
+        of :func:`int8_plan`); ``False`` converts every chosen layer.
+      example: an input batch of the serving size, for the fallback rule.
+
+    Returns:
+      The converted model (in eval mode if it has batch norms).
+
+    Raises:
+      TypeError: if ``where`` selects a module that is not an ``nnx.Linear``
+        or ``nnx.Conv``, or ``calibration`` is not a mapping.
+      ValueError: for a convolution padding other than ``'SAME'``, ``'VALID'``
+        or explicit pairs, names the model lacks, or missing / non-positive
+        calibration ranges.
+
+    Example:
+      >>> from jaxopt_nn.models import LeNet300100
+      >>> model = LeNet300100(64, rngs=nnx.Rngs(0))
+      >>> q = to_int8(model)
+      >>> type(q.fc1).__name__, type(q.fc3).__name__, q.fc1.kernel.dtype
+      ('Int8Linear', 'Linear', dtype('int8'))
+    """
+    chosen = _selected(model, where)
+    ranges = _check_calibration(calibration, chosen)
+    plan = int8_plan(model, where=where, example=example) if fallback else None
+    out = nnx.clone(model)
+    for name, path, _ in chosen:
+        module = _get(out, path)
+        layer, bound = module, None if ranges is None else ranges[name]
+        if isinstance(module, FakeQuant):
+            layer = module.layer
+            if bound is None and module.input_range is not None:
+                bound = module.input_range[...]
+        if plan is not None and plan[name] != "int8":
+            _set(out, path, layer)
+            continue
+        if isinstance(layer, nnx.Linear):
+            _set(out, path, Int8Linear.from_linear(layer, input_range=bound))
+        else:
+            _set(out, path, Int8Conv.from_conv(layer, input_range=bound, name=name))
+    _eval_mode(out)
+    return out
+
+
+# --------------------------------------------------------------------------- batch-norm folding
+
+
+class Identity(nnx.Module):
+    """``x -> x``: what a batch norm becomes once :func:`fold_batchnorm` folded it."""
+
+    def __call__(self, x: jax.Array, **kwargs: Any) -> jax.Array:
+        del kwargs
+        return x
+
+
+def _bn_pairs(model: nnx.Module, pairs: Mapping[str, str] | None) -> list[tuple[tuple, tuple]]:
+    modules = {name: (path, module) for name, path, module in _modules(model)}
+    if pairs is None:
+        pairs = {}
+        for name, (path, module) in modules.items():
+            key = path[-1]
+            if isinstance(module, nnx.BatchNorm) and isinstance(key, str) and "bn" in key:
+                pairs[name] = _name((*path[:-1], key.replace("bn", "conv", 1)))
+    out = []
+    for bn_name, conv_name in pairs.items():
+        bn = modules.get(bn_name, (None, None))[1]
+        conv = modules.get(conv_name, (None, None))[1]
+        if not isinstance(bn, nnx.BatchNorm):
+            raise ValueError(f"{bn_name!r} is not an nnx.BatchNorm of the model")
+        if not isinstance(conv, nnx.Conv):
+            raise ValueError(
+                f"batch norm {bn_name!r} has no nnx.Conv {conv_name!r} to fold into; pass "
+                "pairs={batch norm name: conv name}"
+            )
+        if bn.mean.shape != conv.kernel.shape[-1:] or bn.axis not in (-1, conv.kernel.ndim - 1):
+            raise ValueError(
+                f"batch norm {bn_name!r} (features {bn.mean.shape}, axis {bn.axis}) does not "
+                f"normalise the output channels of {conv_name!r} ({conv.kernel.shape[-1]})"
+            )
+        out.append((modules[bn_name][0], modules[conv_name][0]))
+    return out
+
+
+def fold_batchnorm(model: nnx.Module, pairs: Mapping[str, str] | None = None) -> nnx.Module:
+    """A copy of ``model`` with each batch norm folded into the convolution before it.
+
+    With the running statistics (eval mode), ``bn(conv(x))`` equals a
+    convolution with
+
+    .. math::
+      W'_{\\cdot,o} = W_{\\cdot,o}\\, \\frac{\\gamma_o}{\\sqrt{\\sigma^2_o + \\epsilon}}, \\quad
+      b'_o = (b_o - \\mu_o) \\frac{\\gamma_o}{\\sqrt{\\sigma^2_o + \\epsilon}} + \\beta_o
+
+    (computed in float64, stored float32), and the batch norm becomes an
+    :class:`Identity`. The result is for inference: it has no batch
+    statistics left to train.
+
+    Args:
+      model: the model (not modified).
+      pairs: ``{batch norm name: conv name}``; default: every ``nnx.BatchNorm``
+        whose attribute name contains ``bn`` pairs with the sibling whose name
+        has ``conv`` in its place (``bn1 -> conv1``, ``stem_bn -> stem_conv``,
+        ``shortcut_bn -> shortcut_conv``: the models of :mod:`jaxopt_nn.models`).
+        The pairing must match the forward pass (the conv's output feeds the
+        batch norm directly).
+
+    Returns:
+      The folded copy.
+
+    Raises:
+      ValueError: if a batch norm has no such convolution, or normalises
+        another axis or feature count.
+
+    Example:
+      >>> from jaxopt_nn.models import ResidualBlock
+      >>> block = ResidualBlock(2, 4, rngs=nnx.Rngs(0))
+      >>> folded = fold_batchnorm(block)
+      >>> type(folded.bn1).__name__, folded.conv1.bias.shape, type(block.bn1).__name__
+      ('Identity', (4,), 'BatchNorm')
+    """
+    found = _bn_pairs(model, pairs)
+    out = nnx.clone(model)
+    for bn_path, conv_path in found:
+        bn, conv = _get(out, bn_path), _get(out, conv_path)
+        gamma = (
+            np.ones(bn.mean.shape) if bn.scale is None else np.asarray(bn.scale[...], np.float64)
+        )
+        beta = np.zeros(bn.mean.shape) if bn.bias is None else np.asarray(bn.bias[...], np.float64)
+        factor = gamma / np.sqrt(np.asarray(bn.var[...], np.float64) + bn.epsilon)
+        kernel = np.asarray(conv.kernel[...], np.float64)
+        if conv.mask is not None:
+            kernel = kernel * np.asarray(conv.mask)
+            conv.mask = None
+        bias = np.asarray(conv.bias[...], np.float64) if conv.use_bias else 0.0
+        conv.kernel = nnx.Param(jnp.asarray(kernel * factor, jnp.float32))
+        bias = (bias - np.asarray(bn.mean[...], np.float64)) * factor + beta
+        conv.bias = nnx.Param(jnp.asarray(bias, jnp.float32))
+        conv.use_bias = True
+        _set(out, bn_path, Identity())
+    _eval_mode(out)
+    return out
