@@ -144,10 +144,14 @@ class ArchiveInfo(NamedTuple):
         return self.original_bytes / self.file_bytes
 
     def table(self) -> str:
-        """Per-tensor table (Deep Compression style); the bytes column sums to the file size."""
+        """Per-tensor table (Deep Compression style); the bytes column sums to the file size.
+
+        Names are passed through :func:`printable`, so a crafted name cannot
+        move the cursor or forge rows on a terminal.
+        """
         rows = [
             [
-                t.name,
+                printable(t.name),
                 "x".join(map(str, t.shape)) or "()",
                 t.method,
                 t.size,
@@ -187,6 +191,23 @@ class ArchiveInfo(NamedTuple):
             "compression",
         ]
         return tree_lib.format_table(headers, rows)
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every non-printable character escaped as ``repr`` writes it.
+
+    Names and metadata come from the file, so anything printed from them goes
+    through here: terminal escape sequences, line breaks and bidirectional
+    overrides are shown, not obeyed.
+
+    Example:
+      >>> printable('fc1/kernel'), printable('a[2Jb
+')
+      ('fc1/kernel', 'a\x1b[2Jb\n')
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ----------------------------------------------------------------------------- bytes

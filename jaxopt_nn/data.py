@@ -15,9 +15,11 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
+
+DEFAULT_MAX_BYTES = 1 << 32  # default bound on the bytes a data file may declare
 
 
 class Dataset(NamedTuple):
@@ -146,36 +148,74 @@ _IDX_FILES = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    if path.suffix != ".gz":
-        return path.read_bytes()
-    try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as err:
-        # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError.
-        raise ValueError(f"{path}: corrupt or truncated gzip data ({err})") from err
+def _read_exactly(file: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end of the stream."""
+    parts, got = [], 0
+    while got < n:
+        part = file.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def _check_max_bytes(max_bytes: int | None) -> None:
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0
+    ):
+        raise ValueError(
+            f"max_bytes must be None or a non-negative integer; got max_bytes={max_bytes!r}"
+        )
+
+
+def _check_declared(source: object, shape: tuple, nbytes: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ValueError(
+            f"{source}: shape {shape} declares {nbytes:,} bytes, more than max_bytes={max_bytes:,}"
+        )
+
+
+def read_idx(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Read one IDX file (raw or ``.gz``) into a NumPy array.
 
     The header is two zero bytes, a type code, the number of dimensions, then
-    one big-endian uint32 per dimension; the data follows in C order.
+    one big-endian uint32 per dimension; the data follows in C order. The
+    header is checked first: a gzipped file is inflated as a stream, only as
+    far as the header's shape needs plus one byte (to refuse trailing data),
+    so a small file that inflates to gigabytes costs no more than its shape.
 
     Args:
       path: the file.
+      max_bytes: the most bytes the data may declare; ``None`` for no limit.
+        Default: 4 GiB (:data:`DEFAULT_MAX_BYTES`).
 
     Returns:
       The array, in native byte order.
 
     Raises:
       FileNotFoundError: if the file does not exist.
-      ValueError: if the magic number is wrong, the type code unknown, or the
-        data is truncated or followed by trailing bytes.
+      ValueError: naming the file, if the magic number is wrong, the type
+        code unknown, the declared size above ``max_bytes``, the gzip stream
+        corrupt, or the data truncated or followed by trailing bytes.
     """
+    _check_max_bytes(max_bytes)
     path = Path(path)
-    raw = _read_bytes(path)
+    gz = path.suffix == ".gz"
+    file = gzip.open(path, "rb") if gz else open(path, "rb")  # closed below
+    try:
+        return _read_idx_stream(file, path, gz, max_bytes)
+    except (OSError, EOFError, zlib.error) as err:
+        # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError.
+        raise ValueError(f"{path}: corrupt or truncated gzip data ({err})") from err
+    except MemoryError as err:
+        raise ValueError(f"{path}: the data does not fit in memory ({err})") from err
+    finally:
+        file.close()
+
+
+def _read_idx_stream(file: BinaryIO, path: Path, gz: bool, max_bytes: int | None) -> np.ndarray:
+    raw = _read_exactly(file, 4)
     if len(raw) < 4:
         raise ValueError(f"{path}: truncated header: {len(raw)} bytes, need at least 4")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -184,22 +224,31 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"type code TT in {sorted(f'{c:02x}' for c in _IDX_DTYPES)}"
         )
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated header: {len(raw)} bytes, need {header}")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dims = _read_exactly(file, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise ValueError(f"{path}: truncated header: {4 + len(dims)} bytes, need {4 + 4 * ndim}")
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     expected = math.prod(shape) * dtype.itemsize
-    found = len(raw) - header
-    if found < expected:
-        raise ValueError(
-            f"{path}: truncated data: shape {shape} needs {expected} bytes, found {found}"
-        )
-    if found > expected:
-        raise ValueError(
-            f"{path}: {found - expected} trailing bytes after the data of shape {shape}"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
+    _check_declared(path, shape, expected, max_bytes)
+    if not gz:  # the file's size tells at once
+        found = os.fstat(file.fileno()).st_size - 4 - 4 * ndim
+        if found > expected:
+            raise ValueError(
+                f"{path}: {found - expected} trailing bytes after the data of shape {shape}"
+            )
+    data = np.empty(expected, np.uint8)
+    view, got = memoryview(data), 0
+    while got < expected:
+        n = file.readinto(view[got:])
+        if not n:
+            raise ValueError(
+                f"{path}: truncated data: shape {shape} needs {expected} bytes, found {got}"
+            )
+        got += n
+    if file.read(1):
+        raise ValueError(f"{path}: trailing bytes after the data of shape {shape}")
+    array = data.view(dtype).reshape(shape)
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
 
 
 def _find_idx_file(directory: Path, stem: str) -> Path:
@@ -289,7 +338,12 @@ def _check_num_classes(num_classes: int | None) -> None:
         )
 
 
-def load_idx(directory: str | os.PathLike, *, num_classes: int | None = None) -> Dataset:
+def load_idx(
+    directory: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> Dataset:
     """Load an MNIST-format dataset from a directory of IDX files.
 
     The directory holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -300,6 +354,9 @@ def load_idx(directory: str | os.PathLike, *, num_classes: int | None = None) ->
       directory: the directory.
       num_classes: labels must lie in ``[0, num_classes)``; ``None`` infers it
         as ``max(y_train) + 1`` (the test labels are then checked against it).
+      max_bytes: the most bytes the four files' data may declare together
+        (checked from each header before its data is read); ``None`` for no
+        limit. Default: 4 GiB.
 
     Returns:
       A :class:`Dataset` with images of shape ``(N, H, W, 1)``.
@@ -313,20 +370,34 @@ def load_idx(directory: str | os.PathLike, *, num_classes: int | None = None) ->
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory of IDX files")
+    _check_max_bytes(max_bytes)
     paths = {key: _find_idx_file(directory, stem) for key, stem in _IDX_FILES.items()}
-    arrays = {key: read_idx(path) for key, path in paths.items()}
+    arrays = {}
+    for key, path in paths.items():
+        arrays[key] = read_idx(path, max_bytes=max_bytes)
+        if max_bytes is not None:
+            max_bytes -= arrays[key].nbytes
     return _checked_dataset(arrays, {k: str(p) for k, p in paths.items()}, num_classes)
 
 
-def load_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Dataset:
+def load_npz(
+    path: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> Dataset:
     """Load a dataset from an ``.npz`` file with ``x_train, y_train, x_test, y_test``.
 
     Images may be ``(N, H, W)`` or ``(N, H, W, C)``, uint8 (scaled to
     ``[0, 1]``) or floating point; labels are integers of shape ``(N,)``.
+    Each member's ``.npy`` header (shape and dtype) is checked against its
+    size in the zip directory and ``max_bytes`` before its data is inflated.
 
     Args:
-      path: the file (read with ``allow_pickle=False``).
+      path: the file (read without pickles).
       num_classes: as in :func:`load_idx`.
+      max_bytes: the most bytes the four arrays may declare together;
+        ``None`` for no limit. Default: 4 GiB.
 
     Returns:
       A :class:`Dataset`.
@@ -349,28 +420,73 @@ def load_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Data
       ((6, 4, 4, 1), 'int32', 3)
     """
     _check_num_classes(num_classes)
+    _check_max_bytes(max_bytes)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
+            raise ValueError(f"{path}: holds a single ndarray, not named arrays")
     try:
-        with open(path, "rb") as f:  # our handle: closed even if np.load fails
-            npz = np.load(f, allow_pickle=False)
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise ValueError(f"holds a single {type(npz).__name__}, not named arrays")
-            with npz:
-                found = sorted(npz.files)
-                arrays = {key: npz[key] for key in _IDX_FILES if key in found}
+        with zipfile.ZipFile(path) as npz:
+            members = {name.removesuffix(".npy"): npz.getinfo(name) for name in npz.namelist()}
+            missing = [key for key in _IDX_FILES if key not in members]
+            if missing:
+                raise _NpzRefusal(f"{path}: missing arrays {missing}; found {sorted(members)}")
+            for key in _IDX_FILES:  # every header first: nothing is inflated past them
+                max_bytes = _check_npy_member(npz, members[key], f"{path}[{key}]", max_bytes)
+            arrays = {}
+            for key in _IDX_FILES:
+                with npz.open(members[key]) as member:
+                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+    except _NpzRefusal as err:
+        raise ValueError(str(err)) from None
     except (ValueError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
-        # A pickle or unknown format is refused with ValueError by np.load.
         raise ValueError(f"{path}: not a valid or complete .npz archive ({err})") from err
-    missing = [key for key in _IDX_FILES if key not in arrays]
-    if missing:
-        raise ValueError(f"{path}: missing arrays {missing}; found {found}")
+    except MemoryError as err:
+        raise ValueError(f"{path}: the arrays do not fit in memory ({err})") from err
     sources = {key: f"{path}[{key}]" for key in _IDX_FILES}
     return _checked_dataset(arrays, sources, num_classes)
 
 
-def load(spec: str, *, num_classes: int | None = None) -> Dataset:
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class _NpzRefusal(ValueError):
+    """A member whose header the loader refuses; the message names it in full."""
+
+
+def _check_npy_member(
+    npz: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, max_bytes: int | None
+) -> int | None:
+    """Check one member's ``.npy`` header; return what is left of ``max_bytes``."""
+    with npz.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise _NpzRefusal(f"{source}: unsupported .npy format version {version}")
+        header = member.tell()
+    if dtype.hasobject:
+        raise _NpzRefusal(f"{source}: dtype {dtype} holds Python objects (pickles are refused)")
+    nbytes = math.prod(shape) * dtype.itemsize
+    try:
+        _check_declared(source, shape, nbytes, max_bytes)
+    except ValueError as err:
+        raise _NpzRefusal(str(err)) from None
+    if info.file_size != header + nbytes:
+        raise _NpzRefusal(
+            f"{source}: the member holds {info.file_size:,} bytes; its header of {header} bytes "
+            f"declares shape {shape} of {dtype}, {header + nbytes:,} bytes in all"
+        )
+    return None if max_bytes is None else max_bytes - nbytes
+
+
+def load(
+    spec: str, *, num_classes: int | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES
+) -> Dataset:
     """Load ``'digits'``, an IDX directory, or an ``.npz`` file.
 
     Args:
@@ -378,6 +494,7 @@ def load(spec: str, *, num_classes: int | None = None) -> Dataset:
         or a path ending in ``.npz`` (:func:`load_npz`).
       num_classes: passed to the file loaders; for ``'digits'`` it must be
         ``None`` or 10.
+      max_bytes: passed to the file loaders.
 
     Returns:
       A :class:`Dataset`.
@@ -402,7 +519,7 @@ def load(spec: str, *, num_classes: int | None = None) -> Dataset:
         return digits
     path = Path(spec)
     if path.is_dir():
-        return load_idx(path, num_classes=num_classes)
+        return load_idx(path, num_classes=num_classes, max_bytes=max_bytes)
     if not path.exists():
         raise FileNotFoundError(
             f"data {spec!r} not found: expected 'digits', an IDX directory or an .npz file"
@@ -411,4 +528,4 @@ def load(spec: str, *, num_classes: int | None = None) -> Dataset:
         raise ValueError(
             f"{path}: unsupported data file; expected 'digits', an IDX directory or an .npz file"
         )
-    return load_npz(path, num_classes=num_classes)
+    return load_npz(path, num_classes=num_classes, max_bytes=max_bytes)
