@@ -53,7 +53,36 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _at_least_two = _number(int, lambda v: v >= 2, "an integer >= 2")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _sparsity = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-_bits = _number(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
+# Codebook widths: pipeline.MAX_BITS (kept here to spare jax's import at parse time).
+_MAX_BITS = 16
+_bits = _number(int, lambda v: 1 <= v <= _MAX_BITS, f"an integer in [1, {_MAX_BITS}]")
+
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_count(text: str) -> int | None:
+    """``none``, or a byte count with an optional binary unit: ``4G``, ``512MiB``, ``1000``."""
+    if text.strip().lower() == "none":
+        return None
+    digits = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = digits[-1:] if digits[-1:] in _BYTE_UNITS else ""
+    number = digits.removesuffix(unit) if unit else digits
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"must be 'none' or a byte count such as 1000, 512M or 4GiB; got {text!r}"
+        )
+    return int(number) * _BYTE_UNITS[unit]
+
+
+def _add_max_bytes(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--max-bytes",
+        type=_byte_count,
+        default=1 << 32,
+        help=f"refuse {what} declaring more bytes than this, before reading it "
+        "(e.g. 512M, 16GiB, none); default: 4GiB",
+    )
 
 
 def _lenet300(in_shape: tuple[int, ...], num_classes: int, rngs):
@@ -133,6 +162,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         description="Train a model with Adam and print a table of train/test loss and accuracy.",
     )
     _add_training(parser, epochs=20, batch_size=128)
+    _add_max_bytes(parser, "a data file")
     parser.set_defaults(func=_train)
 
 
@@ -145,7 +175,7 @@ def _train(args: argparse.Namespace) -> None:
     from jaxopt_nn.optim import adam
     from jaxopt_nn.tree import count_params
 
-    dataset = data_lib.load(args.data)
+    dataset = data_lib.load(args.data, max_bytes=args.max_bytes)
     model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
     start = time.perf_counter()
     result = train_lib.fit(
@@ -230,11 +260,17 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         "--bits",
         type=_per_layer(_bits),
         default=None,
-        help="codebook bits in [1, 8] for every layer, or LAYER=B,...; default: fc 5, conv 8",
+        help=f"codebook bits in [1, {_MAX_BITS}] for every layer, or LAYER=B,...; "
+        "default: fc 5, conv 8",
     )
     parser.add_argument("--out", default="model.jnz", help="archive path; default: model.jnz")
     parser.add_argument("--plot", default=None, help="write a figure of the run (needs matplotlib)")
     parser.add_argument("--json", default=None, help="write the report as JSON")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="list every leaf in the per-layer table (default: raw leaves grouped)",
+    )
     parser.set_defaults(func=_compress)
 
 
@@ -272,7 +308,7 @@ def _compress(args: argparse.Namespace) -> None:
         metadata=metadata,
         progress=not args.quiet,
     )
-    print(report.table())
+    print(report.table(verbose=args.verbose))
     print()
     print(report.stage_table())
     if args.json is not None:
@@ -291,16 +327,18 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
         description="Check an archive's checksums and print how each tensor is stored.",
     )
     parser.add_argument("archive", help="a .jnz file written by 'compress'")
+    _add_max_bytes(parser, "an archive")
     parser.set_defaults(func=_inspect)
 
 
 def _inspect(args: argparse.Namespace) -> None:
     from jaxopt_nn import archive
 
-    info = archive.inspect(args.archive)
+    info = archive.inspect(args.archive, max_bytes=args.max_bytes)
     print(info.table())
     if info.metadata:
-        print("metadata: " + ", ".join(f"{k}={v}" for k, v in info.metadata.items()))
+        text = ", ".join(f"{k}={v}" for k, v in info.metadata.items())
+        print("metadata: " + archive.printable(text))
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
@@ -317,6 +355,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="the architecture; default: the one recorded in the archive",
     )
+    _add_max_bytes(parser, "an archive or data file")
     parser.set_defaults(func=_evaluate)
 
 
@@ -327,8 +366,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from jaxopt_nn import data as data_lib
     from jaxopt_nn import train as train_lib
 
-    info = archive.inspect(args.archive)
-    stored = archive.load(args.archive)
+    info = archive.inspect(args.archive, max_bytes=args.max_bytes)
+    stored = archive.load(args.archive, max_bytes=args.max_bytes)
     metadata = info.metadata or {}
     name = args.model or metadata.get("model")
     if name is None:
@@ -342,7 +381,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{args.archive} records num_classes={num_classes!r}; expected an int >= 1"
         )
-    dataset = data_lib.load(args.data, num_classes=num_classes)
+    dataset = data_lib.load(args.data, num_classes=num_classes, max_bytes=args.max_bytes)
     model = _make_model(name, dataset.in_shape, dataset.num_classes, 0)
     graphdef, like = train_lib.init_train_state(model, optax.identity())
     state = pipeline.restore_state(like, stored)
@@ -369,7 +408,9 @@ def _run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -
     try:
         func(args)
     except (ValueError, OSError, ImportError) as err:
-        message = " ".join(str(err).split())
+        from jaxopt_nn.archive import printable  # messages quote names read from files
+
+        message = printable(" ".join(str(err).split()))
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
