@@ -66,11 +66,13 @@ from jaxopt_nn.quantization import _affine_params, _codes, fake_quant
 _BITS = 8
 _QMAX = 2 ** (_BITS - 1) - 1  # 127: symmetric codes in [-127, 127]
 _METHODS = ("absmax", "percentile")
-# The fallback rule (int8_plan): int8 when a call multiplies at least
-# _MIN_ROWS rows (batch x output pixels) by a weight of at least _MIN_WEIGHT
-# elements (K x N). Measured with benchmarks/integer.py (see the README).
+# The fallback rule (int8_plan), measured with benchmarks/integer.py: int8
+# when a call multiplies at least _MIN_ROWS rows (batch x output pixels) and
+# the dense weight has at least _MIN_WEIGHT elements (K x N) or the
+# convolution window x input channels is at least _MIN_DEPTH.
 _MIN_ROWS = 16
 _MIN_WEIGHT = 16_384
+_MIN_DEPTH = 64
 _SUPPORTED = (nnx.Linear, nnx.Conv)
 _LAX_PADDING = ("SAME", "VALID")
 
@@ -179,6 +181,37 @@ def _conv(x: jax.Array, kernel: jax.Array, spec: Any, preferred: Any) -> jax.Arr
         feature_group_count=spec.groups,
         preferred_element_type=preferred,
     )
+
+
+def _patch_conv(x: jax.Array, kernel: jax.Array, spec: Any) -> jax.Array:
+    """``int8 x int8 -> int32`` convolution as one ``dot_general`` over im2col patches.
+
+    XLA's CPU convolution of int8 operands is slow for few channels (0.2x
+    float32 for a 3x3, 16 -> 16 convolution); gathering the
+    ``prod(window)`` shifted views of the padded input (int8, so cheap) and
+    contracting them with the ``(prod(window) * in, out)`` kernel in one
+    integer matrix product is what makes int8 convolutions pay off. Used for
+    ungrouped convolutions without input dilation (others go through
+    :func:`_conv`); the sums are exact integers, so both give the same result.
+    """
+    window = kernel.shape[:-2]
+    dilated = [(k - 1) * d + 1 for k, d in zip(window, spec.kernel_dilation, strict=True)]
+    pads = spec.padding
+    if isinstance(pads, str):
+        pads = lax.padtype_to_pads(x.shape[1:-1], dilated, spec.strides, pads)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], dilated, spec.strides, strict=True)]
+    views = []
+    for offset in np.ndindex(*window):
+        start = (0, *(o * d for o, d in zip(offset, spec.kernel_dilation, strict=True)), 0)
+        limit = (
+            x.shape[0],
+            *(b + (n - 1) * s + 1 for b, n, s in zip(start[1:-1], out, spec.strides, strict=True)),
+            x.shape[-1],
+        )
+        views.append(lax.slice(x, start, limit, (1, *spec.strides, 1)))
+    patches = jnp.concatenate(views, axis=-1)
+    return _dense(patches, kernel.reshape(-1, kernel.shape[-1]), jnp.int32)
 
 
 def _dense(x: jax.Array, kernel: jax.Array, preferred: Any) -> jax.Array:
@@ -377,7 +410,11 @@ class Int8Conv(nnx.Module):
             s_x = _row_scale(x, tuple(range(1, x.ndim)))
         else:
             s_x = self.input_scale[...].reshape((1,) * x.ndim)
-        acc = _conv(_to_int8(x, s_x), self.kernel[...], self, jnp.int32)
+        codes = _to_int8(x, s_x)
+        if self.groups == 1 and all(d == 1 for d in self.input_dilation):
+            acc = _patch_conv(codes, self.kernel[...], self)
+        else:
+            acc = _conv(codes, self.kernel[...], self, jnp.int32)
         y = acc.astype(jnp.float32) * (s_x * _channels_last(self.scale[...], x.ndim))
         if self.bias is not None:
             y = y + _channels_last(self.bias[...], y.ndim)
@@ -616,10 +653,14 @@ def _float_layer(module: Any) -> Any:
 
 
 def _plan_one(layer: Any, rows: int | None) -> str:
-    kernel_shape = layer.kernel.shape
-    weight = math.prod(kernel_shape)
-    if weight < _MIN_WEIGHT:
-        return f"float32 (weight {weight:,} < {_MIN_WEIGHT:,} elements)"
+    if isinstance(layer, nnx.Conv):
+        depth = math.prod(layer.kernel.shape[:-1])
+        if depth < _MIN_DEPTH:
+            return f"float32 (window x in = {depth} < {_MIN_DEPTH})"
+    else:
+        weight = math.prod(layer.kernel.shape)
+        if weight < _MIN_WEIGHT:
+            return f"float32 (weight {weight:,} < {_MIN_WEIGHT:,} elements)"
     if rows is not None and rows < _MIN_ROWS:
         return f"float32 ({rows} rows per call < {_MIN_ROWS})"
     return "int8"
@@ -632,13 +673,15 @@ def int8_plan(
 
     The rule (from ``benchmarks/integer.py`` on CPUs): the int8 path costs a
     pass over the input (absolute maximum, divide, round) and over the output
-    (rescale) on top of the product, so it pays off only for large products.
-    A layer becomes int8 when its weight has at least 16,384 elements
-    (``K x N``: LeNet-300-100's ``fc3`` of 100 x 10 stays float32) and, if
-    ``example`` is given, each call multiplies at least 16 rows (batch times
-    output pixels for a convolution; batch-1 dense inference stays float32).
-    Without ``example`` the row count is unknown and only the weight size
-    counts.
+    (rescale) on top of the product, so it pays off only for large enough
+    products. A dense layer becomes int8 when its weight has at least 16,384
+    elements (``K x N``: LeNet-300-100's ``fc3`` of 100 x 10 stays float32);
+    a convolution when its window times input channels is at least 64 (a
+    3x3 convolution of 1 channel, LeNet-5's 5x5 ``conv1`` of 1 channel stay
+    float32). If ``example`` is given, a layer also stays float32 when a call
+    multiplies fewer than 16 rows (batch times output pixels: batch-1 dense
+    inference). Without ``example`` the row count is unknown and only the
+    weight counts.
 
     Args:
       model: the float model.
