@@ -58,7 +58,7 @@ _MAX_LENGTH = 15  # code length limit while <= 2**15 symbols are used (4-bit tab
 _MAX_INDEX_BITS = 16
 # Reader limits (docs/archive-format.md, "What a reader accepts"); the writer keeps to them too.
 MAX_HEADER_BYTES = 1 << 24  # bytes of inflated header JSON
-MAX_HEADER_NODES = 1 << 19  # JSON values and keys in the header ...
+MAX_HEADER_NODES = 1 << 18  # JSON values and keys in the header ...
 _HEADER_NODE_FLOOR, _HEADER_NODES_PER_BYTE = 1 << 16, 64  # ... and at most 2**16 + 64 per byte
 MAX_DEPTH = 64  # nesting of the tree and of the metadata
 MAX_NDIM = 64  # dimensions of a tensor the reader accepts (NumPy's limit)
@@ -259,7 +259,7 @@ def _pack_bits(values: np.ndarray, width: int) -> bytes:
 def _unpack_bits(data: bytes, count: int, width: int) -> np.ndarray:
     """``count`` unsigned ``width``-bit fields (``width <= 8``), most significant bit first."""
     bits = np.unpackbits(np.frombuffer(data, np.uint8))[: count * width].reshape(count, width)
-    return np.packbits(np.pad(bits, ((0, 0), (8 - width, 0))), axis=1).reshape(count)
+    return np.packbits(bits, axis=1).reshape(count) >> (8 - width)
 
 
 # ----------------------------------------------------------------------------- streams

@@ -150,7 +150,7 @@ def code_lengths(counts: np.ndarray, *, max_length: int = DEFAULT_MAX_LENGTH) ->
 
 def _check_lengths(lengths: np.ndarray) -> np.ndarray:
     lengths = np.asarray(lengths)
-    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
         raise ValueError(
             f"lengths must be a 1-D integer array; got shape {lengths.shape}, dtype {lengths.dtype}"
         )
@@ -324,7 +324,7 @@ def _check_stream(stream: EncodedStream, lengths: np.ndarray, count: int) -> _Ch
     )
 
 
-def _lockstep_numpy(group: list[_Checked]) -> list[np.ndarray]:
+def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]:
     """Decode every chunk of every stream in ``group`` in lockstep.
 
     The lanes (one per chunk) are sorted by their symbol count, longest first,
@@ -394,15 +394,17 @@ def _lockstep_numpy(group: list[_Checked]) -> list[np.ndarray]:
     lane_ends = np.empty_like(ends)
     lane_ends[order] = ends
     results, lane = [], 0
-    for s, b in zip(group, byte_base, strict=True):
+    for s, b, name in zip(group, byte_base, names, strict=True):
         got = lane_ends[lane : lane + s.offsets.size] - 8 * b
         lane += s.offsets.size
         if not np.array_equal(got, np.append(s.offsets[1:], s.num_bits)):
-            raise ValueError("stream does not decode to the stored chunk offsets and bit count")
+            raise ValueError(
+                f"{name}: stream does not decode to the stored chunk offsets and bit count"
+            )
     symbols = np.split(out, np.cumsum([s.count for s in group])[:-1])
-    for s, decoded in zip(group, symbols, strict=True):
+    for s, decoded, name in zip(group, symbols, names, strict=True):
         if not s.complete and decoded.size and int(decoded.max()) >= s.alphabet:
-            raise ValueError("stream holds a bit pattern that is no codeword")
+            raise ValueError(f"{name}: stream holds a bit pattern that is no codeword")
         results.append(decoded.astype(s.symbol_table.dtype, copy=False))
     return results
 
@@ -411,7 +413,11 @@ TABLE_BUDGET = 1 << 22  # decode-table entries built at once by decode_streams
 
 
 def decode_streams(
-    streams: Sequence[EncodedStream], lengths: Sequence[np.ndarray], counts: Sequence[int]
+    streams: Sequence[EncodedStream],
+    lengths: Sequence[np.ndarray],
+    counts: Sequence[int],
+    *,
+    names: Sequence[str] | None = None,
 ) -> list[np.ndarray]:
     """Decode many streams at once: one lockstep pass over all their chunks (NumPy).
 
@@ -427,6 +433,8 @@ def decode_streams(
       streams: the encoded streams.
       lengths: the code lengths of each stream.
       counts: the number of symbols of each stream.
+      names: one name per stream to start its error messages with; default
+        ``'stream <i>'``.
 
     Returns:
       The symbols of each stream, as :func:`decode` returns them.
@@ -446,14 +454,25 @@ def decode_streams(
             f"streams, lengths and counts must have the same length; got "
             f"{len(streams)}, {len(lengths)} and {len(counts)}"
         )
-    checked = [_check_stream(*args) for args in zip(streams, lengths, counts, strict=True)]
+    names = [f"stream {i}" for i in range(len(streams))] if names is None else list(names)
+    if len(names) != len(streams):
+        raise ValueError(
+            f"names must hold one name per stream; got {len(names)} for {len(streams)}"
+        )
+    checked = []
+    for name, args in zip(names, zip(streams, lengths, counts, strict=True), strict=True):
+        try:
+            checked.append(_check_stream(*args))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
     results: list[np.ndarray] = [np.zeros(0, s.symbol_table.dtype) for s in checked]
     group: list[int] = []
     entries = 0
     for i in [i for i, s in enumerate(checked) if s.count] + [-1]:
         size = checked[i].symbol_table.size if i >= 0 else 0
         if group and (i < 0 or entries + size > TABLE_BUDGET):
-            for j, decoded in zip(group, _lockstep_numpy([checked[j] for j in group]), strict=True):
+            decoded_group = _lockstep_numpy([checked[j] for j in group], [names[j] for j in group])
+            for j, decoded in zip(group, decoded_group, strict=True):
                 results[j] = decoded
             group, entries = [], 0
         if i >= 0:
@@ -517,7 +536,10 @@ def decode(
     if backend not in ("numpy", "jax"):
         raise ValueError(f"backend must be 'numpy' or 'jax'; got backend={backend!r}")
     if backend == "numpy":
-        return decode_streams([stream], [lengths], [count])[0]
+        try:
+            return decode_streams([stream], [lengths], [count], names=[""])[0]
+        except ValueError as err:
+            raise ValueError(str(err).removeprefix(": ")) from None
     checked = _check_stream(stream, lengths, count)
     if count == 0:
         return jnp.zeros(0, checked.symbol_table.dtype)
