@@ -43,7 +43,8 @@ HOSTILE = {
     ),
     "5.6M empty dicts within the byte limit": (
         lambda: crafted.empty_dicts_header(5_500_000),
-        rf"may hold 11,000,001 JSON values; this reader accepts at most {archive.MAX_HEADER_NODES:,}",
+        rf"may hold 11,000,001 JSON values; this reader accepts at most "
+        rf"{archive.MAX_HEADER_NODES:,}",
     ),
     "40,000 integer keys hashing to 0": (
         lambda: crafted.colliding_int_keys(40_000),
@@ -217,9 +218,7 @@ def test_error_messages_escape_names(bounded):
 
 def test_max_bytes_is_checked_before_reading_and_exposed_by_the_cli(bounded):
     blob = archive.dumps({"w": np.ones(1000, np.float32)})
-    with pytest.raises(
-        archive.ArchiveError, match=r"decodes to 4,000 bytes, more than max_bytes=3,999"
-    ):
+    with pytest.raises(archive.ArchiveError, match=r"4,000 bytes, more than max_bytes=3,999"):
         archive.loads(blob, max_bytes=3999)
     assert archive.loads(blob, max_bytes=4000)["w"].shape == (1000,)
     reply = bounded.run("cli", blob, "inspect", "{path}", "--max-bytes", "3999")
