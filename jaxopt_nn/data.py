@@ -169,10 +169,15 @@ def _check_max_bytes(max_bytes: int | None) -> None:
         )
 
 
-def _check_declared(source: object, shape: tuple, nbytes: int, max_bytes: int | None) -> None:
-    if max_bytes is not None and nbytes > max_bytes:
+def _check_declared(
+    source: object, shape: tuple, nbytes: int, before: int, max_bytes: int | None
+) -> None:
+    """``nbytes`` declared by ``shape``, after ``before`` bytes of earlier arrays, fit ``max_bytes``."""
+    if max_bytes is not None and before + nbytes > max_bytes:
+        earlier = f" ({before + nbytes:,} with the arrays before it)" if before else ""
         raise ValueError(
-            f"{source}: shape {shape} declares {nbytes:,} bytes, more than max_bytes={max_bytes:,}"
+            f"{source}: shape {shape} declares {nbytes:,} bytes{earlier}, "
+            f"more than max_bytes={max_bytes:,}"
         )
 
 
@@ -200,11 +205,15 @@ def read_idx(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYT
         corrupt, or the data truncated or followed by trailing bytes.
     """
     _check_max_bytes(max_bytes)
-    path = Path(path)
+    return _read_idx(Path(path), 0, max_bytes)
+
+
+def _read_idx(path: Path, before: int, max_bytes: int | None) -> np.ndarray:
+    """:func:`read_idx` after ``before`` bytes of other files counted against ``max_bytes``."""
     gz = path.suffix == ".gz"
     file = gzip.open(path, "rb") if gz else open(path, "rb")  # closed below
     try:
-        return _read_idx_stream(file, path, gz, max_bytes)
+        return _read_idx_stream(file, path, gz, before, max_bytes)
     except (OSError, EOFError, zlib.error) as err:
         # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError.
         raise ValueError(f"{path}: corrupt or truncated gzip data ({err})") from err
@@ -214,7 +223,9 @@ def read_idx(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_BYT
         file.close()
 
 
-def _read_idx_stream(file: BinaryIO, path: Path, gz: bool, max_bytes: int | None) -> np.ndarray:
+def _read_idx_stream(
+    file: BinaryIO, path: Path, gz: bool, before: int, max_bytes: int | None
+) -> np.ndarray:
     raw = _read_exactly(file, 4)
     if len(raw) < 4:
         raise ValueError(f"{path}: truncated header: {len(raw)} bytes, need at least 4")
@@ -229,7 +240,7 @@ def _read_idx_stream(file: BinaryIO, path: Path, gz: bool, max_bytes: int | None
         raise ValueError(f"{path}: truncated header: {4 + len(dims)} bytes, need {4 + 4 * ndim}")
     shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     expected = math.prod(shape) * dtype.itemsize
-    _check_declared(path, shape, expected, max_bytes)
+    _check_declared(path, shape, expected, before, max_bytes)
     if not gz:  # the file's size tells at once
         found = os.fstat(file.fileno()).st_size - 4 - 4 * ndim
         if found > expected:
@@ -372,11 +383,9 @@ def load_idx(
         raise FileNotFoundError(f"{directory}: not a directory of IDX files")
     _check_max_bytes(max_bytes)
     paths = {key: _find_idx_file(directory, stem) for key, stem in _IDX_FILES.items()}
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for key, path in paths.items():
-        arrays[key] = read_idx(path, max_bytes=max_bytes)
-        if max_bytes is not None:
-            max_bytes -= arrays[key].nbytes
+        arrays[key] = _read_idx(path, sum(a.nbytes for a in arrays.values()), max_bytes)
     return _checked_dataset(arrays, {k: str(p) for k, p in paths.items()}, num_classes)
 
 
@@ -433,8 +442,9 @@ def load_npz(
             missing = [key for key in _IDX_FILES if key not in members]
             if missing:
                 raise _NpzRefusal(f"{path}: missing arrays {missing}; found {sorted(members)}")
+            before = 0
             for key in _IDX_FILES:  # every header first: nothing is inflated past them
-                max_bytes = _check_npy_member(npz, members[key], f"{path}[{key}]", max_bytes)
+                before += _check_npy_member(npz, members[key], f"{path}[{key}]", before, max_bytes)
             arrays = {}
             for key in _IDX_FILES:
                 with npz.open(members[key]) as member:
@@ -457,9 +467,9 @@ class _NpzRefusal(ValueError):
 
 
 def _check_npy_member(
-    npz: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, max_bytes: int | None
-) -> int | None:
-    """Check one member's ``.npy`` header; return what is left of ``max_bytes``."""
+    npz: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, before: int, max_bytes: int | None
+) -> int:
+    """Check one member's ``.npy`` header; return the bytes its array declares."""
     with npz.open(info) as member:
         version = np.lib.format.read_magic(member)
         if version == (1, 0):
@@ -473,7 +483,7 @@ def _check_npy_member(
         raise _NpzRefusal(f"{source}: dtype {dtype} holds Python objects (pickles are refused)")
     nbytes = math.prod(shape) * dtype.itemsize
     try:
-        _check_declared(source, shape, nbytes, max_bytes)
+        _check_declared(source, shape, nbytes, before, max_bytes)
     except ValueError as err:
         raise _NpzRefusal(str(err)) from None
     if info.file_size != header + nbytes:
@@ -481,7 +491,7 @@ def _check_npy_member(
             f"{source}: the member holds {info.file_size:,} bytes; its header of {header} bytes "
             f"declares shape {shape} of {dtype}, {header + nbytes:,} bytes in all"
         )
-    return None if max_bytes is None else max_bytes - nbytes
+    return nbytes
 
 
 def load(
