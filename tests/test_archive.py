@@ -572,7 +572,10 @@ def stream(symbols, lengths, width=5):
 @pytest.mark.parametrize(("longest", "accepted"), [(15, True), (16, False), (24, False)])
 def test_code_lengths_beyond_the_writers_limit_raise_archive_error(longest, accepted):
     values = np.array([1.0, 2.0], "<f4")
-    lengths = [*range(1, longest + 1), longest]  # a complete code: lengths 1..longest, longest twice
+    lengths = [
+        *range(1, longest + 1),
+        longest,
+    ]  # a complete code: lengths 1..longest, longest twice
     payload = bytes([16]) + stream([0, 0], lengths) + values.tobytes()
     data = forge({"w": ["s", [4], len(payload) + 4]}, [payload])
     if accepted:
@@ -741,3 +744,120 @@ def test_write_atomic_fsyncs_the_file_and_its_directory(tmp_path, monkeypatch):
     synced.clear()
     archive.write_atomic(tmp_path / "m.jnz", b"more")
     assert synced == [False] and (tmp_path / "m.jnz").read_bytes() == b"more"
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def normalized(tree):
+    """``tree`` as ``load`` returns it: tuples become lists, arrays NumPy."""
+    if isinstance(tree, dict):
+        return {k: normalized(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [normalized(v) for v in tree]
+    return tree if tree is None else np.asarray(tree)
+
+
+def assert_same_tree(actual, expected):
+    """Same containers, keys (and their order), ``None`` and bit-exact arrays."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), (actual, expected)
+        for key in expected:
+            assert_same_tree(actual[key], expected[key])
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), (actual, expected)
+        for a, e in zip(actual, expected, strict=True):
+            assert_same_tree(a, e)
+    elif expected is None:
+        assert actual is None
+    else:
+        assert_bit_exact(actual, expected)
+
+
+LEAF_DTYPES = ["float32", "float16", "float64", "int8", "int32", "uint16", "bool"]
+
+
+@st.composite
+def leaves(draw):
+    dtype = draw(st.sampled_from(LEAF_DTYPES))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    values = rng.normal(size=shape) * (rng.random(shape) < draw(st.sampled_from([0.0, 0.3, 1.0])))
+    return values.astype(dtype) if dtype != "bool" else values != 0
+
+
+KEYS = st.one_of(st.text(max_size=4), st.integers(-(2**31), 2**31 - 1))
+TREES = st.recursive(
+    st.one_of(st.none(), leaves()),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+        st.dictionaries(st.text(max_size=4), children, max_size=3),
+        st.dictionaries(st.integers(-(2**31), 2**31 - 1), children, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TREES)
+def test_loads_of_dumps_keeps_structure_none_and_empty_containers(tree):
+    # Dict keys are sorted by the writer (jax's flattening order), so compare against that.
+    expected = normalized(jax.tree.map(lambda x: x, tree, is_leaf=lambda x: x is None))
+    assert_same_tree(archive.loads(archive.dumps(tree)), expected)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [None, {}, [], (), {"a": None}, [None], [1.0, None], {"a": {}, "b": []}, [[], [[]]]],
+    ids=repr,
+)
+def test_none_and_empty_containers_round_trip(tree):
+    tree = jax.tree.map(np.float32, tree)
+    assert_same_tree(archive.loads(archive.dumps(tree)), normalized(tree))
+
+
+def test_a_pruning_mask_with_none_at_unselected_leaves_zips_with_its_params_again():
+    params = {"fc1": {"kernel": np.ones((3, 2), np.float32), "bias": np.ones(2, np.float32)}}
+    masks = {"fc1": {"kernel": np.array([[1, 0], [0, 1], [1, 1]], bool), "bias": None}}
+    restored = archive.loads(archive.dumps(masks))
+    assert restored["fc1"]["bias"] is None
+    pruned = jax.tree.map(
+        lambda m, p: p if m is None else np.where(m, p, 0),
+        restored,
+        params,
+        is_leaf=lambda x: x is None,
+    )
+    np.testing.assert_array_equal(pruned["fc1"]["kernel"], masks["fc1"]["kernel"])
+
+
+def test_writer_refuses_what_the_reader_would_refuse():
+    leaf = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match=r"integer dict keys must lie in \[-2\*\*31, 2\*\*31\)"):
+        archive.dumps({2**31: leaf})
+    deep = leaf
+    for _ in range(archive.MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(ValueError, match="exceed the archive reader's limits: .*deeper than 64"):
+        archive.dumps(deep)
+    with pytest.raises(ValueError, match="exceed the archive reader's limits: .*JSON values"):
+        archive.dumps(leaf, metadata={"zeros": [0] * archive.MAX_HEADER_NODES})
+    nan = Codebook(np.array([np.nan, 1.0], np.float32), np.zeros(2, np.uint8), np.ones(2, bool))
+    with pytest.raises(ValueError, match="centroids that are not finite in float32"):
+        archive.dumps({"w": leaf}, codebooks={"w": nan})
+    big = Codebook(np.array([1e5], np.float32), np.zeros(2, np.uint8), np.ones(2, bool))
+    with pytest.raises(ValueError, match="overflow centroid_dtype=float16"):
+        archive.dumps({"w": leaf}, codebooks={"w": big}, centroid_dtype="float16")
+
+
+def test_format_spec_lists_what_a_reader_refuses():
+    spec = (pathlib.Path(__file__).parent.parent / "docs" / "archive-format.md").read_text()
+    for limit in (
+        archive.MAX_HEADER_BYTES,
+        archive.MAX_HEADER_NODES,
+        archive.MAX_DEPTH,
+        archive.DEFAULT_MAX_BYTES,
+    ):
+        assert f"2**{limit.bit_length() - 1}" in spec or f"{limit}" in spec, limit
+    for refusal in ("bool byte", "complete", "shortest form", "filler", "finite", "max_bytes"):
+        assert refusal in spec, refusal

@@ -267,3 +267,62 @@ def test_decode_rejects_bit_patterns_outside_an_incomplete_code(backend):
     stream = huffman.EncodedStream(bytes([0b11000000]), 2, np.array([0]), 8)
     with pytest.raises(ValueError, match="no codeword|chunk offsets"):
         huffman.decode(stream, lengths, 1, backend=backend)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 300), st.integers(0, 2000), st.integers(0, 3), st.integers(1, 40)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(0, 2**16),
+)
+def test_decode_streams_equals_decoding_each_stream(specs, seed):
+    streams, lengths, counts, expected = [], [], [], []
+    for num_symbols, count, skew, chunk_size in specs:
+        symbols = make_symbols(seed, num_symbols, count, skew)
+        code = huffman.code_lengths(np.bincount(symbols, minlength=num_symbols))
+        if not code.any():
+            code[0] = 1
+        streams.append(huffman.encode(symbols, code, chunk_size=chunk_size))
+        lengths.append(code)
+        counts.append(count)
+        expected.append(huffman.decode(streams[-1], code, count))
+    decoded = huffman.decode_streams(streams, lengths, counts)
+    for got, want, count in zip(decoded, expected, counts, strict=True):
+        assert got.dtype == want.dtype and got.shape == (count,)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_decode_streams_groups_tables_within_the_budget(monkeypatch):
+    rng = np.random.default_rng(3)
+    symbols = [rng.integers(0, 40, 500) for _ in range(7)]
+    lengths = [huffman.code_lengths(np.bincount(s, minlength=40)) for s in symbols]
+    streams = [huffman.encode(s, n, chunk_size=64) for s, n in zip(symbols, lengths, strict=True)]
+    groups = []
+    lockstep = huffman._lockstep_numpy
+
+    def spy(group, names):
+        groups.append(sum(s.symbol_table.size for s in group))
+        return lockstep(group, names)
+
+    budget = 2 ** int(max(n.max() for n in lengths)) * 2
+    monkeypatch.setattr(huffman, "_lockstep_numpy", spy)
+    monkeypatch.setattr(huffman, "TABLE_BUDGET", budget)
+    decoded = huffman.decode_streams(streams, lengths, [500] * 7)
+    assert len(groups) > 1 and max(groups) <= budget
+    for got, want in zip(decoded, symbols, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_decode_streams_names_the_inconsistent_stream():
+    code = np.array([1, 1])
+    good = huffman.encode(np.array([0, 1, 1]), code)
+    bad = good._replace(num_bits=good.num_bits + 8, data=good.data + b"\0")
+    with pytest.raises(ValueError, match="^second: stream does not decode"):
+        huffman.decode_streams([good, bad], [code, code], [3, 3], names=["first", "second"])
+    with pytest.raises(ValueError, match="^stream 1: stream of 3 bits must hold 1 bytes"):
+        huffman.decode_streams([good, good._replace(data=b"")], [code, code], [3, 3])
+    with pytest.raises(ValueError, match="same length; got 1, 2 and 2"):
+        huffman.decode_streams([good], [code, code], [3, 3])
