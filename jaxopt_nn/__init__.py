@@ -37,7 +37,14 @@ from jaxopt_nn.archive import (
 )
 from jaxopt_nn.data import Dataset, batches, load_digits, load_idx, load_npz
 from jaxopt_nn.data import load as load_data
-from jaxopt_nn.huffman import EncodedStream, canonical_codes, code_lengths, decode, encode
+from jaxopt_nn.huffman import (
+    EncodedStream,
+    canonical_codes,
+    code_lengths,
+    decode,
+    decode_streams,
+    encode,
+)
 from jaxopt_nn.models import (
     BottleneckBlock,
     LeNet5,
@@ -206,6 +213,7 @@ __all__ = [
     "data",
     "data_parallel_step",
     "decode",
+    "decode_streams",
     "deep_compress",
     "default_bits",
     "default_sparsity",
