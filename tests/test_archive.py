@@ -859,5 +859,5 @@ def test_format_spec_lists_what_a_reader_refuses():
         archive.DEFAULT_MAX_BYTES,
     ):
         assert f"2**{limit.bit_length() - 1}" in spec or f"{limit}" in spec, limit
-    for refusal in ("bool byte", "complete", "shortest form", "filler", "finite", "max_bytes"):
+    for refusal in ("`b1` byte", "complete", "shortest form", "filler", "finite", "max_bytes"):
         assert refusal in spec, refusal
