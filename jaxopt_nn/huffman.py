@@ -352,9 +352,12 @@ def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]
     out_base = np.cumsum(steps) - steps
     order = np.argsort(-steps, kind="stable")
     position_dtype = np.uint32 if 8 * raw.size < 2**32 else np.uint64
+    length_table = length_table.astype(position_dtype)  # a same-type take is the fastest
     position = starts[order].astype(position_dtype)
     lane_drop = np.array([32 - s.longest for s in group], np.uint32)[lane_stream[order]]
     lane_table = table_base[lane_stream[order]].astype(np.uint32)
+    # One shift for all lanes when their longest codes agree (always for one stream).
+    drop = lane_drop[0] if lane_drop.min() == lane_drop.max() else None
     lane_out = out_base[order]
     sorted_steps = steps[order]
     # Lanes still running at step s: the first active[s] of them.
@@ -369,23 +372,30 @@ def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]
     step_length = np.empty(position.size, position_dtype)
     shift, bits = np.empty(position.size, np.uint32), np.empty(position.size, np.uint32)
     target = np.empty(position.size, np.int64)
+    running = [*active.tolist(), 0]
+    n = -1
     for step in range(steps_max):
-        n = int(active[step])
-        p = position[:n]
-        np.right_shift(p, 3, out=byte[:n])
-        window.take(byte[:n], out=bits[:n], mode="clip")
-        np.bitwise_and(p, 7, out=shift[:n], casting="unsafe")
-        np.left_shift(bits[:n], shift[:n], out=bits[:n])
-        np.right_shift(bits[:n], lane_drop[:n], out=bits[:n])
-        np.add(bits[:n], lane_table[:n], out=bits[:n])
+        if running[step] != n:  # views change only when lanes finish
+            n = running[step]
+            p, p_byte, p_shift, p_bits = position[:n], byte[:n], shift[:n], bits[:n]
+            p_length, p_table = step_length[:n], lane_table[:n]
+            p_drop = drop if drop is not None else lane_drop[:n]
+            short_bits, short_out, short_target = bits[full:n], lane_out[full:n], target[full:n]
+        np.right_shift(p, 3, out=p_byte)
+        window.take(p_byte, out=p_bits, mode="clip")
+        np.bitwise_and(p, 7, out=p_shift, casting="unsafe")
+        np.left_shift(p_bits, p_shift, out=p_bits)
+        np.right_shift(p_bits, p_drop, out=p_bits)
+        if len(group) > 1:
+            np.add(p_bits, p_table, out=p_bits)
         symbol_table.take(bits[:full], out=block[step], mode="clip")
         if n > full:
-            np.add(lane_out[full:n], step, out=target[full:n])
-            out[target[full:n]] = symbol_table.take(bits[full:n], mode="clip")
-        length_table.take(bits[:n], out=step_length[:n], mode="clip")
-        p += step_length[:n]
-        done = int(active[step + 1]) if step + 1 < steps_max else 0
-        ends[done:n] = position[done:n]
+            np.add(short_out, step, out=short_target)
+            out[short_target] = symbol_table.take(short_bits, mode="clip")
+        length_table.take(p_bits, out=p_length, mode="clip")
+        p += p_length
+        if running[step + 1] != n:
+            ends[running[step + 1] : n] = position[running[step + 1] : n]
     # Full lanes of one stream are consecutive chunks: copy each run of them at once.
     runs = np.flatnonzero(np.diff(lane_out[:full]) != steps_max) + 1
     for first, stop in zip(np.append(0, runs), np.append(runs, full), strict=True):
