@@ -383,6 +383,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         )
     dataset = data_lib.load(args.data, num_classes=num_classes, max_bytes=args.max_bytes)
     model = _make_model(name, dataset.in_shape, dataset.num_classes, 0)
+    if metadata.get("structured"):
+        model = _slimmed(model, stored)
     graphdef, like = train_lib.init_train_state(model, optax.identity())
     state = pipeline.restore_state(like, stored)
     metrics = train_lib.evaluate(graphdef, state, dataset.x_test, dataset.y_test)
@@ -392,13 +394,152 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _add_slim(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "slim",
+        help="structured pruning: remove whole channels, measure the speed-up",
+        description="Train a model, remove whole channels in steps with fine-tuning "
+        "(dependency groups traced from the computation), print params, FLOPs, latency "
+        "at batch 1 and 128 (dense measured in the same run) and accuracy per stage, and "
+        "write the smaller model to an archive that 'evaluate' and 'inspect' read.",
+    )
+    _add_training(parser, epochs=10, batch_size=128)
+    parser.add_argument(
+        "--fraction",
+        type=_sparsity,
+        default=0.5,
+        help="removed fraction of the channels of every group, in [0, 1); default: 0.5",
+    )
+    parser.add_argument(
+        "--steps", type=_positive_int, default=3, help="prune/fine-tune steps; default: 3"
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=_positive_int,
+        default=3,
+        help="fine-tuning epochs after each step; default: 3",
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=["l1", "l2", "bn", "taylor"],
+        default="l2",
+        help="channel importance; default: l2",
+    )
+    parser.add_argument(
+        "--round-to",
+        type=_positive_int,
+        default=1,
+        help="kept channel counts are multiples of this; default: 1",
+    )
+    parser.add_argument("--out", default="slim.jnz", help="archive path; default: slim.jnz")
+    parser.set_defaults(func=_slim)
+
+
+def _slimmed(model: Any, stored: Any) -> Any:
+    """``model`` resized to the arrays of an archive written by ``slim``."""
+    from collections.abc import Mapping
+
+    from jaxopt_nn import structured, tree
+
+    if not isinstance(stored, Mapping):
+        raise ValueError("archive holds no 'params' tree; was it written by slim?")
+    arrays: dict[str, Any] = {}
+    for part in ("params", "rest"):
+        arrays.update(tree.leaves_with_names(stored.get(part, {})))
+    return structured.resized(model, arrays)
+
+
+def _slim_rows(dense: Any, stages: list[tuple[str, Any]], dataset: Any) -> list[list[Any]]:
+    """Per stage: params, FLOPs, latency at batch 1 and 128 against ``dense``, accuracy."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from jaxopt_nn import speed
+    from jaxopt_nn import train as train_lib
+    from jaxopt_nn.tree import count_params
+
+    inputs = [jnp.asarray(dataset.x_test[:n]) for n in (1, 128)]
+    rows = []
+    for name, model in stages:
+        graphdef, state = train_lib.init_train_state(model, optax.identity())
+        accuracy = train_lib.evaluate(graphdef, state, dataset.x_test, dataset.y_test)
+        row = [name, count_params(nnx.state(model, nnx.Param)), speed.count_flops(model, inputs[0])]
+        for x in inputs:
+            repeats = 20 if len(x) == 1 else 5
+            if model is dense:
+                seconds, speedup = speed.latency(dense, x, repeats=repeats, rounds=7), 1.0
+            else:
+                _, seconds, speedup = speed.compare_latency(dense, model, x, repeats=repeats)
+            row += [f"{seconds * 1e3:.3f}", f"{speedup:.2f}x"]
+        rows.append([*row[:2], f"{row[2]:,.0f}", *row[3:], f"{accuracy['accuracy']:.2%}"])
+    return rows
+
+
+def _slim(args: argparse.Namespace) -> None:
+    from flax import nnx
+
+    from jaxopt_nn import archive, pipeline, structured
+    from jaxopt_nn import data as data_lib
+    from jaxopt_nn import train as train_lib
+    from jaxopt_nn.optim import adam
+    from jaxopt_nn.tree import format_table
+
+    pipeline.check_output_path("--out", args.out)
+    dataset = data_lib.load(args.data)
+    model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
+    result = train_lib.fit(
+        model,
+        adam(args.lr),
+        dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    dense = train_lib.to_model(result.graphdef, result.state)
+    stages = structured.gradual_prune(
+        dense,
+        dataset,
+        args.fraction,
+        steps=args.steps,
+        epochs=args.finetune_epochs,
+        tx=adam(args.lr),
+        criterion=args.criterion,
+        round_to=args.round_to,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    named = [("dense", dense)] + [
+        (f"step {i} ({s.fraction:.0%} removed)", s.model) for i, s in enumerate(stages, 1)
+    ]
+    headers = ["stage", "params", "FLOPs/example", "ms b1", "speed-up b1", "ms b128"]
+    headers.append("speed-up b128")
+    print(format_table([*headers, "accuracy"], _slim_rows(dense, named, dataset)))
+    small = stages[-1].model
+    tree = {"params": nnx.to_pure_dict(nnx.state(small, nnx.Param))}
+    rest = nnx.to_pure_dict(nnx.state(small, nnx.BatchStat))
+    if rest:
+        tree["rest"] = rest
+    metadata = {
+        "model": args.model,
+        "in_shape": list(dataset.in_shape),
+        "num_classes": dataset.num_classes,
+        "structured": True,
+        "fraction": args.fraction,
+    }
+    size = archive.save(args.out, tree, metadata=metadata)
+    print(f"archive: {args.out} ({size:,} bytes)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Train and compress neural networks with JAX.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_compress, _add_inspect, _add_evaluate, _add_train):
+    for add in (_add_compress, _add_inspect, _add_evaluate, _add_slim, _add_train):
         add(subparsers)
     return parser
 

@@ -63,13 +63,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxopt_nn import train as train_lib
 from jaxopt_nn import tree as tree_lib
+from jaxopt_nn.data import Dataset
 
 __all__ = [
     "ChannelGroup",
+    "SlimStage",
     "Member",
     "channel_masks",
     "dependency_groups",
+    "gradual_prune",
     "group_importance",
     "keep_top",
     "prune_channels",
@@ -971,11 +975,13 @@ def keep_top(
     keep = []
     for i, (score, f) in enumerate(zip(scores, fractions, strict=True)):
         _check_fraction(f"fraction[{i}]", f)
-        score = np.asarray(score)
-        n = _kept_count(len(score), float(f), round_to)
-        order = np.argsort(-score, kind="stable")
-        keep.append(np.sort(order[:n]).astype(np.int64))
+        keep.append(_top(np.asarray(score), _kept_count(len(score), float(f), round_to)))
     return keep
+
+
+def _top(score: np.ndarray, n: int) -> np.ndarray:
+    """Sorted indices of the ``n`` highest scores; ties keep the smaller index."""
+    return np.sort(np.argsort(-score, kind="stable")[:n]).astype(np.int64)
 
 
 def _removed_positions(
@@ -1240,3 +1246,118 @@ def prune_channels(
     fractions = _group_fractions(groups, fraction)
     scores = group_importance(model, groups, criterion, batch=batch)
     return shrink(model, groups, keep_top(scores, fractions, round_to=round_to))
+
+
+class SlimStage(NamedTuple):
+    """One step of :func:`gradual_prune`."""
+
+    fraction: float  # removed fraction of each group's original channels
+    model: nnx.Module  # the shrunk, fine-tuned model (evaluation mode)
+    history: list[dict[str, float]]  # the fine-tuning records of train.fit
+
+
+def _group_key(group: ChannelGroup) -> tuple[str, int]:
+    return group.members[0].path, group.members[0].axis
+
+
+def gradual_prune(
+    model: nnx.Module,
+    data: Dataset,
+    fraction: float,
+    *,
+    steps: int = 3,
+    epochs: int = 2,
+    tx: optax.GradientTransformation | None = None,
+    criterion: str = "l2",
+    round_to: int = 1,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+    callback: Callable[[SlimStage], None] | None = None,
+) -> list[SlimStage]:
+    r"""Iterative structured pruning: shrink a little, fine-tune, repeat.
+
+    Step :math:`i = 1 \ldots n` removes channels until every group has lost
+    the fraction
+
+    .. math::
+
+      f_i = f \left(1 - \left(1 - i / n\right)^3\right)
+
+    of its original channels (the cubic schedule of Zhu & Gupta: large steps
+    first, small ones at the end), ranking the current channels by
+    :func:`group_importance`, then fine-tunes the shrunk model for
+    ``epochs`` epochs with :func:`jaxopt_nn.train.fit`. Every step works on
+    a physically smaller model, so fine-tuning gets faster as it goes.
+
+    Args:
+      model: the trained NNX module.
+      data: the data set; ``data.x_train[:2]`` is the example input.
+      fraction: final removed fraction of every group, in ``[0, 1)``.
+      steps: number of prune/fine-tune steps (>= 1).
+      epochs: fine-tuning epochs per step (>= 1).
+      tx: the optimizer of the fine-tuning (fresh state every step); default
+        ``optax.adam(1e-3)``.
+      criterion: see :func:`group_importance` (``'taylor'`` uses the first
+        256 training examples).
+      round_to: kept channel counts are multiples of this.
+      batch_size, seed, progress: passed to :func:`jaxopt_nn.train.fit`.
+      callback: called with every :class:`SlimStage` as it finishes.
+
+    Returns:
+      One :class:`SlimStage` per step; the last holds the final model.
+
+    Raises:
+      ValueError: for a fraction outside ``[0, 1)`` or a count below 1.
+
+    Example:
+      >>> from jaxopt_nn.data import load_digits
+      >>> from jaxopt_nn.models import LeNet300100
+      >>> data = load_digits()
+      >>> data = data._replace(x_train=data.x_train[:256], y_train=data.y_train[:256])
+      >>> model = LeNet300100(64, hidden=(40, 20), rngs=nnx.Rngs(0))
+      >>> (stage,) = gradual_prune(model, data, 0.5, steps=1, epochs=1)
+      >>> stage.fraction, stage.model.fc1.out_features, stage.model.fc2.out_features
+      (0.5, 20, 10)
+
+    References:
+      Zhu & Gupta, "To prune, or not to prune", https://arxiv.org/abs/1710.01878,
+      2017 (the schedule); Fang et al., DepGraph, https://arxiv.org/abs/2301.12900,
+      2023.
+    """
+    _check_model(model)
+    _check_fraction("fraction", fraction)
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {name}={value!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}; got criterion={criterion!r}")
+    tx = optax.adam(1e-3) if tx is None else tx
+    x = jnp.asarray(data.x_train[:2])
+    batch = (jnp.asarray(data.x_train[:256]), jnp.asarray(data.y_train[:256]))
+    original = {_group_key(g): g.size for g in dependency_groups(model, x)}
+    stages: list[SlimStage] = []
+    for i in range(1, steps + 1):
+        f_i = fraction * (1.0 - (1.0 - i / steps) ** 3)
+        groups = dependency_groups(model, x)
+        scores = group_importance(
+            model, groups, criterion, batch=batch if criterion == "taylor" else None
+        )
+        keep = [
+            _top(score, min(g.size, _kept_count(original[_group_key(g)], f_i, round_to)))
+            for g, score in zip(groups, scores, strict=True)
+        ]
+        result = train_lib.fit(
+            shrink(model, groups, keep),
+            tx,
+            data,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed + i,
+            progress=progress,
+        )
+        model = train_lib.to_model(result.graphdef, result.state)
+        stages.append(SlimStage(f_i, model, result.history))
+        if callback is not None:
+            callback(stages[-1])
+    return stages

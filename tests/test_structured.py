@@ -436,3 +436,19 @@ def test_bad_arguments_are_named(call, error, match):
     groups = structured.dependency_groups(model, jnp.zeros((1, 12)))
     with pytest.raises(error, match=match):
         call(model, groups)
+
+
+def test_cli_slim_writes_an_archive_that_evaluate_and_inspect_read(tmp_path, capsys):
+    from jaxopt_nn import archive, cli
+
+    out = tmp_path / "slim.jnz"
+    argv = ["slim", "--model", "lenet300", "--epochs", "1", "--steps", "1", "--quiet"]
+    assert cli.main([*argv, "--finetune-epochs", "1", "--fraction", "0.5", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "dense" in table and "step 1 (50% removed)" in table and "speed-up b128" in table
+    info = archive.inspect(out)
+    assert info.metadata["structured"] is True
+    shapes = {t.name: t.shape for t in info.tensors}
+    assert shapes["params/fc1/kernel"] == (64, 150) and shapes["params/fc2/kernel"] == (150, 50)
+    assert cli.main(["evaluate", str(out)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
