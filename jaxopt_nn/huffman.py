@@ -254,20 +254,43 @@ def encode(
     return EncodedStream(data, num_bits, starts[::chunk_size].astype(np.int64), int(chunk_size))
 
 
-def _decode_tables(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """Lookup tables indexed by the next ``longest`` bits: symbol and code length."""
-    order, ordered, starts, longest = _canonical(lengths)
-    size = 1 << longest
-    widths = np.left_shift(1, longest - ordered)
-    filled = int(widths.sum())
-    symbol_dtype = (
-        np.uint8 if lengths.size < 2**8 else np.uint16 if lengths.size < 2**16 else np.int32
+def _symbol_dtype(num_symbols: int) -> type:
+    """Narrowest type for symbols below ``num_symbols``, keeping ``num_symbols`` (invalid) free."""
+    return np.uint8 if num_symbols < 2**8 else np.uint16 if num_symbols < 2**16 else np.int32
+
+
+def _decode_tables(streams: list[_Checked]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lookup tables of several streams, one after the other: (symbols, code lengths, starts).
+
+    Stream ``i``'s table has ``2**longest_i`` entries indexed by its next
+    ``longest_i`` bits: each codeword fills the entries it prefixes, in
+    canonical order; entries past the last codeword (an incomplete code) hold
+    the invalid symbol ``num_symbols_i`` and length 0. Built for all streams
+    at once, with one ``repeat``.
+    """
+    sizes = np.array([1 << s.longest for s in streams], np.int64)
+    dtype = np.result_type(*[_symbol_dtype(s.lengths.size) for s in streams])
+    lengths = np.concatenate([s.lengths for s in streams])
+    stream = np.repeat(np.arange(len(streams)), [s.lengths.size for s in streams])
+    starts = np.cumsum([0] + [s.lengths.size for s in streams])[:-1]
+    symbol = np.arange(lengths.size) - starts[stream]
+    used = lengths > 0
+    lengths, stream, symbol = lengths[used], stream[used], symbol[used]
+    widths = np.left_shift(1, np.array([s.longest for s in streams])[stream] - lengths)
+    # One more entry per stream covers what its codewords leave free (none if complete).
+    free = sizes - np.bincount(stream, weights=widths, minlength=len(streams)).astype(np.int64)
+    lengths = np.concatenate([lengths, np.zeros(len(streams), np.int64)])
+    symbol = np.concatenate([symbol, [s.lengths.size for s in streams]])
+    widths = np.concatenate([widths, free])
+    last = np.concatenate([np.zeros(stream.size, bool), np.ones(len(streams), bool)])
+    stream = np.concatenate([stream, np.arange(len(streams))])
+    order = np.lexsort((symbol, lengths, last, stream))  # canonical within each stream
+    widths = widths[order]
+    return (
+        np.repeat(symbol[order].astype(dtype), widths),
+        np.repeat(lengths[order].astype(np.uint8), widths),
+        np.cumsum(sizes) - sizes,
     )
-    symbol_table = np.full(size, lengths.size, symbol_dtype)  # out of range = invalid code
-    symbol_table[:filled] = np.repeat(order, widths)
-    length_table = np.zeros(size, np.uint8)
-    length_table[:filled] = np.repeat(ordered, widths)
-    return symbol_table, length_table, longest, filled == size
 
 
 def _windows(raw):
@@ -276,18 +299,16 @@ def _windows(raw):
 
 
 class _Checked(NamedTuple):
-    """A stream whose sizes and offsets passed :func:`_check_stream`, with its tables."""
+    """A stream whose sizes and offsets passed :func:`_check_stream`."""
 
     data: bytes
     num_bits: int
     offsets: np.ndarray  # int64 bit offset of each chunk
     chunk_size: int
     count: int
-    alphabet: int  # len(lengths); table entries equal to it flag invalid codewords
-    symbol_table: np.ndarray
-    length_table: np.ndarray
+    lengths: np.ndarray  # int64 code lengths; len(lengths) flags invalid codewords
     longest: int
-    complete: bool
+    complete: bool  # the codewords fill the code space (Kraft sum 1)
 
 
 def _check_stream(stream: EncodedStream, lengths: np.ndarray, count: int) -> _Checked:
@@ -318,9 +339,17 @@ def _check_stream(stream: EncodedStream, lengths: np.ndarray, count: int) -> _Ch
         raise ValueError("lengths assign no codeword, but count > 0")
     elif offsets[0] != 0 or np.any(np.diff(offsets) < 1) or offsets[-1] >= num_bits:
         raise ValueError("chunk offsets must start at 0, increase, and lie inside the stream")
-    tables = _decode_tables(lengths)
+    longest = int(lengths.max(initial=0))
+    kraft = int(np.sum(np.left_shift(1, longest - lengths[lengths > 0])))
     return _Checked(
-        bytes(data), int(num_bits), offsets, int(chunk_size), int(count), lengths.size, *tables
+        bytes(data),
+        int(num_bits),
+        offsets,
+        int(chunk_size),
+        int(count),
+        lengths,
+        longest,
+        kraft == 1 << longest,
     )
 
 
@@ -334,9 +363,7 @@ def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]
     (at an offset into one concatenated table) and its own stream's bytes
     (at an offset into one concatenated buffer).
     """
-    symbol_table = np.concatenate([s.symbol_table for s in group])  # widest dtype of the group
-    length_table = np.concatenate([s.length_table for s in group])
-    table_base = np.cumsum([0] + [s.symbol_table.size for s in group])[:-1]
+    symbol_table, length_table, table_base = _decode_tables(group)
     byte_base = np.cumsum([0] + [len(s.data) for s in group])[:-1]
     raw = np.frombuffer(b"".join(s.data for s in group) + bytes(4), np.uint8)
     window = _windows(raw.astype(np.uint32))
@@ -413,9 +440,9 @@ def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]
             )
     symbols = np.split(out, np.cumsum([s.count for s in group])[:-1])
     for s, decoded, name in zip(group, symbols, names, strict=True):
-        if not s.complete and decoded.size and int(decoded.max()) >= s.alphabet:
+        if not s.complete and decoded.size and int(decoded.max()) >= s.lengths.size:
             raise ValueError(f"{name}: stream holds a bit pattern that is no codeword")
-        results.append(decoded.astype(s.symbol_table.dtype, copy=False))
+        results.append(decoded.astype(_symbol_dtype(s.lengths.size), copy=False))
     return results
 
 
@@ -475,11 +502,11 @@ def decode_streams(
             checked.append(_check_stream(*args))
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
-    results: list[np.ndarray] = [np.zeros(0, s.symbol_table.dtype) for s in checked]
+    results = [np.zeros(0, _symbol_dtype(s.lengths.size)) for s in checked]
     group: list[int] = []
     entries = 0
     for i in [i for i, s in enumerate(checked) if s.count] + [-1]:
-        size = checked[i].symbol_table.size if i >= 0 else 0
+        size = 1 << checked[i].longest if i >= 0 else 0
         if group and (i < 0 or entries + size > TABLE_BUDGET):
             decoded_group = _lockstep_numpy([checked[j] for j in group], [names[j] for j in group])
             for j, decoded in zip(group, decoded_group, strict=True):
@@ -552,7 +579,7 @@ def decode(
             raise ValueError(str(err).removeprefix(": ")) from None
     checked = _check_stream(stream, lengths, count)
     if count == 0:
-        return jnp.zeros(0, checked.symbol_table.dtype)
+        return jnp.zeros(0, _symbol_dtype(checked.lengths.size))
     offsets, chunk_size = checked.offsets, checked.chunk_size
     # Zero padding covers lanes that run past their chunk (the short last
     # chunk, or corrupt data) and the last 32-bit windows.
@@ -562,11 +589,12 @@ def decode(
             f"backend='jax' decodes streams below 2**32 bits; got {checked.num_bits} bits "
             "(use backend='numpy')"
         )
+    symbol_table, length_table, _ = _decode_tables([checked])
     out, ends = _lockstep_jax(
         jnp.asarray(raw),
         jnp.asarray(offsets, jnp.uint32),
-        jnp.asarray(checked.symbol_table),
-        jnp.asarray(checked.length_table, jnp.uint32),
+        jnp.asarray(symbol_table),
+        jnp.asarray(length_table, jnp.uint32),
         jnp.int32(count - (offsets.size - 1) * chunk_size),
         steps=min(chunk_size, count),
         drop=32 - checked.longest,
@@ -574,6 +602,6 @@ def decode(
     if not np.array_equal(np.asarray(ends, np.int64), np.append(offsets[1:], checked.num_bits)):
         raise ValueError("stream does not decode to the stored chunk offsets and bit count")
     symbols = out.T.reshape(-1)[:count]
-    if not checked.complete and int(symbols.max()) >= checked.alphabet:
+    if not checked.complete and int(symbols.max()) >= checked.lengths.size:
         raise ValueError("stream holds a bit pattern that is no codeword")
     return symbols
