@@ -1,28 +1,38 @@
-"""8-bit block-wise quantization of optimizer moments (Dettmers et al. 2021).
+"""Block-wise 8-bit and 4-bit quantization of optimizer moments.
 
-A tensor is flattened, zero-padded to a multiple of ``block_size`` and cut
-into blocks; each block stores one float32 scale (its absolute maximum divided
-by the largest code value) and one byte per element. The bytes hold small
-floating-point codes, so the relative error stays roughly constant over many
-orders of magnitude inside a block, like the dynamic code of the paper, while
-encoding and decoding stay cheap elementwise bit operations (no table search):
+A tensor is cut along its last axis into blocks of ``block_size`` elements
+(the last block of a row may be shorter); each block stores one float32 scale
+(its absolute maximum divided by the largest code value) and one code per
+element: a byte (8 bits) or half a byte (4 bits, two codes per byte along the
+last axis). Codes keep the tensor's shape (4 bits: the last axis halved,
+rounded up) and scales its leading axes, so both shard like the tensor, and
+nothing is flattened, padded or copied: decoding and encoding are elementwise
+bit operations that XLA fuses with the optimizer's update, and the block
+maxima one reduction over the new moments.
 
-* ``signed`` (first moments): sign bit, 4 exponent bits, 3 mantissa bits;
-  magnitude code 0 is exactly zero, the others are ``[1.125 * 2**-15, 1.875]
-  * scale`` with relative rounding error <= 1/16; magnitudes below
-  ``1.0625 * 2**-15 * scale`` flush to zero.
+The codes are small floating-point numbers, so the relative error stays
+roughly constant over many orders of magnitude inside a block, like the
+dynamic code of Dettmers et al., while staying cheap (no table search):
+
+* ``signed`` (first moments): a sign bit and a magnitude with ``e`` exponent
+  and ``m`` mantissa bits, (4, 3) in 8 bits, (2, 1) in 4 bits; magnitude code
+  0 is exactly zero, magnitudes below half the smallest code flush to zero,
+  the others round to the nearest code (relative error <= ``2**-(m + 1)``).
 * ``sqrt`` (second moments, non-negative): the square root of the value is
-  coded with 4 exponent and 4 mantissa bits and no sign, so ``sqrt(nu)``,
-  which is what Adam divides by, has relative error <= 1/32 over
-  ``[2**-15, 1.9375] * scale``. Smaller roots round *up* to ``2**-15 * scale``
-  (never to zero), which can only shrink an Adam step, never blow it up.
+  coded without sign, with (4, 4) bits in 8 bits and (3, 1) in 4 bits, so
+  ``sqrt(nu)``, which Adam divides by, has relative error <= ``2**-(m + 1)``.
+  The code has no zero (zero-excluding, as Li et al. 2023 recommend for the
+  second moment): roots below the smallest code round *up* to it, which can
+  only shrink an Adam step, never blow it up.
 
 References:
   Dettmers, Lewis, Shleifer, Zettlemoyer, `8-bit Optimizers via Block-wise
   Quantization <https://arxiv.org/abs/2110.02861>`_, 2021 (Sections 2.1-2.2).
-"""
 
-from __future__ import annotations
+  Li, Chen, Zhu, `Memory Efficient Optimizers with 4-bit States
+  <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023 (Sections 3-4: block
+  size 128, zero-point problem of the second moment).
+"""
 
 import dataclasses
 import math
@@ -34,132 +44,217 @@ import numpy as np
 
 Code = Literal["signed", "sqrt"]
 
-# (exponent bits, mantissa bits) of the magnitude of each code.
-_LAYOUT = {"signed": (4, 3), "sqrt": (4, 4)}
+# (exponent bits, mantissa bits) of the magnitude of each code, per bit width.
+_LAYOUT = {
+    ("signed", 8): (4, 3),
+    ("sqrt", 8): (4, 4),
+    ("signed", 4): (2, 1),
+    ("sqrt", 4): (3, 1),
+}
+_DEFAULT_BLOCK = {8: 256, 4: 128}
 
 
 class BlockQuantizedArray(NamedTuple):
-    """One tensor stored block-wise in 8 bits (shape and dtype come from the update)."""
+    """One tensor of shape ``(..., n)`` stored block-wise in 8 or 4 bits."""
 
-    codes: jax.Array  # uint8, shape (n_blocks, block_size); zero-padded tail
-    scales: jax.Array  # float32, shape (n_blocks,); block absmax / largest code value
+    codes: jax.Array  # uint8, (..., n) in 8 bits, (..., ceil(n / 2)) in 4 bits
+    scales: jax.Array  # float32, (..., ceil(n / block_size)); block absmax / largest code
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockQuantization:
-    """Settings of the 8-bit block-wise optimizer state.
+    """Settings of the block-wise quantized optimizer state.
 
     Attributes:
-      block_size: elements per block, each block has one float32 scale (4
-        bytes), so the scales cost ``4 / block_size`` bytes per element (1.6%
-        at the default 256). Smaller blocks isolate outliers better (the
-        paper's motivation for block-wise over tensor-wise scaling); 256 keeps
-        the overhead small while leaving many blocks to parallelise over.
+      bits: bits per code, 8 (Dettmers et al. 2021) or 4 (Li et al. 2023;
+        two codes per byte).
+      block_size: elements per block along the last axis, each block with one
+        float32 scale (4 bytes); ``None`` picks 256 for 8 bits (1.6%
+        overhead) and 128 for 4 bits (3.1%), the papers' choices. Smaller
+        blocks isolate outliers better; a last axis shorter than the block
+        makes shorter blocks (and a larger overhead).
       min_size: tensors with fewer elements stay in floating point (as in the
-        paper, which keeps small tensors in 32 bits): biases and norm scales
-        are a tiny share of the memory but sensitive to rounding.
+        papers): biases and norm scales are a tiny share of the memory but
+        sensitive to rounding.
 
     Raises:
-      ValueError: if ``block_size < 1`` or ``min_size < 0``.
+      ValueError: if ``bits`` is not 4 or 8, ``block_size < 1`` (or odd with
+        4 bits) or ``min_size < 0``.
     """
 
-    block_size: int = 256
+    bits: int = 8
+    block_size: int | None = None
     min_size: int = 4096
 
     def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or isinstance(self.bits, bool):
+            raise ValueError(f"bits must be 4 or 8; got bits={self.bits!r}")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", _DEFAULT_BLOCK[self.bits])
         for name, low in (("block_size", 1), ("min_size", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {name}={value!r}")
+        if self.bits == 4 and self.block_size % 2:
+            raise ValueError(
+                f"block_size must be even with bits=4 (two codes per byte); "
+                f"got block_size={self.block_size}"
+            )
 
-    def applies_to(self, leaf: jax.Array) -> bool:
-        """Whether ``leaf``'s moments are stored in 8 bits (floating, large enough)."""
+    def applies_to(self, leaf: Any) -> bool:
+        """Whether ``leaf``'s moments are stored quantized (real floating, large enough)."""
         return jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and math.prod(
             np.shape(leaf)
         ) >= max(self.min_size, 1)
 
 
-def _largest(code: Code) -> float:
-    return 2.0 - 2.0 ** -_LAYOUT[code][1]
+def _largest(code: Code, bits: int) -> float:
+    return 2.0 - 2.0 ** -_LAYOUT[code, bits][1]
 
 
-def _magnitude_code(a: jax.Array, code: Code) -> jax.Array:
+def _top_code(code: Code, bits: int) -> int:
+    """The code of the largest magnitude."""
+    return 2 ** (bits - 1) - 1 if code == "signed" else 2**bits - 1
+
+
+def _magnitude_code(a: jax.Array, code: Code, bits: int) -> jax.Array:
     """Round ``a >= 0`` (float32) to the nearest code magnitude; int32, unclipped."""
-    exponent_bits, mantissa_bits = _LAYOUT[code]
+    exponent_bits, mantissa_bits = _LAYOUT[code, bits]
     shift = 23 - mantissa_bits
-    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+    raw = jax.lax.bitcast_convert_type(a, jnp.int32)
     # Adding half a unit of the kept mantissa rounds to nearest; a carry moves
     # into the exponent, which is again the nearest code.
-    rounded = (bits + (1 << (shift - 1))) >> shift
+    rounded = (raw + (1 << (shift - 1))) >> shift
     return rounded - ((127 - (2**exponent_bits - 1)) << mantissa_bits)
 
 
-def _magnitude_value(c: jax.Array, code: Code) -> jax.Array:
+def _magnitude_value(c: jax.Array, code: Code, bits: int) -> jax.Array:
     """float32 value of magnitude codes ``c`` (int32, within range)."""
-    exponent_bits, mantissa_bits = _LAYOUT[code]
-    bits = (c + ((127 - (2**exponent_bits - 1)) << mantissa_bits)) << (23 - mantissa_bits)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    exponent_bits, mantissa_bits = _LAYOUT[code, bits]
+    raw = (c + ((127 - (2**exponent_bits - 1)) << mantissa_bits)) << (23 - mantissa_bits)
+    return jax.lax.bitcast_convert_type(raw, jnp.float32)
 
 
-def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-    flat = x.reshape(-1)
-    n_blocks = -(-flat.size // block_size)
-    return jnp.pad(flat, (0, n_blocks * block_size - flat.size)).reshape(n_blocks, block_size)
+def _rows(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a tensor is coded in: scalars become one element of one row."""
+    return shape if shape else (1,)
 
 
-def quantize(x: jax.Array, code: Code, block_size: int) -> BlockQuantizedArray:
-    """Store ``x`` block-wise in 8 bits with ``code`` ('signed' or 'sqrt')."""
-    blocks = _blocks(x.astype(jnp.float32), block_size)
+def _n_blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+def _per_element(scales: jax.Array, n: int, block_size: int) -> jax.Array:
+    """Each element's block scale: ``scales`` repeated along the last axis to length ``n``."""
+    if scales.shape[-1] == 1:
+        return scales
+    return jnp.repeat(
+        scales, block_size, axis=-1, total_repeat_length=scales.shape[-1] * block_size
+    )[..., :n]
+
+
+def _block_max(a: jax.Array, block_size: int) -> jax.Array:
+    """Maximum of ``a >= 0`` over blocks of ``block_size`` along the last axis."""
+    n = a.shape[-1]
+    n_blocks = _n_blocks(n, block_size)
+    if n_blocks == 1:
+        return jnp.max(a, axis=-1, keepdims=True)
+    tail = n_blocks * block_size - n
+    if tail:  # the last block is shorter: zeros do not change a maximum of a >= 0
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tail)])
+    return jnp.max(a.reshape(*a.shape[:-1], n_blocks, block_size), axis=-1)
+
+
+def _pack(c: jax.Array, bits: int) -> jax.Array:
+    """uint8 codes: one per byte (8 bits) or two per byte along the last axis (4 bits)."""
+    if bits == 8:
+        return c.astype(jnp.uint8)
+    if c.shape[-1] % 2:
+        c = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, 1)])
+    pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(jnp.uint8)
+
+
+def _unpack(codes: jax.Array, n: int, bits: int) -> jax.Array:
+    """int32 codes of the ``n`` elements of each row (inverse of :func:`_pack`)."""
+    c = codes.astype(jnp.int32)
+    if bits == 8:
+        return c
+    pairs = jnp.stack([c & 15, c >> 4], axis=-1)
+    return pairs.reshape(*c.shape[:-1], 2 * c.shape[-1])[..., :n]
+
+
+def quantize(x: jax.Array, code: Code, quantization: BlockQuantization) -> BlockQuantizedArray:
+    """Store ``x`` block-wise with ``code`` ('signed' or 'sqrt') as ``quantization`` says."""
+    bits, block_size = quantization.bits, quantization.block_size
+    assert block_size is not None
+    x = x.astype(jnp.float32).reshape(_rows(np.shape(x)))
+    magnitude = jnp.sqrt(x) if code == "sqrt" else jnp.abs(x)
+    absmax = _block_max(magnitude, block_size)
+    largest = _largest(code, bits)
+    scales = absmax / largest
+    inverse = jnp.where(absmax > 0, largest / jnp.where(absmax > 0, absmax, 1), 0)
+    c = _magnitude_code(magnitude * _per_element(inverse, x.shape[-1], block_size), code, bits)
+    top = _top_code(code, bits)
     if code == "sqrt":
-        blocks = jnp.sqrt(blocks)
-    magnitude = jnp.abs(blocks)
-    absmax = jnp.max(magnitude, axis=1)
-    scales = absmax / _largest(code)
-    inverse = jnp.where(absmax > 0, _largest(code) / jnp.where(absmax > 0, absmax, 1), 0)
-    c = _magnitude_code(magnitude * inverse[:, None], code)
-    if code == "sqrt":
-        codes = jnp.clip(c, 0, 255)
+        c = jnp.clip(c, 0, top)
     else:
-        c = jnp.where(c < 1, 0, jnp.minimum(c, 127))
-        codes = jnp.where(blocks < 0, c | 128, c)
-    return BlockQuantizedArray(codes.astype(jnp.uint8), scales)
+        c = jnp.where(c < 1, 0, jnp.minimum(c, top))
+        c = jnp.where(x < 0, c | (top + 1), c)
+    return BlockQuantizedArray(_pack(c, bits), scales)
 
 
-def filled(shape: tuple[int, ...], fill: Any, code: Code, block_size: int) -> BlockQuantizedArray:
-    """``quantize(jnp.full(shape, fill), code, block_size)`` without a block reduction.
+def dequantize(
+    q: BlockQuantizedArray, code: Code, shape: tuple[int, ...], quantization: BlockQuantization
+) -> jax.Array:
+    """float32 array of ``shape`` stored in ``q`` with ``code``."""
+    bits, block_size = quantization.bits, quantization.block_size
+    assert block_size is not None
+    n = _rows(shape)[-1]
+    c = _unpack(q.codes, n, bits)
+    scale = _per_element(q.scales, n, block_size)
+    if code == "sqrt":
+        root = _magnitude_value(c, code, bits) * scale
+        value = root * root
+    else:
+        top = _top_code(code, bits)
+        magnitude = c & top
+        value = jnp.where(magnitude == 0, 0.0, _magnitude_value(magnitude, code, bits))
+        value = jnp.where(c > top, -value, value) * scale
+    return value.reshape(shape)
 
-    Every block holds ``fill`` (and padding zeros), so its maximum is ``fill``:
-    built directly, nothing for XLA to constant-fold when ``init`` is jitted.
-    ``fill`` must be >= 0 (moments start at zero or ``initial_scale``).
+
+def filled(
+    shape: tuple[int, ...], fill: Any, code: Code, quantization: BlockQuantization
+) -> BlockQuantizedArray:
+    """``quantize(jnp.full(shape, fill), code, quantization)`` without a block reduction.
+
+    Every block holds ``fill``, so its maximum is ``fill``: built directly,
+    nothing for XLA to constant-fold when ``init`` is jitted. ``fill`` must be
+    >= 0 (moments start at zero or ``initial_scale``).
     """
-    size = math.prod(shape)
-    n_blocks = -(-size // block_size)
+    bits, block_size = quantization.bits, quantization.block_size
+    assert block_size is not None
+    rows = _rows(shape)
     fill = jnp.asarray(fill, jnp.float32)
     magnitude = jnp.sqrt(fill) if code == "sqrt" else fill
-    scales = jnp.full((n_blocks,), magnitude / _largest(code), jnp.float32)
-    largest_code = 255 if code == "sqrt" else 127
-    used = jnp.arange(n_blocks * block_size).reshape(n_blocks, block_size) < size
-    codes = jnp.where(used & (fill > 0), largest_code, 0).astype(jnp.uint8)
-    return BlockQuantizedArray(codes, scales)
+    scales = jnp.broadcast_to(
+        magnitude / _largest(code, bits), (*rows[:-1], _n_blocks(rows[-1], block_size))
+    )
+    c = jnp.broadcast_to(jnp.where(fill > 0, _top_code(code, bits), 0), rows)
+    return BlockQuantizedArray(_pack(c, bits), scales)
 
 
 def zero_where(q: BlockQuantizedArray, keep: jax.Array) -> BlockQuantizedArray:
     """``q`` with code 0 wherever ``keep`` (the tensor's shape) is False.
 
-    Code 0 is exactly zero in the ``signed`` code and the smallest root,
-    ``2**-15 * scale``, in the ``sqrt`` code; the block scales are kept.
+    Code 0 is exactly zero in the ``signed`` code and the smallest root in the
+    ``sqrt`` code; the block scales are kept. The bit width is read from the
+    codes' last axis (``n`` codes: 8 bits, ``ceil(n / 2)``: 4 bits); for
+    ``n = 1`` both read the same, as the unused half-byte of 4 bits is zero.
     """
-    return q._replace(codes=jnp.where(_blocks(keep, q.codes.shape[1]), q.codes, 0))
-
-
-def dequantize(q: BlockQuantizedArray, code: Code, shape: tuple[int, ...]) -> jax.Array:
-    """float32 array of ``shape`` stored in ``q`` with ``code``."""
-    c = q.codes.astype(jnp.int32)
-    if code == "sqrt":
-        root = _magnitude_value(c, code) * q.scales[:, None]
-        blocks = root * root
-    else:
-        magnitude = c & 127
-        value = jnp.where(magnitude == 0, 0.0, _magnitude_value(magnitude, code))
-        blocks = jnp.where(c >= 128, -value, value) * q.scales[:, None]
-    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+    keep = jnp.asarray(keep).reshape(_rows(np.shape(keep)))
+    n = keep.shape[-1]
+    bits = 8 if q.codes.shape[-1] == n else 4
+    c = jnp.where(keep, _unpack(q.codes, n, bits), 0)
+    return q._replace(codes=_pack(c, bits).reshape(q.codes.shape))

@@ -1,20 +1,23 @@
-r"""Adam and RMSprop as optax gradient transformations, with optional 8-bit state.
+r"""Adam and RMSprop as optax gradient transformations, with optional 8-bit or 4-bit state.
 
 The float path follows optax 0.2.8 operation for operation (so results agree
-to float32 rounding); ``eight_bit=True`` stores the moments of large tensors
-block-wise quantized to one byte per element plus one float32 scale per block
-(Dettmers et al. 2021) and decodes them inside the update.
+to float32 rounding, complex parameters included), and the states are optax's
+own ``NamedTuple`` s, so a state saved from optax loads into ours and back.
+``state_quantization=BlockQuantization(...)`` stores the moments of large
+tensors block-wise in 8 bits (Dettmers et al. 2021) or 4 bits (Li et al.
+2023) plus one float32 scale per block, decoded and encoded inside the
+update.
 
 Building blocks ``scale_by_adam``, ``scale_by_rms`` and ``scale_by_stddev``
 return :class:`optax.GradientTransformationExtraArgs`; the aliases ``adam``,
-``adamw`` and ``rmsprop`` chain them with :func:`optax.scale_by_learning_rate`
-(and :func:`optax.add_decayed_weights`, :func:`optax.trace`), exactly as optax
-does, so every optax wrapper (``chain``, ``inject_hyperparams``, ``masked``,
-``MultiSteps``) and ``nnx.Optimizer`` compose with them.
+``adamw``, ``nadam``, ``nadamw`` and ``rmsprop`` chain them with
+:func:`optax.scale_by_learning_rate` (and :func:`optax.add_decayed_weights`,
+:func:`optax.trace`), exactly as optax does, so every optax wrapper
+(``chain``, ``inject_hyperparams``, ``masked``, ``MultiSteps``) and
+``nnx.Optimizer`` compose with them.
 """
 
-from __future__ import annotations
-
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from jaxopt_nn._blockwise import (
     BlockQuantization,
@@ -36,10 +40,14 @@ __all__ = [
     "BlockQuantization",
     "BlockQuantizedArray",
     "ScaleByAdamState",
+    "ScaleByRStdDevState",
+    "ScaleByRStdDevWithCountState",
     "ScaleByRmsState",
-    "ScaleByStddevState",
+    "ScaleByRmsWithCountState",
     "adam",
     "adamw",
+    "nadam",
+    "nadamw",
     "rmsprop",
     "scale_by_adam",
     "scale_by_rms",
@@ -48,24 +56,23 @@ __all__ = [
 
 EightBit = bool | BlockQuantization
 
+# optax's states (a quantized moment is a BlockQuantizedArray in the params'
+# tree). optax 0.2.8 does not export the with-count variants: the classes
+# below have their names and fields, in their order.
+ScaleByAdamState = optax.ScaleByAdamState
+ScaleByRmsState = optax.ScaleByRmsState
+ScaleByRStdDevState = optax.ScaleByRStdDevState
 
-class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`."""
+
+class ScaleByRmsWithCountState(NamedTuple):
+    """State of :func:`scale_by_rms` with ``bias_correction`` (optax's fields)."""
 
     count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
-    mu: optax.Updates  # tree of params: mu_dtype (or param dtype), or BlockQuantizedArray if 8-bit
-    nu: optax.Updates  # tree of params: param dtype, or BlockQuantizedArray if 8-bit
+    nu: optax.Updates  # tree of params: param dtype, or BlockQuantizedArray
 
 
-class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`."""
-
-    count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
-    nu: optax.Updates  # tree of params: param dtype, or BlockQuantizedArray if 8-bit
-
-
-class ScaleByStddevState(NamedTuple):
-    """State of :func:`scale_by_stddev`."""
+class ScaleByRStdDevWithCountState(NamedTuple):
+    """State of :func:`scale_by_stddev` with ``bias_correction`` (optax's fields)."""
 
     count: jax.Array  # int32, shape (); steps taken, saturates at 2**31 - 1
     mu: optax.Updates  # tree of params, param dtype
@@ -81,12 +88,12 @@ def _is_plain_number(value: object) -> bool:
 
 
 def _check_unit_interval(name: str, value: object) -> None:
-    if _is_plain_number(value) and not 0.0 <= value < 1.0:
+    if _is_plain_number(value) and not 0.0 <= value < 1.0:  # type: ignore[operator]
         raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
 
 
 def _check_non_negative(name: str, value: object) -> None:
-    if _is_plain_number(value) and not value >= 0.0:
+    if _is_plain_number(value) and not value >= 0.0:  # type: ignore[operator]
         raise ValueError(f"{name} must be >= 0; got {name}={value!r}")
 
 
@@ -100,7 +107,22 @@ def _check_scalar_or_schedule(name: str, value: object) -> None:
         )
 
 
-def _quantization(eight_bit: EightBit) -> BlockQuantization | None:
+def _quantization(
+    state_quantization: BlockQuantization | None, eight_bit: EightBit
+) -> BlockQuantization | None:
+    """The quantization settings from ``state_quantization`` or its alias ``eight_bit``."""
+    if state_quantization is not None:
+        if eight_bit is not False:
+            raise ValueError(
+                "give state_quantization or its alias eight_bit, not both; got "
+                f"state_quantization={state_quantization!r}, eight_bit={eight_bit!r}"
+            )
+        if not isinstance(state_quantization, BlockQuantization):
+            raise TypeError(
+                "state_quantization must be a BlockQuantization or None; "
+                f"got state_quantization={state_quantization!r}"
+            )
+        return state_quantization
     if isinstance(eight_bit, BlockQuantization):
         return eight_bit
     if isinstance(eight_bit, (bool, np.bool_)):
@@ -112,27 +134,58 @@ def _canonical_dtype(mu_dtype: Any) -> Any:
     if mu_dtype is None:
         return None
     dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"mu_dtype must be a floating dtype or None; got mu_dtype={mu_dtype!r}")
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(
+            f"mu_dtype must be a floating or complex dtype or None; got mu_dtype={mu_dtype!r}"
+        )
     return dtype
 
 
 # ---------------------------------------------------------------------------
-# Moments: tree maps that skip ``None`` updates, and the (maybe 8-bit) storage.
+# Moments: tree maps that skip ``None`` updates, and the (maybe quantized) storage.
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _unwrap(x: Any) -> Any:
+    """The array in ``x``: an ``nnx.Variable``'s value; a quantized moment's arrays."""
+    if isinstance(x, BlockQuantizedArray):
+        return BlockQuantizedArray(*(_unwrap(a) for a in x))
+    return x.get_value() if _is_variable(x) else x
+
+
+def _wrap_like(variable: nnx.Variable, x: Any) -> Any:
+    """``x`` in a copy of ``variable`` (each array of a quantized moment in its own)."""
+    if isinstance(x, BlockQuantizedArray):
+        return BlockQuantizedArray(*(_wrap_like(variable, a) for a in x))
+    return jax.tree.map(lambda _: x, variable)
 
 
 def _map(fn: Callable[..., Any], updates: optax.Updates, *rest: Any) -> Any:
     """``jax.tree.map`` over ``updates``' leaves; ``None`` leaves stay ``None``.
 
     Subtrees of ``rest`` at a leaf of ``updates`` (a :class:`BlockQuantizedArray`)
-    reach ``fn`` whole.
+    reach ``fn`` whole. Trees of ``nnx.Variable`` s (``nnx.State``) reach
+    ``fn`` as arrays and the result is wrapped like the update's variable.
     """
-    return jax.tree.map(
-        lambda g, *xs: None if g is None else fn(g, *xs),
-        updates,
-        *rest,
-        is_leaf=lambda x: x is None,
-    )
+
+    def apply(g: Any, *xs: Any) -> Any:
+        if g is None:
+            return None
+        if _is_variable(g):
+            return _wrap_like(g, fn(_unwrap(g), *map(_unwrap, xs)))
+        return fn(g, *xs)
+
+    return jax.tree.map(apply, updates, *rest, is_leaf=lambda x: x is None or _is_variable(x))
+
+
+def _abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|**2``: ``x * conj(x)``, real, for complex ``x``; ``x**2`` otherwise (optax's HLO)."""
+    if jnp.iscomplexobj(x):
+        return (x.conj() * x).real
+    return x**2
 
 
 def _init_moment(
@@ -142,48 +195,66 @@ def _init_moment(
     quantization: BlockQuantization | None,
     code: Code,
 ) -> optax.Updates:
-    def init(p: jax.Array) -> jax.Array | BlockQuantizedArray:
-        if quantization is not None and quantization.applies_to(p):
-            return filled(np.shape(p), fill, code, quantization.block_size)
-        return jnp.full_like(p, fill, dtype=dtype)
+    """A moment per leaf of ``params``: ``fill`` in ``dtype``, or quantized.
 
-    return jax.tree.map(init, params)
-
-
-def _quantized(stored: Any) -> BlockQuantizedArray | None:
-    """The :class:`BlockQuantizedArray` in ``stored``, ``None`` for a plain array.
-
-    Wrappers that rebuild the state as another pytree with the same leaves
-    (``nnx.Optimizer`` under ``nnx.jit`` turns the NamedTuple into an
-    ``nnx.State``) are accepted: the fields are read in order.
+    A leaf inside a wrapper with one array (an ``nnx.Variable``) gets a
+    quantized moment whose codes and scales are each wrapped like it, so
+    ``nnx.Optimizer`` keeps the same tree type after every update.
     """
-    if isinstance(stored, (jax.Array, np.ndarray)):
-        return None
-    return BlockQuantizedArray(*jax.tree.leaves(stored))
+
+    def init(node: Any) -> Any:
+        leaves = jax.tree.leaves(node)
+        if quantization is None or len(leaves) != 1 or not quantization.applies_to(leaves[0]):
+            if quantization is not None and leaves and jnp.iscomplexobj(leaves[0]):
+                if np.size(leaves[0]) >= max(quantization.min_size, 1):
+                    raise TypeError(
+                        "state_quantization stores real moments only; got a complex "
+                        f"{jnp.result_type(leaves[0])} leaf of shape {np.shape(leaves[0])} "
+                        "(keep it in floating point: min_size above its size, or "
+                        "optax.partition)"
+                    )
+            return jax.tree.map(lambda p: jnp.full_like(p, fill, dtype=dtype), node)
+        q = filled(np.shape(leaves[0]), fill, code, quantization)
+        return _wrap_like(node, q) if _is_variable(node) else q
+
+    return jax.tree.map(init, params, is_leaf=_is_variable)
 
 
-def _load(stored: Any, g: jax.Array, code: Code) -> jax.Array:
-    """The moment as an array: 8-bit moments are decoded to the gradient's dtype."""
-    q = _quantized(stored)
-    if q is None:
+def _load(stored: Any, g: jax.Array, code: Code, quantization: BlockQuantization | None) -> Any:
+    """The moment as an array: quantized moments are decoded to the gradient's dtype."""
+    if not isinstance(stored, BlockQuantizedArray):
         return stored
-    return dequantize(q, code, np.shape(g)).astype(jnp.result_type(g))
+    assert quantization is not None
+    return dequantize(stored, code, np.shape(g), quantization).astype(jnp.result_type(g))
 
 
-def _store(value: jax.Array, stored: Any, code: Code) -> Any:
-    """``value`` in the storage format (dtype, or 8-bit container and block size) of ``stored``."""
-    q = _quantized(stored)
-    if q is None:
+def _store(
+    value: jax.Array, stored: Any, code: Code, quantization: BlockQuantization | None
+) -> Any:
+    """``value`` in the storage format (dtype, or quantized) of ``stored``."""
+    if not isinstance(stored, BlockQuantizedArray):
         return value.astype(stored.dtype)
-    new = quantize(value, code, q.codes.shape[1])
-    return jax.tree.unflatten(jax.tree.structure(stored), list(new))
+    assert quantization is not None
+    return quantize(value, code, quantization)
 
 
 def _ema(
-    updates: optax.Updates, stored: optax.Updates, decay: Any, order: int, code: Code
+    updates: optax.Updates,
+    stored: optax.Updates,
+    decay: Any,
+    order: int,
+    code: Code,
+    quantization: BlockQuantization | None,
 ) -> optax.Updates:
-    """``(1 - decay) * g**order + decay * moment`` (optax's ``update_moment``)."""
-    return _map(lambda g, s: (1 - decay) * (g**order) + decay * _load(s, g, code), updates, stored)
+    """``(1 - decay) * g**order + decay * moment`` with ``|g|**2`` for order 2 (optax's)."""
+    return _map(
+        lambda g, s: (
+            (1 - decay) * (_abs_sq(g) if order == 2 else g**order)
+            + decay * _load(s, g, code, quantization)
+        ),
+        updates,
+        stored,
+    )
 
 
 def _bias_correction(moment: optax.Updates, decay: Any, count: jax.Array) -> optax.Updates:
@@ -193,9 +264,13 @@ def _bias_correction(moment: optax.Updates, decay: Any, count: jax.Array) -> opt
 
 
 def _store_tree(
-    updates: optax.Updates, values: optax.Updates, stored: optax.Updates, code: Code
+    updates: optax.Updates,
+    values: optax.Updates,
+    stored: optax.Updates,
+    code: Code,
+    quantization: BlockQuantization | None,
 ) -> optax.Updates:
-    return _map(lambda _, v, s: _store(v, s, code), updates, values, stored)
+    return _map(lambda _, v, s: _store(v, s, code, quantization), updates, values, stored)
 
 
 # ---------------------------------------------------------------------------
@@ -210,6 +285,7 @@ def scale_by_adam(
     mu_dtype: Any | None = None,
     *,
     nesterov: bool = False,
+    state_quantization: BlockQuantization | None = None,
     eight_bit: EightBit = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescale updates by Adam's bias-corrected moments (see :func:`adam`).
@@ -220,10 +296,12 @@ def scale_by_adam(
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added to the second moment inside the square root, >= 0.
       mu_dtype: dtype of the first moment (``None``: the params' dtype); with
-        ``eight_bit`` it applies to the leaves kept in floating point.
+        ``state_quantization`` it applies to the leaves kept in floating point.
       nesterov: use Nesterov momentum (NAdam, Dozat 2016).
-      eight_bit: ``True`` or a :class:`BlockQuantization` stores both moments
-        of large tensors block-wise in 8 bits (see :func:`adam`).
+      state_quantization: a :class:`BlockQuantization` stores both moments
+        of large tensors block-wise in 8 or 4 bits (see :func:`adam`).
+      eight_bit: alias of ``state_quantization``: ``True`` means
+        ``BlockQuantization()`` (8 bits).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -231,15 +309,17 @@ def scale_by_adam(
 
     Raises:
       ValueError: if ``b1`` or ``b2`` is outside [0, 1), ``eps`` or
-        ``eps_root`` is negative, or ``mu_dtype`` is not floating.
-      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+        ``eps_root`` is negative, ``mu_dtype`` is neither floating nor
+        complex, or both ``state_quantization`` and ``eight_bit`` are given.
+      TypeError: if ``state_quantization`` or ``eight_bit`` has the wrong
+        type; from ``init``, if a complex leaf would be quantized.
     """
     _check_unit_interval("b1", b1)
     _check_unit_interval("b2", b2)
     _check_non_negative("eps", eps)
     _check_non_negative("eps_root", eps_root)
     mu_dtype = _canonical_dtype(mu_dtype)
-    quantization = _quantization(eight_bit)
+    quantization = _quantization(state_quantization, eight_bit)
 
     def init_fn(params: optax.Params) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -255,8 +335,8 @@ def scale_by_adam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByAdamState]:
         del params, extra_args
-        mu = _ema(updates, state.mu, b1, 1, "signed")
-        nu = _ema(updates, state.nu, b2, 2, "sqrt")
+        mu = _ema(updates, state.mu, b1, 1, "signed", quantization)
+        nu = _ema(updates, state.nu, b2, 2, "sqrt", quantization)
         count = optax.safe_increment(state.count)
         if nesterov:
             mu_hat = _map(
@@ -270,8 +350,8 @@ def scale_by_adam(
         new_updates = _map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
         return new_updates, ScaleByAdamState(
             count=count,
-            mu=_store_tree(updates, mu, state.mu, "signed"),
-            nu=_store_tree(updates, nu, state.nu, "sqrt"),
+            mu=_store_tree(updates, mu, state.mu, "signed", quantization),
+            nu=_store_tree(updates, nu, state.nu, "sqrt", quantization),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -290,6 +370,7 @@ def scale_by_rms(
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
     *,
+    state_quantization: BlockQuantization | None = None,
     eight_bit: EightBit = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescale updates by the root of the mean square of gradients (see :func:`rmsprop`).
@@ -301,44 +382,50 @@ def scale_by_rms(
       eps_in_sqrt: add ``eps`` inside the square root (optax) or outside
         (PyTorch).
       bias_correction: divide the second moment by ``1 - decay**t``.
-      eight_bit: ``True`` or a :class:`BlockQuantization` stores the second
-        moment of large tensors block-wise in 8 bits.
+      state_quantization: a :class:`BlockQuantization` stores the second
+        moment of large tensors block-wise in 8 or 4 bits.
+      eight_bit: alias of ``state_quantization`` (``True``: 8 bits).
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleByRmsState`.
+      An :class:`optax.GradientTransformationExtraArgs` with optax's state:
+      :class:`ScaleByRmsState` (``nu``), or :class:`ScaleByRmsWithCountState`
+      (``count, nu``) with ``bias_correction``.
 
     Raises:
-      ValueError: if ``decay`` is outside [0, 1) or ``eps``/``initial_scale``
-        is negative.
-      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+      ValueError: if ``decay`` is outside [0, 1), ``eps``/``initial_scale``
+        is negative, or both ``state_quantization`` and ``eight_bit`` are
+        given.
+      TypeError: if ``state_quantization`` or ``eight_bit`` has the wrong
+        type; from ``init``, if a complex leaf would be quantized.
     """
     _check_unit_interval("decay", decay)
     _check_non_negative("eps", eps)
     _check_non_negative("initial_scale", initial_scale)
-    quantization = _quantization(eight_bit)
+    quantization = _quantization(state_quantization, eight_bit)
     scaling = _rms_scaling(eps, eps_in_sqrt)
 
-    def init_fn(params: optax.Params) -> ScaleByRmsState:
-        return ScaleByRmsState(
-            count=jnp.zeros([], jnp.int32),
-            nu=_init_moment(params, initial_scale, None, quantization, "sqrt"),
-        )
+    def init_fn(params: optax.Params) -> ScaleByRmsState | ScaleByRmsWithCountState:
+        nu = _init_moment(params, initial_scale, None, quantization, "sqrt")
+        if bias_correction:
+            return ScaleByRmsWithCountState(count=jnp.zeros([], jnp.int32), nu=nu)
+        return ScaleByRmsState(nu=nu)
 
     def update_fn(
         updates: optax.Updates,
-        state: ScaleByRmsState,
+        state: ScaleByRmsState | ScaleByRmsWithCountState,
         params: optax.Params | None = None,
         **extra_args: Any,
-    ) -> tuple[optax.Updates, ScaleByRmsState]:
+    ) -> tuple[optax.Updates, ScaleByRmsState | ScaleByRmsWithCountState]:
         del params, extra_args
-        nu = _ema(updates, state.nu, decay, 2, "sqrt")
-        count = optax.safe_increment(state.count)
-        nu_hat = _bias_correction(nu, decay, count) if bias_correction else nu
-        new_updates = _map(lambda g, v: scaling(v) * g, updates, nu_hat)
-        return new_updates, ScaleByRmsState(
-            count=count, nu=_store_tree(updates, nu, state.nu, "sqrt")
-        )
+        nu = _ema(updates, state.nu, decay, 2, "sqrt", quantization)
+        stored = _store_tree(updates, nu, state.nu, "sqrt", quantization)
+        if isinstance(state, ScaleByRmsWithCountState):
+            count = optax.safe_increment(state.count)
+            nu = _bias_correction(nu, decay, count)
+            new_state: Any = ScaleByRmsWithCountState(count=count, nu=stored)
+        else:
+            new_state = ScaleByRmsState(nu=stored)
+        return _map(lambda g, v: scaling(v) * g, updates, nu), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -352,8 +439,8 @@ def scale_by_stddev(
 ) -> optax.GradientTransformationExtraArgs:
     """Rescale updates by the root of the centered mean square (see :func:`rmsprop`).
 
-    The state stays in floating point: the variance ``nu - mu**2`` of two
-    8-bit moments could turn negative.
+    The state stays in floating point: the variance ``nu - |mu|**2`` of two
+    quantized moments could turn negative.
 
     Args:
       decay: decay of both moments, in [0, 1).
@@ -364,8 +451,10 @@ def scale_by_stddev(
       bias_correction: divide both moments by ``1 - decay**t``.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleByStddevState`.
+      An :class:`optax.GradientTransformationExtraArgs` with optax's state:
+      :class:`ScaleByRStdDevState` (``mu, nu``), or
+      :class:`ScaleByRStdDevWithCountState` (``count, mu, nu``) with
+      ``bias_correction``.
 
     Raises:
       ValueError: if ``decay`` is outside [0, 1) or ``eps``/``initial_scale``
@@ -376,33 +465,32 @@ def scale_by_stddev(
     _check_non_negative("initial_scale", initial_scale)
     scaling = _rms_scaling(eps, eps_in_sqrt)
 
-    def init_fn(params: optax.Params) -> ScaleByStddevState:
-        return ScaleByStddevState(
-            count=jnp.zeros([], jnp.int32),
-            mu=_init_moment(params, 0.0, None, None, "signed"),
-            nu=_init_moment(params, initial_scale, None, None, "sqrt"),
-        )
+    def init_fn(params: optax.Params) -> ScaleByRStdDevState | ScaleByRStdDevWithCountState:
+        mu = _init_moment(params, 0.0, None, None, "signed")
+        nu = _init_moment(params, initial_scale, None, None, "sqrt")
+        if bias_correction:
+            return ScaleByRStdDevWithCountState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+        return ScaleByRStdDevState(mu=mu, nu=nu)
 
     def update_fn(
         updates: optax.Updates,
-        state: ScaleByStddevState,
+        state: ScaleByRStdDevState | ScaleByRStdDevWithCountState,
         params: optax.Params | None = None,
         **extra_args: Any,
-    ) -> tuple[optax.Updates, ScaleByStddevState]:
+    ) -> tuple[optax.Updates, ScaleByRStdDevState | ScaleByRStdDevWithCountState]:
         del params, extra_args
-        mu = _ema(updates, state.mu, decay, 1, "signed")
-        nu = _ema(updates, state.nu, decay, 2, "sqrt")
-        count = optax.safe_increment(state.count)
-        if bias_correction:
-            mu_hat, nu_hat = _bias_correction(mu, decay, count), _bias_correction(nu, decay, count)
+        mu = _ema(updates, state.mu, decay, 1, "signed", None)
+        nu = _ema(updates, state.nu, decay, 2, "sqrt", None)
+        stored_mu = _store_tree(updates, mu, state.mu, "signed", None)
+        stored_nu = _store_tree(updates, nu, state.nu, "sqrt", None)
+        if isinstance(state, ScaleByRStdDevWithCountState):
+            count = optax.safe_increment(state.count)
+            mu, nu = _bias_correction(mu, decay, count), _bias_correction(nu, decay, count)
+            new_state: Any = ScaleByRStdDevWithCountState(count=count, mu=stored_mu, nu=stored_nu)
         else:
-            mu_hat, nu_hat = mu, nu
-        new_updates = _map(lambda g, m, v: scaling(v - m * m) * g, updates, mu_hat, nu_hat)
-        return new_updates, ScaleByStddevState(
-            count=count,
-            mu=_store_tree(updates, mu, state.mu, "signed"),
-            nu=_store_tree(updates, nu, state.nu, "sqrt"),
-        )
+            new_state = ScaleByRStdDevState(mu=stored_mu, nu=stored_nu)
+        new_updates = _map(lambda g, m, v: scaling(v - _abs_sq(m)) * g, updates, mu, nu)
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -420,6 +508,7 @@ def adam(
     mu_dtype: Any | None = None,
     *,
     nesterov: bool = False,
+    state_quantization: BlockQuantization | None = None,
     eight_bit: EightBit = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Adam optimizer (Kingma & Ba 2014, Algorithm 1), optionally with 8-bit state.
@@ -441,18 +530,25 @@ def adam(
 
     ``nesterov=True`` replaces :math:`\hat m_t` by
     :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`
-    (NAdam). In floating point the result equals ``optax.adam`` with the same
-    arguments.
+    (NAdam, also :func:`nadam`). For complex parameters :math:`g_t^2` is
+    :math:`|g_t|^2 = g_t \bar g_t`. In floating point the result equals
+    ``optax.adam`` with the same arguments.
 
-    **8-bit state.** ``eight_bit=True`` (or a :class:`BlockQuantization`)
-    stores :math:`m` and :math:`v` of every floating tensor with at least
-    ``min_size`` (4096) elements as one byte per element plus one float32
-    scale per block of ``block_size`` (256) elements: :math:`m` with a signed
-    8-bit float code (4 exponent, 3 mantissa bits), :math:`\sqrt{v}` with an
-    unsigned one (4 exponent, 4 mantissa bits), each scaled by the block's
-    absolute maximum. The moments are decoded, updated as above, and encoded
-    again inside the update. State memory is about 2.03 bytes per element
-    instead of 8 (0.254x); smaller tensors keep floating-point moments.
+    **Quantized state.** ``state_quantization=BlockQuantization(bits=8)``
+    (alias ``eight_bit=True``) stores :math:`m` and :math:`v` of every real
+    floating tensor with at least ``min_size`` (4096) elements as one byte per
+    element plus one float32 scale per block of ``block_size`` (256) elements
+    along the last axis: :math:`m` with a signed 8-bit float code (4 exponent,
+    3 mantissa bits), :math:`\sqrt{v}` with an unsigned one (4 exponent, 4
+    mantissa bits), each scaled by the block's absolute maximum: about 2.03
+    bytes per element instead of 8 (0.254x). ``BlockQuantization(bits=4)``
+    packs two codes per byte, blocks of 128 (Li et al. 2023): :math:`m` with
+    (2, 1) bits, :math:`\sqrt{v}` with (3, 1) bits and no zero code, about
+    1.06 bytes per element (0.133x). The moments are decoded, updated as
+    above, and encoded again inside the update; the update itself uses the
+    unrounded new moments. Smaller tensors keep floating-point moments;
+    complex tensors large enough to be quantized raise ``TypeError`` in
+    ``init``.
 
     Args:
       learning_rate: a number or a schedule ``step -> learning rate``.
@@ -460,20 +556,25 @@ def adam(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added inside the square root, >= 0 (for meta-gradients).
-      mu_dtype: dtype of the first moment (``None``: the params' dtype); with
-        ``eight_bit`` it applies to the leaves kept in floating point.
+      mu_dtype: dtype of the first moment (``None``: the params' dtype), may
+        be complex; with ``state_quantization`` it applies to the leaves kept
+        in floating point.
       nesterov: use Nesterov momentum (NAdam).
-      eight_bit: ``False`` (floating-point state), ``True`` (8-bit block-wise
-        state with default settings) or a :class:`BlockQuantization`.
+      state_quantization: ``None`` (floating-point state) or a
+        :class:`BlockQuantization` (8- or 4-bit block-wise state).
+      eight_bit: alias of ``state_quantization``: ``True`` means
+        ``BlockQuantization()`` (8 bits).
 
     Returns:
       ``optax.chain(scale_by_adam(...), optax.scale_by_learning_rate(learning_rate))``.
 
     Raises:
       ValueError: if ``b1``/``b2`` lie outside [0, 1), ``eps``/``eps_root`` are
-        negative, ``learning_rate`` is neither a number nor a callable, or
-        ``mu_dtype`` is not floating.
-      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+        negative, ``learning_rate`` is neither a number nor a callable,
+        ``mu_dtype`` is neither floating nor complex, or both
+        ``state_quantization`` and ``eight_bit`` are given.
+      TypeError: if ``state_quantization`` is not a BlockQuantization or
+        ``eight_bit`` neither a bool nor a BlockQuantization.
 
     Example:
       >>> import jax.numpy as jnp
@@ -499,6 +600,9 @@ def adam(
       Dettmers, Lewis, Shleifer, Zettlemoyer, `8-bit Optimizers via Block-wise
       Quantization <https://arxiv.org/abs/2110.02861>`_, 2021.
 
+      Li, Chen, Zhu, `Memory Efficient Optimizers with 4-bit States
+      <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
+
     .. warning::
       Like optax and PyTorch this follows Algorithm 1 of Kingma & Ba, not the
       formulation before Section 2.1 that TensorFlow uses.
@@ -512,6 +616,7 @@ def adam(
             eps_root=eps_root,
             mu_dtype=mu_dtype,
             nesterov=nesterov,
+            state_quantization=state_quantization,
             eight_bit=eight_bit,
         ),
         optax.scale_by_learning_rate(learning_rate),
@@ -529,6 +634,7 @@ def adamw(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     nesterov: bool = False,
+    state_quantization: BlockQuantization | None = None,
     eight_bit: EightBit = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with decoupled weight decay (Loshchilov & Hutter 2019).
@@ -550,14 +656,14 @@ def adamw(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added inside the square root, >= 0.
-      mu_dtype: dtype of the first moment (``None``: the params' dtype); with
-        ``eight_bit`` it applies to the leaves kept in floating point.
+      mu_dtype: dtype of the first moment (``None``: the params' dtype).
       weight_decay: :math:`\lambda`, a number or a schedule.
       mask: which leaves decay: a pytree of bools with the structure of (a
         prefix of) the params, or a callable ``params -> such a pytree``;
         ``None`` decays every leaf. Adam itself applies to every leaf.
-      nesterov: use Nesterov momentum (NAdamW).
-      eight_bit: 8-bit block-wise moments, as in :func:`adam`.
+      nesterov: use Nesterov momentum (NAdamW, also :func:`nadamw`).
+      state_quantization: block-wise quantized moments, as in :func:`adam`.
+      eight_bit: alias of ``state_quantization`` (``True``: 8 bits).
 
     Returns:
       ``optax.chain(scale_by_adam(...), optax.add_decayed_weights(weight_decay,
@@ -567,7 +673,7 @@ def adamw(
     Raises:
       ValueError: as :func:`adam`, or if ``weight_decay`` is neither a number
         nor a callable.
-      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+      TypeError: as :func:`adam`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -596,6 +702,7 @@ def adamw(
             eps_root=eps_root,
             mu_dtype=mu_dtype,
             nesterov=nesterov,
+            state_quantization=state_quantization,
             eight_bit=eight_bit,
         ),
         optax.add_decayed_weights(weight_decay, mask),
@@ -614,6 +721,7 @@ def rmsprop(
     nesterov: bool = False,
     bias_correction: bool = False,
     *,
+    state_quantization: BlockQuantization | None = None,
     eight_bit: EightBit = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSprop (Hinton 2012), optionally centered (Graves 2013), with momentum.
@@ -632,7 +740,10 @@ def rmsprop(
       \end{align*}
 
     the second form with ``eps_in_sqrt=False`` (PyTorch's). With
-    ``bias_correction`` the moments are divided by :math:`1 - \rho^t`. With
+    ``bias_correction`` the moments are divided by :math:`1 - \rho^t`; for
+    complex parameters :math:`g_t^2` is :math:`|g_t|^2` and :math:`m_t^2` is
+    :math:`|m_t|^2`. The state is optax's (``ScaleByRmsState`` holds only
+    :math:`v`; a ``count`` is kept only with ``bias_correction``). With
     ``momentum`` :math:`\mu`, the updates pass through
     ``optax.trace(decay=momentum, nesterov=nesterov)`` after the learning
     rate. In floating point the result equals ``optax.rmsprop``.
@@ -649,8 +760,9 @@ def rmsprop(
       momentum: heavy-ball momentum in [0, 1), or ``None`` for none.
       nesterov: Nesterov momentum (only used with ``momentum``).
       bias_correction: bias-correct the moments.
-      eight_bit: 8-bit block-wise storage of :math:`v` (see :func:`adam`);
-        not available with ``centered=True``.
+      state_quantization: block-wise 8- or 4-bit storage of :math:`v` (see
+        :func:`adam`); not available with ``centered=True``.
+      eight_bit: alias of ``state_quantization`` (``True``: 8 bits).
 
     Returns:
       The chain ``scale_by_rms`` (or ``scale_by_stddev``),
@@ -659,8 +771,9 @@ def rmsprop(
     Raises:
       ValueError: if ``decay``/``momentum`` lie outside [0, 1), ``eps`` or
         ``initial_scale`` is negative, ``learning_rate`` is neither a number
-        nor a callable, or ``eight_bit`` is requested with ``centered=True``.
-      TypeError: if ``eight_bit`` is neither a bool nor a BlockQuantization.
+        nor a callable, or quantized state is requested with
+        ``centered=True``.
+      TypeError: as :func:`adam`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -686,10 +799,11 @@ def rmsprop(
     if momentum is not None:
         _check_unit_interval("momentum", momentum)
     if centered:
-        if _quantization(eight_bit) is not None:
+        if _quantization(state_quantization, eight_bit) is not None:
             raise ValueError(
-                "eight_bit must be False with centered=True (the variance of two 8-bit "
-                f"moments can turn negative); got eight_bit={eight_bit!r}"
+                "state_quantization must be None (and eight_bit False) with centered=True "
+                "(the variance of two quantized moments can turn negative); got "
+                f"state_quantization={state_quantization!r}, eight_bit={eight_bit!r}"
             )
         scale: optax.GradientTransformation = scale_by_stddev(
             decay=decay,
@@ -705,6 +819,7 @@ def rmsprop(
             initial_scale=initial_scale,
             eps_in_sqrt=eps_in_sqrt,
             bias_correction=bias_correction,
+            state_quantization=state_quantization,
             eight_bit=eight_bit,
         )
     return optax.chain(
@@ -714,3 +829,49 @@ def rmsprop(
         if momentum is not None
         else optax.identity(),
     )
+
+
+nadam = functools.partial(adam, nesterov=True)
+nadam.__doc__ = r"""NAdam (Dozat 2016): :func:`adam` with ``nesterov=True``.
+
+    The first moment in the update is
+    :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`;
+    the arguments are :func:`adam`'s. In floating point the result equals
+    ``optax.nadam``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from jaxopt_nn import optim
+      >>> params, grads = jnp.array([1.0, -2.0]), jnp.array([0.5, -0.25])
+      >>> updates, _ = optim.nadam(0.1).update(grads, optim.nadam(0.1).init(params))
+      >>> expected, _ = optax.nadam(0.1).update(grads, optax.nadam(0.1).init(params))
+      >>> bool(jnp.array_equal(updates, expected))
+      True
+
+    References:
+      Dozat, `Incorporating Nesterov Momentum into Adam
+      <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
+    """
+
+nadamw = functools.partial(adamw, nesterov=True)
+nadamw.__doc__ = r"""NAdamW: :func:`adamw` with ``nesterov=True`` (NAdam, decoupled weight decay).
+
+    The arguments are :func:`adamw`'s. In floating point the result equals
+    ``optax.nadamw``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from jaxopt_nn import optim
+      >>> params, grads = jnp.array([1.0, -2.0]), jnp.array([0.5, -0.25])
+      >>> tx, reference = optim.nadamw(0.1), optax.nadamw(0.1)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> expected, _ = reference.update(grads, reference.init(params), params)
+      >>> bool(jnp.array_equal(updates, expected))
+      True
+
+    References:
+      Loshchilov, Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+    """

@@ -12,6 +12,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jaxopt_nn
 from jaxopt_nn import optim
 from jaxopt_nn._blockwise import dequantize, filled, quantize
 
@@ -55,13 +56,12 @@ def _assert_trees_close(actual, desired, rtol=1e-6, atol=0.0):
     assert jax.tree.structure(actual) == jax.tree.structure(desired)
     for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
         assert a.dtype == d.dtype
-        np.testing.assert_allclose(
-            np.asarray(a, np.float32), np.asarray(d, np.float32), rtol=rtol, atol=atol
-        )
+        wide = np.complex64 if jnp.iscomplexobj(a) else np.float32
+        np.testing.assert_allclose(np.asarray(a, wide), np.asarray(d, wide), rtol=rtol, atol=atol)
 
 
 def _state_bytes(state):
-    return sum(x.nbytes for x in jax.tree.leaves(state))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 # --------------------------------------------------------------------------- numerics
@@ -78,7 +78,11 @@ def _assert_grid_matches_optax(cases, ours_factory, optax_factory, moments):
             _assert_trees_close(moments(ours[1][0]), moments(theirs[1][0]))
         except AssertionError as err:
             raise AssertionError(f"differs from optax with {kwargs}") from err
-        assert int(ours[1][0].count) == STEPS
+        # optax's state layout: same class name, same fields in the same order.
+        assert type(ours[1][0]).__name__ == type(theirs[1][0]).__name__
+        assert ours[1][0]._fields == theirs[1][0]._fields
+        if "count" in ours[1][0]._fields:
+            assert int(ours[1][0].count) == STEPS
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
@@ -183,7 +187,21 @@ def test_count_saturates_instead_of_overflowing():
         (
             optim.rmsprop,
             dict(learning_rate=0.1, centered=True, eight_bit=True),
-            r"eight_bit must be False with centered=True",
+            r"state_quantization must be None \(and eight_bit False\) with centered=True",
+        ),
+        (
+            optim.adam,
+            dict(
+                learning_rate=0.1,
+                eight_bit=True,
+                state_quantization=optim.BlockQuantization(bits=4),
+            ),
+            r"give state_quantization or its alias eight_bit, not both",
+        ),
+        (
+            optim.adam,
+            dict(learning_rate=0.1, mu_dtype=jnp.int8),
+            r"mu_dtype must be a floating or complex dtype or None; got mu_dtype=",
         ),
         (optim.scale_by_stddev, dict(eps=-1.0), r"eps must be >= 0"),
     ],
@@ -199,6 +217,8 @@ def test_bad_hyperparameters_raise_at_construction(factory, kwargs, match):
         (dict(block_size=0), r"block_size must be an int >= 1; got block_size=0"),
         (dict(block_size=2.5), r"block_size must be an int >= 1; got block_size=2.5"),
         (dict(min_size=-1), r"min_size must be an int >= 0; got min_size=-1"),
+        (dict(bits=2), r"bits must be 4 or 8; got bits=2"),
+        (dict(bits=4, block_size=7), r"block_size must be even with bits=4 .* got block_size=7"),
     ],
 )
 def test_bad_block_quantization_raises(kwargs, match):
@@ -209,6 +229,8 @@ def test_bad_block_quantization_raises(kwargs, match):
 def test_eight_bit_of_wrong_type_raises():
     with pytest.raises(TypeError, match=r"eight_bit must be a bool or a BlockQuantization"):
         optim.adam(0.1, eight_bit=8)
+    with pytest.raises(TypeError, match=r"state_quantization must be a BlockQuantization or None"):
+        optim.rmsprop(0.1, state_quantization=8)
 
 
 # --------------------------------------------------------------------------- composition
@@ -249,7 +271,7 @@ def test_inject_hyperparams_matches_optax_and_the_plain_call(name, kwargs):
 
 def test_inject_hyperparams_with_8bit_state_gives_the_plain_updates():
     # Decays stay Python floats (static), so the 8-bit codes round identically.
-    kwargs = dict(learning_rate=1e-2, eight_bit=optim.BlockQuantization(8, min_size=8))
+    kwargs = dict(learning_rate=1e-2, eight_bit=optim.BlockQuantization(block_size=8, min_size=8))
     inject = optax.inject_hyperparams(optim.adam, static_args=("b1", "b2", "eps", "eps_root"))
     injected, plain = _run([inject(**kwargs), optim.adam(**kwargs)], SMALL)
     _assert_trees_close(injected[2], plain[2])
@@ -259,7 +281,7 @@ def test_inject_hyperparams_with_8bit_state_gives_the_plain_updates():
 def test_inject_hyperparams_with_traced_decays_and_8bit_state():
     # Traced decays may round a moment to the neighbouring 8-bit code on some
     # step; the updates still follow the plain run to within a small fraction.
-    kwargs = dict(learning_rate=1e-2, eight_bit=optim.BlockQuantization(8, min_size=8))
+    kwargs = dict(learning_rate=1e-2, eight_bit=optim.BlockQuantization(block_size=8, min_size=8))
     injected, plain = _run(
         [optax.inject_hyperparams(optim.adam)(**kwargs), optim.adam(**kwargs)], SMALL
     )
@@ -275,7 +297,9 @@ def test_multisteps_matches_optax():
 
 
 def test_multisteps_accepts_8bit_state():
-    tx = optax.MultiSteps(optim.adam(1e-2, eight_bit=optim.BlockQuantization(8, 8)), 2)
+    tx = optax.MultiSteps(
+        optim.adam(1e-2, eight_bit=optim.BlockQuantization(block_size=8, min_size=8)), 2
+    )
     params, state, _ = _run([tx], SMALL, steps=6)[0]
     assert int(state.gradient_step) == 3
     assert state.inner_opt_state[0].nu["w"].codes.dtype == jnp.uint8
@@ -325,7 +349,9 @@ def test_nnx_optimizer_matches_optax(eight_bit):
 @pytest.mark.parametrize("eight_bit", [False, True])
 def test_jit_does_not_recompile_on_the_second_step(eight_bit):
     traces = []
-    tx = optim.adam(1e-2, eight_bit=optim.BlockQuantization(8, 8) if eight_bit else False)
+    tx = optim.adam(
+        1e-2, eight_bit=optim.BlockQuantization(block_size=8, min_size=8) if eight_bit else False
+    )
 
     @jax.jit
     def step(params, state):
@@ -343,7 +369,9 @@ def test_jit_does_not_recompile_on_the_second_step(eight_bit):
 @pytest.mark.parametrize("eight_bit", [False, True])
 def test_state_survives_orbax_round_trip(tmp_path, eight_bit):
     ocp = pytest.importorskip("orbax.checkpoint")
-    tx = optim.adam(1e-2, eight_bit=optim.BlockQuantization(8, 8) if eight_bit else False)
+    tx = optim.adam(
+        1e-2, eight_bit=optim.BlockQuantization(block_size=8, min_size=8) if eight_bit else False
+    )
     _, state, _ = _run([tx], SMALL, steps=3)[0]
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "state", state)
@@ -363,14 +391,15 @@ def test_state_survives_orbax_round_trip(tmp_path, eight_bit):
 # --------------------------------------------------------------------------- 8-bit state
 
 
-_SIZE, _BLOCK = 700, 64  # 11 blocks, the last one padded
+_SIZE, _BLOCK = 700, 64  # 11 blocks, the last one shorter
+_Q8 = optim.BlockQuantization(block_size=_BLOCK)
 
 
 @jax.jit
 def _round_trip(x):
     return (
-        dequantize(quantize(x, "signed", _BLOCK), "signed", x.shape),
-        dequantize(quantize(x, "sqrt", _BLOCK), "sqrt", x.shape),
+        dequantize(quantize(x, "signed", _Q8), "signed", x.shape, _Q8),
+        dequantize(quantize(x, "sqrt", _Q8), "sqrt", x.shape, _Q8),
     )
 
 
@@ -403,26 +432,28 @@ def test_sqrt_code_error_is_relative_in_the_root_and_never_rounds_to_zero(log_sc
     assert np.all(s >= np.minimum(r * (1 - 1 / 32), 2.0**-15 * rmax / 1.9375 * 0.999))
 
 
-def test_quantized_layout_pads_the_last_block():
-    q = quantize(jnp.ones(_SIZE), "signed", _BLOCK)
-    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (11, _BLOCK)
-    assert q.scales.dtype == jnp.float32 and q.scales.shape == (11,)
+@pytest.mark.parametrize("bits, codes_shape", [(8, (3, _SIZE)), (4, (3, _SIZE // 2))])
+def test_quantized_layout_keeps_the_tensor_shape_without_padding(bits, codes_shape):
+    quantization = optim.BlockQuantization(bits=bits, block_size=_BLOCK)
+    q = quantize(jnp.ones((3, _SIZE)), "signed", quantization)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == codes_shape
+    assert q.scales.dtype == jnp.float32 and q.scales.shape == (3, 11)
 
 
 @pytest.mark.parametrize(
     "code, fill", [("signed", 0.0), ("signed", 0.3), ("sqrt", 0.0), ("sqrt", 2.0)]
 )
 def test_filled_equals_quantizing_a_full_array(code, fill):
-    expected = quantize(jnp.full((_SIZE,), fill), code, _BLOCK)
-    actual = filled((_SIZE,), fill, code, _BLOCK)
+    expected = quantize(jnp.full((_SIZE,), fill), code, _Q8)
+    actual = filled((_SIZE,), fill, code, _Q8)
     np.testing.assert_array_equal(actual.codes, expected.codes)
     np.testing.assert_allclose(actual.scales, expected.scales, rtol=1e-7)
 
 
 def test_zero_blocks_decode_to_zero():
     for code in ("signed", "sqrt"):
-        q = quantize(jnp.zeros(_SIZE), code, _BLOCK)
-        np.testing.assert_array_equal(dequantize(q, code, (_SIZE,)), np.zeros(_SIZE))
+        q = quantize(jnp.zeros(_SIZE), code, _Q8)
+        np.testing.assert_array_equal(dequantize(q, code, (_SIZE,), _Q8), np.zeros(_SIZE))
 
 
 def _lenet_params():
@@ -431,30 +462,44 @@ def _lenet_params():
     return nnx.state(LeNet300100(64, rngs=nnx.Rngs(0)), nnx.Param)
 
 
-def test_8bit_state_is_under_0_3x_of_float32_adam_counting_scales_and_small_leaves():
+def _quantized_bytes(shape, quantization):
+    """Bytes of one moment: codes (n or ceil(n / 2) per row) and one float32 per block."""
+    rows, n = math.prod(shape[:-1]), shape[-1]
+    codes = n if quantization.bits == 8 else -(-n // 2)
+    return rows * (codes + 4 * -(-n // quantization.block_size))
+
+
+@pytest.mark.parametrize("bits, bound", [(8, 0.3), (4, 0.2)])
+def test_quantized_state_bytes_count_scales_and_small_leaves(bits, bound):
     params = _lenet_params()
-    state8 = jax.jit(optim.adam(1e-3, eight_bit=True).init)(params)
+    quant = optim.BlockQuantization(bits=bits)
+    state_q = jax.jit(optim.adam(1e-3, state_quantization=quant).init)(params)
     state32 = jax.jit(optim.adam(1e-3).init)(params)
-    quant = optim.BlockQuantization()
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
     expected = 4  # count
     for p in jax.tree.leaves(params):
         n = math.prod(p.shape)
         if n >= quant.min_size:
-            expected += 2 * (-(-n // quant.block_size)) * (quant.block_size + 4)
+            expected += 2 * _quantized_bytes(p.shape, quant)
         else:
             expected += 2 * n * p.dtype.itemsize
-    assert _state_bytes(state8) == expected
+    assert _state_bytes(state_q) == expected
     assert _state_bytes(state32) == 8 * n_params + 4
-    assert _state_bytes(state8) <= 0.3 * _state_bytes(state32)
-    inner = state8[0]
-    kinds = jax.tree.map(
-        lambda p, m: type(m).__name__,
-        params,
-        inner.mu,
-        is_leaf=lambda x: isinstance(x, optim.BlockQuantizedArray),
-    )
-    assert kinds["fc1"]["kernel"] == "BlockQuantizedArray" and kinds["fc1"]["bias"] == "ArrayImpl"
+    assert _state_bytes(state_q) <= bound * _state_bytes(state32)
+    mu = state_q[0].mu
+    assert isinstance(mu["fc1"]["kernel"], optim.BlockQuantizedArray)
+    assert isinstance(mu["fc1"]["bias"], nnx.Param)
+
+
+@pytest.mark.parametrize("bits, bound", [(8, 0.255), (4, 0.14)])
+def test_quantized_state_of_a_large_kernel_is_a_fraction_of_float32(bits, bound):
+    params = {"w": jax.ShapeDtypeStruct((512, 1024), jnp.float32)}
+    quant = optim.BlockQuantization(bits=bits)
+    state_q = jax.eval_shape(optim.adam(1e-3, state_quantization=quant).init, params)
+    state32 = jax.eval_shape(optim.adam(1e-3).init, params)
+    ratio = _state_bytes(state_q) / _state_bytes(state32)
+    assert ratio <= bound
+    assert _state_bytes(state_q) == 4 + 2 * _quantized_bytes((512, 1024), quant)
 
 
 @pytest.mark.parametrize("min_size", [0, 4096])
@@ -512,3 +557,168 @@ def test_8bit_adam_trains_lenet_on_digits_within_one_point_of_float32():
         accuracy[eight_bit] = metrics["accuracy"]
     assert accuracy[False] > 0.9
     assert abs(accuracy[True] - accuracy[False]) <= 0.01
+
+
+# --------------------------------------------------------------------------- complex
+
+
+_COMPLEX = {"w": jnp.array([[1.0 + 2.0j, -0.5j], [3.0, 0.25 - 1.0j]], jnp.complex64)}
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("adam", {}),
+        ("adam", {"mu_dtype": jnp.complex64, "nesterov": True}),
+        ("adamw", {"weight_decay": 0.1}),
+        ("nadamw", {}),
+        ("rmsprop", {"bias_correction": True}),
+        ("rmsprop", {"centered": True, "momentum": 0.9}),
+    ],
+)
+def test_complex_params_match_optax(name, kwargs):
+    ours, theirs = _run(
+        [getattr(optim, name)(1e-2, **kwargs), getattr(optax, name)(1e-2, **kwargs)],
+        _COMPLEX,
+        steps=20,
+    )
+    _assert_trees_close(ours[2], theirs[2], rtol=1e-5, atol=1e-7)
+    _assert_trees_close(ours[0], theirs[0], rtol=1e-6)
+
+
+def test_complex_second_moment_is_the_squared_modulus():
+    # g = 1j: Adam's first step is -lr * g / |g| = -0.1j (g**2 = -1 would flip it).
+    tx = optim.adam(0.1)
+    params = jnp.zeros(1, jnp.complex64)
+    updates, state = tx.update(jnp.ones(1, jnp.complex64) * 1j, tx.init(params))
+    np.testing.assert_allclose(updates, [-0.1j], rtol=1e-5)
+    np.testing.assert_allclose(state[0].nu, [1e-3], rtol=1e-6)
+
+
+def test_quantized_state_refuses_large_complex_leaves():
+    tx = optim.adam(1e-2, eight_bit=optim.BlockQuantization(block_size=8, min_size=4))
+    with pytest.raises(TypeError, match=r"stores real moments only; got a complex complex64 leaf"):
+        tx.init(_COMPLEX)
+    # Below min_size a complex leaf keeps floating-point moments.
+    small = optim.adam(1e-2, eight_bit=optim.BlockQuantization(min_size=5)).init(_COMPLEX)
+    assert small[0].mu["w"].dtype == jnp.complex64
+
+
+# --------------------------------------------------------------------------- aliases
+
+
+@pytest.mark.parametrize("name", ["nadam", "nadamw"])
+def test_nadam_aliases_match_optax(name):
+    ours, theirs = _run([getattr(optim, name)(1e-2), getattr(optax, name)(1e-2)], SMALL)
+    _assert_trees_close(ours[2], theirs[2])
+    assert jaxopt_nn.nadam is optim.nadam and jaxopt_nn.nadamw is optim.nadamw
+
+
+def test_states_load_from_optax_and_back():
+    for ours_tx, theirs_tx in [
+        (optim.adam(1e-2), optax.adam(1e-2)),
+        (optim.rmsprop(1e-2), optax.rmsprop(1e-2)),
+        (optim.rmsprop(1e-2, centered=True), optax.rmsprop(1e-2, centered=True)),
+    ]:
+        theirs = theirs_tx.init(SMALL)
+        ours = ours_tx.init(SMALL)
+        assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+        updates, _ = ours_tx.update(SMALL, theirs, SMALL)
+        expected, _ = theirs_tx.update(SMALL, ours, SMALL)
+        _assert_trees_close(updates, expected)
+
+
+# --------------------------------------------------------------------------- nnx
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_nnx_optimizer_with_quantized_state_traces_once_and_checkpoints(tmp_path, bits):
+    from flax import serialization
+
+    quant = optim.BlockQuantization(bits=bits, min_size=256)
+
+    def make():
+        model = nnx.Linear(64, 80, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(
+            model, optim.adam(1e-2, state_quantization=quant), wrt=nnx.Param
+        )
+
+    model, optimizer = make()
+    x = jnp.linspace(-1.0, 1.0, 3 * 64).reshape(3, 64)
+    traces = []
+
+    @nnx.jit
+    def step(model, optimizer):
+        traces.append(None)
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+
+    structure = jax.tree.structure(nnx.state(optimizer))
+    for _ in range(3):
+        step(model, optimizer)
+    assert len(traces) == 1
+    assert jax.tree.structure(nnx.state(optimizer)) == structure
+    kernel_mu = optimizer.opt_state[0].mu["kernel"]
+    assert isinstance(kernel_mu, optim.BlockQuantizedArray)
+    saved = jax.tree.map(np.asarray, nnx.state(optimizer))
+
+    # msgpack through nnx.to_pure_dict
+    blob = serialization.to_bytes(nnx.to_pure_dict(nnx.state(optimizer)))
+    _, fresh = make()
+    state = nnx.state(fresh)
+    nnx.replace_by_pure_dict(state, serialization.from_bytes(nnx.to_pure_dict(state), blob))
+    nnx.update(fresh, state)
+    for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # orbax
+    ocp = pytest.importorskip("orbax.checkpoint")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "opt", nnx.state(optimizer))
+        checkpointer.wait_until_finished()
+        _, fresh = make()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(fresh))
+        nnx.update(fresh, checkpointer.restore(tmp_path / "opt", abstract))
+    for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(a, b)
+    step(model, fresh)  # the restored optimizer trains on
+    assert jax.tree.structure(nnx.state(fresh)) == structure
+
+
+# --------------------------------------------------------------------------- 4-bit
+
+
+def test_4bit_codes_pack_two_per_byte_and_round_trip():
+    quant = optim.BlockQuantization(bits=4, block_size=8)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 17)), jnp.float32)
+    q = quantize(x, "signed", quant)
+    assert q.codes.shape == (3, 9) and q.scales.shape == (3, 3)
+    y = np.asarray(dequantize(q, "signed", x.shape, quant))
+    # (2, 1) bits: relative error <= 1/4 above the flush-to-zero threshold
+    # (3/32 of the block maximum: half the smallest code 0.1875 / 1.5 * max).
+    block_max = np.repeat(
+        np.abs(np.pad(np.asarray(x), ((0, 0), (0, 7)))).reshape(3, 3, 8).max(-1), 8, -1
+    )[:, :17]
+    assert np.all(np.abs(y - x) <= np.abs(x) / 4 + block_max / 8)
+    r = np.abs(x)
+    v = np.asarray(dequantize(quantize(x * x, "sqrt", quant), "sqrt", x.shape, quant))
+    assert np.all(v > 0)  # zero-excluding: no root rounds to zero
+    assert np.all(np.abs(np.sqrt(v) - r) <= r / 4 + block_max * 2.0**-7)
+
+
+def test_4bit_adam_trains_lenet_on_digits():
+    from jaxopt_nn import data, train
+    from jaxopt_nn.models import LeNet300100
+
+    digits = data.load_digits()
+    result = train.fit(
+        LeNet300100(64, rngs=nnx.Rngs(0)),
+        optim.adam(1e-3, state_quantization=optim.BlockQuantization(bits=4)),
+        digits,
+        epochs=10,
+        batch_size=64,
+        progress=False,
+    )
+    metrics = train.evaluate(result.graphdef, result.state, digits.x_test, digits.y_test)
+    assert metrics["accuracy"] > 0.9
