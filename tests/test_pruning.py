@@ -1,6 +1,10 @@
 """Tests for jaxopt_nn.pruning: masks, schedules, the prune transform, export."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,7 @@ from jax.experimental import sparse as jsparse
 from jaxopt_nn import _blockwise, pruning
 
 SETTINGS = settings(max_examples=15, deadline=None)
+SCRIPTS = Path(__file__).parent / "parallel_scripts"
 
 
 def _round_f32(s, size):
@@ -454,7 +459,7 @@ def test_prune_after_optimizer_keeps_pruned_weights_exactly_zero_on_schedule(opt
 
     def check(t, params, state):
         masks = _prune_state(state).masks
-        assert masks["l1"]["bias"] is None
+        assert np.asarray(masks["l1"]["bias"]).all(), "unselected leaves are all kept"
         for name in ("l1", "l2"):
             w, mk = np.asarray(params[name]["kernel"]), np.asarray(masks[name]["kernel"])
             np.testing.assert_array_equal(w[~mk].view(np.uint32), 0)  # bit-exact +0.0
@@ -552,8 +557,8 @@ def test_prune_with_inner_keeps_moments_of_pruned_weights_zero(inner, getkey):
         assert (np.asarray(params[name]["kernel"])[~mk] == 0).all()
         mu, nu = adam_state.mu[name]["kernel"], adam_state.nu[name]["kernel"]
         if isinstance(mu, optim.BlockQuantizedArray):
-            mu = _blockwise.dequantize(mu, "signed", mk.shape)
-            nu = _blockwise.dequantize(nu, "sqrt", mk.shape)
+            mu = _blockwise.dequantize(mu, "signed", mk.shape, eight_bit)
+            nu = _blockwise.dequantize(nu, "sqrt", mk.shape, eight_bit)
             # code 0 of the sqrt code is the smallest root, 2**-15 * block scale
             assert np.all(np.asarray(nu)[~mk] <= 2.0**-30 * float(np.max(nu)))
         else:
@@ -648,3 +653,228 @@ def test_lenet_300_100_pruned_gradually_to_90_percent_stays_within_a_point_of_de
     acc_dense = dense.history[-1]["test_accuracy"]
     acc_pruned = pruned.history[-1]["test_accuracy"]
     assert acc_pruned >= acc_dense - 0.01, (acc_dense, acc_pruned)
+
+
+# ------------------------------------------------- optax and sharding contracts
+
+
+def test_masks_are_selected_without_sorting():
+    params = {"w": jnp.ones((6, 5)), "v": jnp.ones((4, 4))}
+    for scope in ("layer", "global"):
+        jaxpr = str(
+            jax.make_jaxpr(lambda p, s=scope: pruning.magnitude_masks(p, 0.5, scope=s))(params)
+        )
+        assert "sort" not in jaxpr, scope
+
+
+_jitted_magnitude_masks = jax.jit(pruning.magnitude_masks)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 99), k=st.integers(0, 40), dtype=st.sampled_from(["bfloat16", "float16"])
+)
+def test_selection_matches_stable_argsort_on_low_precision_ties(seed, k, dtype):
+    # Few distinct low-precision magnitudes: ties straddle the threshold.
+    w = jnp.asarray(_weights((5, 8), seed, True) / 4, dtype)
+    mask = _jitted_magnitude_masks({"w": w}, np.float32(k / 40))["w"]
+    expected = _reference_pruned(np.abs(np.float32(w)), _round_f32(k / 40, 40))
+    np.testing.assert_array_equal(~np.asarray(mask), expected)
+
+
+def test_prune_state_maps_like_params_with_optax_map_params():
+    params = _mlp_params(jax.random.key(0))
+    tx = optax.chain(optax.adam(1e-2), pruning.prune(0.5))
+    state = tx.init(params)
+    specs = jax.tree.map(lambda leaf: f"spec{leaf.ndim}", params)
+    mapped = optax.tree.map_params(tx, lambda _, spec: spec, state, specs)
+    assert mapped[1].masks == specs
+    assert mapped[0][0].mu == specs
+    plus = optax.tree.map_params(tx, lambda mk: mk.astype(jnp.int32) + 1, state)
+    assert all(np.all(np.asarray(x) == 2) for x in jax.tree.leaves(plus[1].masks))
+
+
+def test_prune_with_inner_state_maps_like_params():
+    params = _mlp_params(jax.random.key(0))
+    tx = pruning.prune(0.5, inner=optax.adam(1e-2))
+    state = tx.init(params)
+    shapes = optax.tree.map_params(tx, lambda leaf: leaf.shape, state)
+    assert shapes.masks == jax.tree.map(lambda leaf: leaf.shape, params)
+    assert shapes.inner_state[0].nu == shapes.masks
+
+
+def test_every_prune_method_runs_under_an_explicit_mesh_with_sharded_masks():
+    """8 CPU devices, explicit mesh axes: see parallel_scripts/explicit_mesh_prune.py."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(SCRIPTS / "explicit_mesh_prune.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("PASS") == 3, proc.stdout
+
+
+def _sgd_chain(prune_tx):
+    return optax.chain(optax.sgd(1e-2), prune_tx)
+
+
+def test_inject_hyperparams_with_a_number_matches_prune_and_can_change(getkey):
+    params = _mlp_params(getkey())
+    plain, _, _ = _run(_sgd_chain(pruning.prune(0.5)), params, 3, jax.random.key(1))
+    injected_tx = _sgd_chain(optax.inject_hyperparams(pruning.prune)(0.5))
+    seen = []
+
+    def check(t, params, state):
+        if t == 2:
+            for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(params), strict=True):
+                np.testing.assert_array_equal(a, b)
+            state[1].hyperparams["schedule"] = jnp.float32(0.75)  # from the next step on
+        seen.append((np.asarray(params["l1"]["kernel"]) == 0).sum())
+
+    _, _, compiles = _run(injected_tx, params, 4, jax.random.key(1), check)
+    assert seen == [round(0.5 * 16 * 24)] * 3 + [round(0.75 * 16 * 24)]
+    assert compiles == 1
+
+
+def test_inject_hyperparams_evaluates_a_schedule_or_keeps_it_static(getkey):
+    sched = pruning.polynomial_schedule(0.8, 0, 8, frequency=2)
+    params = _mlp_params(getkey())
+    seen = []
+
+    def check(t, params, state):
+        w = np.asarray(params["l1"]["kernel"])
+        seen.append(int((w == 0).sum()))
+        assert (w == 0).sum() == _round_f32(_jitted_value(sched, t), w.size), t
+
+    _run(_sgd_chain(optax.inject_hyperparams(pruning.prune)(sched)), params, 10, getkey(), check)
+    assert seen[-1] == round(0.8 * 16 * 24) and len(set(seen)) > 2
+    static = optax.inject_hyperparams(pruning.prune, static_args=("schedule", "n", "m"))
+    for kwargs in ({"method": "structured"}, {"method": "nm", "n": 2, "m": 4}):
+        tx = _sgd_chain(static(pruning.one_shot(0, 0.5), **kwargs))
+        out, _, _ = _run(tx, params, 2, getkey())
+        w = np.asarray(out["l2"]["kernel"])
+        assert (w == 0).sum() == w.size // 2, kwargs
+
+
+def test_inject_hyperparams_refuses_a_traced_axis_naming_static_args():
+    tx = optax.inject_hyperparams(pruning.prune, static_args="schedule")(
+        pruning.one_shot(0, 0.5), method="structured", axis=0
+    )
+    with pytest.raises(TypeError, match="axis must be an int.*static_args"):
+        tx.init(_mlp_params(jax.random.key(0)))
+
+
+def test_sparsity_stats_run_under_jit_and_agree_with_the_summary(getkey):
+    params = _mlp_params(getkey())
+    params["l1"]["kernel"] = params["l1"]["kernel"].at[::3].set(0.0)
+    params["empty"] = jnp.zeros((0, 3))
+    stats = jax.jit(pruning.sparsity_stats)(params)
+    summary = pruning.sparsity_summary(params)
+    for row in summary.rows:
+        assert int(stats.nonzeros[row.name]) == row.nonzeros
+        np.testing.assert_allclose(stats.sparsity[row.name], row.sparsity, rtol=1e-6)
+    assert int(stats.total_nonzeros) == summary.total.nonzeros
+    np.testing.assert_allclose(stats.total_sparsity, summary.total.sparsity, rtol=1e-6)
+    assert float(stats.sparsity["empty"]) == 0.0
+
+
+# ------------------------------------------- block, saliency, packed masks
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 99),
+    sparsity=st.floats(0.0, 0.99),
+    block=st.sampled_from([(1, 4), (2, 2), (4, 1), (4, 4)]),
+    scope=st.sampled_from(["layer", "global"]),
+)
+def test_block_masks_prune_exact_block_counts_of_smallest_block_sums(seed, sparsity, block, scope):
+    shapes = {"a": (8, 8), "b": (4, 12)}
+    params = {
+        k: jnp.asarray(_weights(s, seed + i, True)) for i, (k, s) in enumerate(shapes.items())
+    }
+    masks = pruning.magnitude_masks(params, sparsity, scope=scope, block=block)
+    bh, bw = block
+    sums, blocks = [], []
+    for name, shape in shapes.items():
+        tiles = np.abs(np.asarray(params[name])).reshape(shape[0] // bh, bh, shape[1] // bw, bw)
+        mask = np.asarray(masks[name]).reshape(tiles.shape)
+        assert np.all(mask.all(axis=(1, 3)) | ~mask.any(axis=(1, 3))), "blocks are all or none"
+        sums.append(tiles.sum(axis=(1, 3)).astype(np.float32))
+        blocks.append(~mask.all(axis=(1, 3)))
+    if scope == "layer":
+        for s, b in zip(sums, blocks, strict=True):
+            np.testing.assert_array_equal(b, _reference_pruned(s, round(sparsity * s.size)))
+    else:
+        flat = np.concatenate([s.ravel() for s in sums])
+        expected = _reference_pruned(flat, round(sparsity * flat.size))
+        np.testing.assert_array_equal(np.concatenate([b.ravel() for b in blocks]), expected)
+
+
+def test_saliency_masks_rank_weight_times_gradient():
+    w = np.array([[1.0, -3.0, 0.5], [2.0, 1.0, -4.0]], np.float32)
+    g = np.array([[4.0, 0.1, 1.0], [1.0, -1.0, 0.01]], np.float32)
+    mask = pruning.saliency_masks({"w": jnp.asarray(w)}, {"w": jnp.asarray(g)}, 0.5)["w"]
+    np.testing.assert_array_equal(~np.asarray(mask), _reference_pruned(np.abs(w * g), 3))
+
+
+def test_normalize_balances_global_ranking_across_layers():
+    rng = np.random.default_rng(0)
+    params = {
+        "big": jnp.asarray(rng.standard_normal((32, 32)) * 10, jnp.float32),
+        "small": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32),
+    }
+    plain = pruning.magnitude_masks(params, 0.5, scope="global")
+    assert (~np.asarray(plain["small"])).mean() > 0.9, "unnormalised: the small layer goes"
+    masks = pruning.magnitude_masks(params, 0.5, scope="global", normalize=True)
+    per_layer = [(~np.asarray(masks[k])).mean() for k in ("big", "small")]
+    np.testing.assert_allclose(per_layer, 0.5, atol=0.1)
+    assert sum((~np.asarray(m)).sum() for m in masks.values()) == 1024
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "saliency", "inner": "adam"},
+        {"method": "saliency", "inner": "adam", "scope": "global", "normalize": True},
+        {"method": "magnitude", "block": (2, 4)},
+        {"method": "magnitude", "packed": True},
+        {"method": "saliency", "inner": "adam", "block": (4, 4), "packed": True},
+    ],
+)
+def test_prune_saliency_block_and_packed_keep_exact_zeros(kwargs, getkey):
+    kwargs = dict(kwargs)
+    if kwargs.pop("inner", None):
+        kwargs["inner"] = optax.adam(1e-2)
+        wrap = lambda tx: tx  # noqa: E731
+    else:
+        wrap = lambda tx: optax.chain(optax.adam(1e-2), tx)  # noqa: E731
+    sched = pruning.polynomial_schedule(0.75, 0, 8, frequency=2)
+    tx = wrap(pruning.prune(sched, **kwargs))
+    dense_masks = pruning.prune(0.5).init(_mlp_params(getkey())).masks
+
+    def check(t, params, state):
+        stored = _prune_state(state).masks
+        for name in ("l1", "l2"):
+            w = np.asarray(params[name]["kernel"])
+            mk = np.asarray(stored[name]["kernel"])
+            if kwargs.get("packed"):
+                assert mk.dtype == np.uint8 and mk.shape == (math.ceil(w.shape[0] / 8), w.shape[1])
+                mk = np.unpackbits(mk, axis=0, count=w.shape[0]).astype(bool)
+            np.testing.assert_array_equal(w[~mk], 0.0)
+            if kwargs.get("scope") != "global":
+                assert (~mk).sum() == _round_f32(_jitted_value(sched, t), w.size), (t, name)
+            if "block" in kwargs:
+                bh, bw = kwargs["block"]
+                tiles = mk.reshape(w.shape[0] // bh, bh, w.shape[1] // bw, bw)
+                assert np.all(tiles.all(axis=(1, 3)) | ~tiles.any(axis=(1, 3)))
+
+    _, state, compiles = _run(tx, _mlp_params(getkey()), 10, getkey(), check)
+    assert compiles == 1
+    if kwargs.get("packed"):
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(_prune_state(state).masks))
+        dense = sum(x.nbytes for x in jax.tree.leaves(dense_masks))
+        assert nbytes <= dense / 8 + 8 * len(jax.tree.leaves(dense_masks)), (nbytes, dense)
