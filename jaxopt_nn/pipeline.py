@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -41,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxopt_nn import archive, pruning, quantization, train
+from jaxopt_nn import allocation, archive, pruning, quantization, train
 from jaxopt_nn import tree as tree_lib
 from jaxopt_nn.data import Dataset
 from jaxopt_nn.optim import adam
@@ -55,14 +56,165 @@ _OUTPUT_SPARSITY = 0.85
 _CONV_SPARSITY = 0.7
 _FC_BITS = 5
 _CONV_BITS = 8
+# One limit for every codebook width: k-means indices are uint16, the archive's
+# codebook streams take as many symbols.
+MAX_BITS = quantization._MAX_BITS
+BIAS_BITS = 6  # codebook width of biases and other small float leaves under an accuracy budget
+_MAX_RAW_ROWS = 8  # raw-leaf rows of CompressionReport.table before they become one 'other' row
 
 
-def default_sparsity(params: PyTree, where: tree_lib.Where = None) -> dict[str, float]:
+_CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
+_NONE: frozenset[int] = frozenset()
+
+
+def _inner_jaxprs(eqn: Any) -> list[Any]:
+    """The jaxprs inside an equation's parameters (jit, custom_jvp, cond branches...)."""
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds its Jaxpr
+            if hasattr(inner, "eqns"):
+                found.append(inner)
+    return found
+
+
+def _sub_jaxpr(eqn: Any) -> Any:
+    """The one inner jaxpr of a call-like equation whose inputs and outputs are the eqn's."""
+    subs = _inner_jaxprs(eqn)
+    if len(subs) != 1:
+        return None
+    (sub,) = subs
+    if len(sub.invars) != len(eqn.invars) or len(sub.outvars) != len(eqn.outvars):
+        return None
+    return sub
+
+
+def _has_contraction(jaxpr: Any) -> bool:
+    return any(
+        eqn.primitive.name in _CONTRACTIONS or any(map(_has_contraction, _inner_jaxprs(eqn)))
+        for eqn in jaxpr.eqns
+    )
+
+
+_Labels = tuple[frozenset[int], frozenset[int], bool]
+_NO_LABELS: _Labels = (_NONE, _NONE, False)
+
+
+def _propagate(jaxpr: Any, inputs: list[_Labels]) -> list[_Labels]:
+    """Forward labels ``(direct, produced, data)`` of every output of ``jaxpr``.
+
+    ``direct``: the parameters whose values reach the variable through
+    element-wise and shape operations only; ``produced``: the parameters that
+    entered, as the weight operand (one that does not depend on the model's
+    input), the last contraction (``dot_general``, convolution) on the way
+    to it; ``data``: whether it depends on the model's input. The output
+    layer's kernel is in ``produced`` of the logits.
+    """
+    env = {id(v): labels for v, labels in zip(jaxpr.invars, inputs, strict=True)}
+
+    def read(var: Any) -> _Labels:
+        return env.get(id(var), _NO_LABELS)
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        direct = _NONE.union(*(d for d, _, _ in ins))
+        weights = _NONE.union(*(d for d, _, data in ins if not data))
+        data = any(data for _, _, data in ins)
+        if eqn.primitive.name in _CONTRACTIONS:
+            outs = [(_NONE, weights, data)] * len(eqn.outvars)
+        elif (sub := _sub_jaxpr(eqn)) is not None:
+            outs = _propagate(sub, ins)
+        else:  # element-wise, shape, or control flow we do not look into (conservative)
+            produced = _NONE.union(*(p for _, p, _ in ins))
+            if any(map(_has_contraction, _inner_jaxprs(eqn))):
+                produced = produced | weights
+            outs = [(direct, produced, data)] * len(eqn.outvars)
+        for var, labels in zip(eqn.outvars, outs, strict=True):
+            env[id(var)] = labels
+    return [read(v) for v in jaxpr.outvars]
+
+
+def output_layers(params: PyTree, apply_fn: Callable[..., Any], *inputs: Any) -> list[str]:
+    """Names of the leaves that produce the model's output (the logits' kernels).
+
+    ``apply_fn(params, *inputs)`` is traced to a jaxpr (nothing is computed).
+    A leaf is an output layer if it enters the last contraction
+    (``dot_general`` or a convolution) on the path to an output: the logits
+    of ``Dense(x) + b`` come from ``Dense``'s kernel, whatever its name.
+
+    Args:
+      params: the parameter pytree ``apply_fn`` takes.
+      apply_fn: ``(params, *inputs) -> outputs`` (e.g. a Linen ``model.apply``
+        wrapper, or an NNX model merged from its graphdef).
+      *inputs: an example batch and any other state ``apply_fn`` reads
+        (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      Leaf names (as :func:`jaxopt_nn.tree.path_name`), in tree order.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {'fc2': jnp.ones((4, 3)), 'fc10': jnp.ones((3, 2))}
+      >>> output_layers(params, lambda p, x: jnp.tanh(x @ p['fc2']) @ p['fc10'], jnp.ones((1, 4)))
+      ['fc10']
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    names = [name for name, _ in tree_lib.leaves_with_names(params)]
+    closed = jax.make_jaxpr(
+        lambda ls, *xs: apply_fn(jax.tree_util.tree_unflatten(treedef, ls), *xs)
+    )(leaves, *inputs)
+    labels: list[_Labels] = [(frozenset([i]), _NONE, False) for i in range(len(leaves))]
+    labels += [(_NONE, _NONE, True)] * (len(closed.jaxpr.invars) - len(leaves))
+    produced = _NONE.union(*(p for _, p, _ in _propagate(closed.jaxpr, labels)))
+    return [name for i, name in enumerate(names) if i in produced]
+
+
+def _nnx_output_layers(model: nnx.Module, inputs: Any) -> list[str]:
+    """:func:`output_layers` of an NNX model, called in evaluation mode (no RNG, no updates)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply_fn(p: PyTree, r: PyTree, x: Any) -> Any:
+        merged = nnx.merge(graphdef, p, r)
+        merged.eval()
+        return merged(x)
+
+    return output_layers(params, apply_fn, rest, inputs)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort key comparing digit runs as numbers: ``fc2 < fc10``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def default_sparsity(
+    params: PyTree | nnx.Module,
+    where: tree_lib.Where = None,
+    *,
+    inputs: Any = None,
+    apply_fn: Callable[[PyTree, Any], Any] | None = None,
+) -> dict[str, float]:
     """Per-layer pruning targets: fc 95%, the output layer 85%, convolutions 70%.
 
-    The output layer (the last selected leaf) holds few weights that each
-    matter much; convolution kernels are shared over positions and so prune
-    less (Deep Compression, Tables 2-5).
+    The output layer holds few weights that each matter much; convolution
+    kernels are shared over positions and so prune less (Deep Compression,
+    Tables 2-5). The output layer is found from the model's computation
+    (:func:`output_layers`: the kernel that produces the logits) when it is
+    given: an NNX model with ``inputs``, or ``params`` with ``apply_fn`` and
+    ``inputs``. From ``params`` alone it is a guess: the last selected 2-D
+    leaf in natural order (``fc2`` before ``fc10``).
+
+    Args:
+      params: a parameter pytree, or an NNX model (its ``nnx.Param`` state).
+      where: the selection (default: kernels).
+      inputs: an example batch; required with a model or ``apply_fn``.
+      apply_fn: ``(params, inputs) -> logits`` for a parameter pytree.
+
+    Returns:
+      ``{name: sparsity}`` for the selected leaves, in tree order.
+
+    Raises:
+      ValueError: if a model or ``apply_fn`` comes without ``inputs``, or
+        ``apply_fn`` with a model.
 
     Example:
       >>> import jax.numpy as jnp
@@ -70,16 +222,34 @@ def default_sparsity(params: PyTree, where: tree_lib.Where = None) -> dict[str, 
       ...                   'fc1': {'kernel': jnp.zeros((8, 4))},
       ...                   'fc2': {'kernel': jnp.zeros((4, 2))}})
       {'conv/kernel': 0.7, 'fc1/kernel': 0.95, 'fc2/kernel': 0.85}
+      >>> from jaxopt_nn.models import LeNet300100
+      >>> default_sparsity(LeNet300100(64, rngs=nnx.Rngs(0)), inputs=jnp.zeros((1, 64)))
+      {'fc1/kernel': 0.95, 'fc2/kernel': 0.95, 'fc3/kernel': 0.85}
     """
-    named = [(n, leaf) for n, leaf in tree_lib.leaves_with_names(params)]
-    flags = jax.tree.leaves(tree_lib.select(params, where))
-    selected = [(n, leaf) for (n, leaf), flag in zip(named, flags, strict=True) if flag]
+    if isinstance(params, nnx.Module):
+        if apply_fn is not None:
+            raise ValueError("apply_fn must be None when params is an NNX model (it is the model)")
+        if inputs is None:
+            raise ValueError("inputs (an example batch) is required when params is an NNX model")
+        outputs = set(_nnx_output_layers(params, inputs))
+        params = nnx.state(params, nnx.Param)
+    elif apply_fn is not None:
+        if inputs is None:
+            raise ValueError("inputs (an example batch) is required with apply_fn")
+        outputs = set(output_layers(params, apply_fn, inputs))
+    else:
+        outputs = None
+    selected = tree_lib.selected_names(params, where)
+    leaves = dict(tree_lib.leaves_with_names(params))
+    if outputs is None:  # no computation given: a guess from the names
+        matrices = [n for n in selected if np.ndim(leaves[n]) == 2]
+        outputs = {max(matrices, key=_natural_key)} if matrices else set()
     out = {}
-    for i, (name, leaf) in enumerate(selected):
-        if np.ndim(leaf) > 2:
-            out[name] = _CONV_SPARSITY
-        elif i == len(selected) - 1:
+    for name in selected:
+        if name in outputs:
             out[name] = _OUTPUT_SPARSITY
+        elif np.ndim(leaves[name]) > 2:
+            out[name] = _CONV_SPARSITY
         else:
             out[name] = _FC_SPARSITY
     return out
@@ -124,6 +294,7 @@ class CompressionReport(NamedTuple):
     sparsity: dict[str, float]  # pruning target per kernel
     bits: dict[str, int]  # codebook width per kernel
     weights: dict[str, np.ndarray]  # selected weights (flat) after 'dense', 'pruned', 'shared'
+    search: dict[str, Any] | None = None  # the accuracy-budget search (max_drop), if run
 
     @property
     def compression(self) -> float:
@@ -139,25 +310,54 @@ class CompressionReport(NamedTuple):
         dense, final = self.stage("dense").accuracy, self.stage("archive").accuracy
         return f"compression {self.compression:.1f}x, accuracy {dense:.2%} -> {final:.2%}"
 
-    def table(self) -> str:
-        """Per-layer table in the style of Deep Compression's Table 2."""
-        rows = []
-        for t in self.info.tensors:
-            rows.append(
-                [
-                    t.name,
-                    t.size,
-                    f"{100 * t.kept / max(t.size, 1):.1f}%",
-                    str(self.bits.get(t.name.removeprefix("params/"), "-")),
-                    f"{t.weight_bits:.2f}",
-                    f"{t.index_bits:.2f}" if t.method != "raw" else "-",
-                    t.nbytes,
-                    f"{4 * t.size / t.nbytes:.1f}x",
-                ]
-            )
+    def _row(self, label: str, tensors: list[archive.TensorInfo]) -> list[Any]:
+        size = sum(t.size for t in tensors)
+        kept = sum(t.kept for t in tensors)
+        nbytes = sum(t.nbytes for t in tensors)
+        (first, *_) = tensors
+        coded = len(tensors) == 1 and first.method != "raw"
+        return [
+            label,
+            size,
+            f"{100 * kept / max(size, 1):.1f}%",
+            str(self.bits.get(first.name.removeprefix("params/"), "-")) if coded else "-",
+            f"{sum(t.weight_bits * t.kept for t in tensors) / max(kept, 1):.2f}",
+            f"{first.index_bits:.2f}" if coded else "-",
+            nbytes,
+            f"{4 * size / max(nbytes, 1):.1f}x",
+        ]
+
+    def table(self, *, verbose: bool = False) -> str:
+        """Per-layer table in the style of Deep Compression's Table 2.
+
+        Every coded (codebook or sparse) tensor has its row. Leaves stored
+        raw (biases, norm scales, batch statistics) are grouped per module
+        (``layers/0/bn1/* (4 raw)``), or, when that would give more than
+        eight rows, into one ``other`` row; ``verbose=True`` lists every
+        leaf. The bytes column sums to the file size either way.
+        """
+        tensors = list(self.info.tensors)
+        raw = [] if verbose else [t for t in tensors if t.method == "raw"]
+        groups: dict[str, list[archive.TensorInfo]] = {}
+        for t in raw:
+            module = t.name.partition("/")[2].rpartition("/")[0] or t.name
+            groups.setdefault(module, []).append(t)
+        if len(groups) > _MAX_RAW_ROWS:
+            labelled = [(f"other ({len(raw)} raw leaves)", raw)]
+        else:
+            labelled = [
+                (
+                    members[0].name if len(members) == 1 else f"{module}/* ({len(members)} raw)",
+                    members,
+                )
+                for module, members in groups.items()
+            ]
+        grouped = {id(t) for t in raw}
+        rows = [self._row(t.name, [t]) for t in tensors if id(t) not in grouped]
+        rows += [self._row(label, members) for label, members in labelled]
         rows.append(["(header)", "", "", "", "", "", self.info.header_bytes, ""])
-        size = sum(t.size for t in self.info.tensors)
-        kept = sum(t.kept for t in self.info.tensors)
+        size = sum(t.size for t in tensors)
+        kept = sum(t.kept for t in tensors)
         rows.append(
             [
                 "total",
@@ -213,6 +413,8 @@ class CompressionReport(NamedTuple):
                 for t in self.info.tensors
             ],
             "sparsity": self.sparsity,
+            "bits": self.bits,
+            "search": self.search,
         }
 
 
@@ -268,8 +470,8 @@ def _check_sparsity(name: str, value: Any) -> None:
 
 
 def _check_bits(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-        raise ValueError(f"{name} must be an integer in [1, 8]; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_BITS}]; got {value!r}")
 
 
 def _flat_selected(params: PyTree, names: list[str]) -> np.ndarray:
@@ -277,12 +479,21 @@ def _flat_selected(params: PyTree, names: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray(leaves[n], np.float32).ravel() for n in names])
 
 
+def _stored_rest(rest: nnx.State) -> nnx.State:
+    """The non-parameter variables that are model data (batch statistics), not RNG state."""
+    return nnx.filter_state(rest, nnx.Not(nnx.RngState))
+
+
 def _archive_tree(params: nnx.State, rest: nnx.State) -> dict[str, Any]:
-    """The stored tree: ``{'params': ...}`` plus ``'rest'`` (batch statistics) if any."""
-    tree = {"params": nnx.to_pure_dict(params)}
-    rest = nnx.to_pure_dict(rest)
-    if jax.tree.leaves(rest):
-        tree["rest"] = rest
+    """The stored tree: ``{'params': ...}`` plus ``'rest'`` (batch statistics) if any.
+
+    RNG state (the keys and counts of ``nnx.Dropout``'s ``nnx.Rngs``) is
+    neither stored nor counted: it is not part of the trained model.
+    """
+    tree: dict[str, Any] = {"params": nnx.to_pure_dict(params)}
+    data = nnx.to_pure_dict(_stored_rest(rest))
+    if jax.tree.leaves(data):
+        tree["rest"] = data
     return tree
 
 
@@ -306,7 +517,7 @@ def restore_state(like: train.TrainState, stored: Mapping[str, Any]) -> train.Tr
     Args:
       like: a state of the same model (e.g. from
         :func:`jaxopt_nn.train.init_train_state`); its params and batch
-        statistics are overwritten in place, ``opt_state`` is kept.
+        statistics are overwritten, its RNG state and ``opt_state`` kept.
       stored: the tree :func:`jaxopt_nn.archive.load` returned for an archive
         written by :func:`deep_compress`.
 
@@ -320,15 +531,215 @@ def restore_state(like: train.TrainState, stored: Mapping[str, Any]) -> train.Tr
     if not isinstance(stored, Mapping) or "params" not in stored:
         raise ValueError("archive holds no 'params' tree; was it written by deep_compress?")
     _replace(like.params, stored["params"], "params")
+    data = _stored_rest(like.rest)
     if "rest" in stored:
-        _replace(like.rest, stored["rest"], "batch statistics")
-    elif jax.tree.leaves(like.rest):
+        _replace(data, stored["rest"], "batch statistics")
+        like = like._replace(rest=nnx.merge_state(like.rest, data))
+    elif jax.tree.leaves(data):
         raise ValueError(
             f"archive holds no batch statistics ('rest'), but the model has "
-            f"{len(jax.tree.leaves(like.rest))} such leaves (e.g. BatchNorm); "
+            f"{len(jax.tree.leaves(data))} such leaves (e.g. BatchNorm); "
             "was it written for another model?"
         )
     return like
+
+
+class _Compressed(NamedTuple):
+    """What the pruning and sharing stages produce for one allocation."""
+
+    params: nnx.State  # shared weights (the archive's)
+    rest: nnx.State  # batch statistics and RNG state
+    blob: bytes  # the archive
+    pruned_accuracy: float  # on the fit data's test split after pruning
+    shared_accuracy: float  # ... after sharing and fine-tuning
+    pruned_bytes: int  # lossless sparse archive of the pruned model
+    pruned_weights: np.ndarray  # selected weights (flat) after pruning
+    pruned_seconds: float
+    shared_seconds: float
+
+
+def _prune_and_share(
+    graphdef: nnx.GraphDef,
+    dense: train.TrainState,
+    data: Dataset,
+    targets: Mapping[str, float],
+    widths: Mapping[str, int],
+    *,
+    tx: optax.GradientTransformation,
+    prune_epochs: int,
+    finetune_epochs: int,
+    small_dtype: str | None,
+    metadata: dict[str, Any] | None,
+    fit_kwargs: dict[str, Any],
+    test: Dataset | None = None,
+) -> _Compressed:
+    """Gradual pruning with retraining, k-means sharing, fine-tuning, the archive bytes.
+
+    ``widths`` may name unselected leaves too (e.g. biases): they are shared
+    without pruning. ``dense`` is not consumed. The reported accuracies are
+    on ``data``'s test split, or on ``test``'s if given (then ``data``'s test
+    split is a validation split).
+    """
+
+    def accuracy(state: train.TrainState, history: list[dict[str, float]], **kw: Any) -> float:
+        if test is None:
+            return history[-1]["test_accuracy"]
+        return train.evaluate(graphdef, state, test.x_test, test.y_test, **kw)["accuracy"]
+
+    names = list(targets)
+    shared_names = set(widths)
+    # 2. Gradual magnitude pruning, one schedule per kernel, then retraining.
+    start = time.perf_counter()
+    steps_per_epoch = len(data.x_train) // min(fit_kwargs["batch_size"], len(data.x_train))
+    ramp_end = max(1, round(0.6 * prune_epochs) * steps_per_epoch - 1)
+    frequency = max(1, steps_per_epoch // 2)
+    prunes = [
+        pruning.prune(
+            pruning.polynomial_schedule(targets[name], 0, ramp_end, frequency=frequency),
+            where=lambda n, _, name=name: n == name,
+        )
+        for name in names
+    ]
+    result = train.fit(
+        train.to_model(graphdef, dense),
+        optax.chain(tx, *prunes),
+        data,
+        epochs=prune_epochs,
+        stage="pruning",
+        **fit_kwargs,
+    )
+    state = result.state
+    pruned_weights = _flat_selected(state.params, names)
+    pruned_bytes = len(archive.dumps(_archive_tree(state.params, state.rest)))
+    pruned_accuracy = accuracy(state, result.history)
+    pruned_seconds = time.perf_counter() - start
+
+    # 3. k-means weight sharing over the kept weights, then centroid fine-tuning.
+    start = time.perf_counter()
+    codebooks = quantization.kmeans_tree(
+        state.params, dict(widths), where=lambda n, _: n in shared_names
+    )
+    trainable, rebuild = quantization.centroid_params(state.params, codebooks)
+    state = train.TrainState(trainable, state.rest, tx.init(trainable))
+    if finetune_epochs:
+        result = train.fit_state(
+            graphdef,
+            state,
+            tx,
+            data,
+            epochs=finetune_epochs,
+            param_transform=rebuild,
+            stage="sharing",
+            **fit_kwargs,
+        )
+        state = result.state
+        shared_accuracy = accuracy(state, result.history, param_transform=rebuild)
+    else:
+        reported = data if test is None else test
+        shared_accuracy = train.evaluate(
+            graphdef, state, reported.x_test, reported.y_test, param_transform=rebuild
+        )["accuracy"]
+    codebooks = quantization.update_codebooks(codebooks, state.params)
+    params = rebuild(state.params)
+    blob = archive.dumps(
+        _archive_tree(params, state.rest),
+        codebooks={f"params/{n}": book for n, book in codebooks.items()},
+        where=lambda n, _: n.removeprefix("params/") in set(names),
+        raw_dtype=small_dtype,
+        metadata=metadata,
+    )
+    return _Compressed(
+        params,
+        state.rest,
+        blob,
+        float(pruned_accuracy),
+        float(shared_accuracy),
+        pruned_bytes,
+        pruned_weights,
+        pruned_seconds,
+        time.perf_counter() - start,
+    )
+
+
+def _validation_accuracy(graphdef: nnx.GraphDef, done: _Compressed, fit_data: Dataset) -> float:
+    """Accuracy on the validation split of the weights the archive holds (loaded back)."""
+    like = train.TrainState(jax.tree.map(jnp.copy, done.params), done.rest, None)
+    restored = restore_state(like, archive.loads(done.blob))
+    return train.evaluate(graphdef, restored, fit_data.x_test, fit_data.y_test)["accuracy"]
+
+
+def _search(
+    graphdef: nnx.GraphDef,
+    dense: train.TrainState,
+    data: Dataset,
+    fit_data: Dataset,
+    names: list[str],
+    dense_accuracy: float,
+    max_drop: float,
+    stage_args: dict[str, Any],
+) -> tuple[_Compressed, dict[str, float], dict[str, int], dict[str, Any]]:
+    """Bisect the Lagrangian allocations for the smallest archive within ``max_drop``.
+
+    Every measurement is on ``fit_data``'s test split (the validation split);
+    ``data`` only supplies the reported test accuracies.
+    """
+    sensitivities = allocation.layer_sensitivity(
+        graphdef,
+        dense,
+        fit_data,
+        names,
+        sparsities=allocation.SPARSITIES,
+        bits=allocation.BITS,
+    )
+    family = allocation.allocations(sensitivities)
+    small = [
+        name
+        for name, leaf in tree_lib.leaves_with_names(dense.params)
+        if name not in names and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
+    ]
+    probes, results = [], {}
+    lo, hi, best = 0, len(family) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = family[mid]
+        widths = {**candidate.bits, **dict.fromkeys(small, BIAS_BITS)}
+        done = _prune_and_share(
+            graphdef, dense, fit_data, candidate.sparsity, widths, test=data, **stage_args
+        )
+        accuracy = _validation_accuracy(graphdef, done, fit_data)
+        passed = 100 * (dense_accuracy - accuracy) <= max_drop + 1e-9
+        results[mid] = (done, widths, accuracy)
+        probes.append(
+            {
+                "candidate": mid,
+                "multiplier": candidate.multiplier,
+                "estimated_bytes": candidate.estimated_bytes,
+                "bytes": len(done.blob),
+                "validation_accuracy": accuracy,
+                "passed": passed,
+                "sparsity": candidate.sparsity,
+                "bits": widths,
+            }
+        )
+        if passed:
+            best, hi = mid, mid - 1  # within budget: try smaller allocations
+        else:
+            lo = mid + 1  # budget broken: back off to larger ones
+    met = best is not None
+    if best is None:  # nothing within budget: the most accurate probe
+        best = max(results, key=lambda i: results[i][2])
+    done, widths, accuracy = results[best]
+    search = {
+        "max_drop": max_drop,
+        "validation_examples": len(fit_data.y_test),
+        "dense_validation_accuracy": dense_accuracy,
+        "validation_accuracy": accuracy,
+        "budget_met": met,
+        "candidates": len(family),
+        "chosen": best,
+        "probes": probes,
+    }
+    return done, dict(family[best].sparsity), widths, search
 
 
 def deep_compress(
@@ -348,6 +759,8 @@ def deep_compress(
     path: str | os.PathLike | None = None,
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
+    max_drop: float | None = None,
+    validation: float = 0.1,
 ) -> CompressionReport:
     r"""Compress ``model`` on ``data`` with pruning, weight sharing and Huffman coding.
 
@@ -364,8 +777,25 @@ def deep_compress(
       (codebook leaves Huffman-coded; other leaves raw in ``small_dtype``),
       loaded back and evaluated.
 
-    Compression is the float32 size of every leaf over the archive's size,
-    header included.
+    Compression is the float32 size of every stored leaf (parameters and
+    batch statistics; not RNG state such as ``nnx.Dropout``'s keys) over the
+    archive's size, header included.
+
+    **Accuracy budget** (``max_drop`` given): the smallest archive whose
+    accuracy is within ``max_drop`` points of the dense model's, measured on
+    a validation split (:func:`~jaxopt_nn.allocation.split_validation`,
+    ``validation`` of the training data, stratified, seeded with ``seed``);
+    every stage trains on the rest. After dense training,
+    :func:`~jaxopt_nn.allocation.layer_sensitivity` measures each kernel's
+    validation loss when pruned and shared alone,
+    :func:`~jaxopt_nn.allocation.allocations` orders the Lagrangian per-layer
+    ``(sparsity, bits)`` choices by estimated size, and a bisection over them
+    runs the pruning and sharing stages from the dense weights for each
+    candidate, verifies the loaded archive on the validation split, and backs
+    off to larger allocations when the budget is broken. Biases and other
+    small float parameters are shared too (:data:`BIAS_BITS`-bit codebooks).
+    The test split is only reported: no choice reads it. The search is in
+    ``report.search``.
 
     Args:
       model: an NNX model (not modified).
@@ -373,7 +803,8 @@ def deep_compress(
       sparsity: one target for every kernel, or ``{layer: target}``
         overriding :func:`default_sparsity`; each in ``[0, 1)``.
       bits: one codebook width, or ``{layer: width}`` overriding
-        :func:`default_bits`; each in ``[1, 8]``.
+        :func:`default_bits`; each in ``[1, MAX_BITS]`` (16, the limit of
+        :func:`~jaxopt_nn.quantization.kmeans_tree` and the archive).
       where: which leaves are pruned and shared (default: kernels).
       epochs: dense training epochs (``>= 1``).
       prune_epochs: pruning and retraining epochs (``>= 2``).
@@ -387,14 +818,18 @@ def deep_compress(
       metadata: JSON-serialisable dict stored in the archive's header (the
         command line stores the model's name there).
       progress: draw progress bars.
+      max_drop: accuracy budget in percentage points (``>= 0``), or ``None``
+        for the fixed ``sparsity`` and ``bits``; not with them.
+      validation: share of the training data held out for the budget's
+        measurements, in ``(0, 1)``.
 
     Returns:
       A :class:`CompressionReport`.
 
     Raises:
       ValueError: for out-of-range arguments, a ``where`` that selects
-        nothing, or a ``path`` outside an existing directory; all checked
-        before training.
+        nothing, ``max_drop`` with ``sparsity`` or ``bits``, or a ``path``
+        outside an existing directory; all checked before training.
       TypeError: if ``metadata`` is not a JSON-serialisable dict.
     """
     _check_epochs("epochs", epochs, 1)
@@ -406,20 +841,42 @@ def deep_compress(
         or not (math.isfinite(learning_rate) and learning_rate > 0)
     ):
         raise ValueError(f"learning_rate must be a positive number; got {learning_rate!r}")
+    if max_drop is not None:
+        if (
+            isinstance(max_drop, bool)
+            or not isinstance(max_drop, (int, float))
+            or not (math.isfinite(max_drop) and max_drop >= 0)
+        ):
+            raise ValueError(f"max_drop must be a number >= 0 (points); got max_drop={max_drop!r}")
+        if sparsity is not None or bits is not None:
+            raise ValueError(
+                "max_drop chooses sparsity and bits per layer; pass max_drop or "
+                f"sparsity/bits, not both; got sparsity={sparsity!r}, bits={bits!r}"
+            )
+        fit_data = allocation.split_validation(data, validation, seed=seed)
+    else:
+        fit_data = data
     # The archive's own checks, run before training rather than after it.
     archive._check_raw_dtype(small_dtype, "small_dtype")
     metadata = archive._check_metadata(metadata)
     if path is not None:
         check_output_path("path", path)
-    params0 = nnx.state(model, nnx.Param)
+    _, params0, rest0 = nnx.split(model, nnx.Param, ...)
     names = tree_lib.selected_names(params0, where)
     if not names:
         raise ValueError(f"where selects no leaf of the model's params; got where={where!r}")
-    targets = _per_layer(sparsity, default_sparsity(params0, where), "sparsity", _check_sparsity)
+    example = jnp.asarray(data.x_train[:1])
+    targets = _per_layer(
+        sparsity, default_sparsity(model, where, inputs=example), "sparsity", _check_sparsity
+    )
     widths = _per_layer(bits, default_bits(params0, where), "bits", _check_bits)
+    # Every leaf that will be stored must be storable: the raw archive of the
+    # untrained model fails now, not after the training, on any leaf it refuses.
+    initial = _archive_tree(params0, rest0)
+    archive.dumps(initial, where=lambda *_: False, raw_dtype=small_dtype, metadata=metadata)
     fit_kwargs = {"batch_size": batch_size, "seed": seed, "progress": progress}
     tx = adam(learning_rate)
-    original_bytes = 4 * tree_lib.count_params(nnx.state(model))
+    original_bytes = 4 * tree_lib.count_params(initial)
     stages, weights = [], {}
 
     def record(name: str, accuracy: float, nbytes: int, start: float) -> None:
@@ -427,77 +884,53 @@ def deep_compress(
 
     # 1. Dense training.
     start = time.perf_counter()
-    result = train.fit(model, tx, data, epochs=epochs, **fit_kwargs)
-    graphdef = result.graphdef
-    weights["dense"] = _flat_selected(result.state.params, names)
-    record("dense", result.history[-1]["test_accuracy"], original_bytes, start)
-
-    # 2. Gradual magnitude pruning, one schedule per kernel, then retraining.
-    start = time.perf_counter()
-    steps_per_epoch = len(data.x_train) // min(batch_size, len(data.x_train))
-    ramp_end = max(1, round(0.6 * prune_epochs) * steps_per_epoch - 1)
-    frequency = max(1, steps_per_epoch // 2)
-    prunes = [
-        pruning.prune(
-            pruning.polynomial_schedule(targets[name], 0, ramp_end, frequency=frequency),
-            where=lambda n, _, name=name: n == name,
-        )
-        for name in names
-    ]
-    pruned_tx = optax.chain(tx, *prunes)
-    result = train.fit(
-        train.to_model(graphdef, result.state), pruned_tx, data, epochs=prune_epochs, **fit_kwargs
-    )
-    state = result.state
-    weights["pruned"] = _flat_selected(state.params, names)
-    sparse_bytes = len(archive.dumps(_archive_tree(state.params, state.rest)))
-    record("pruned", result.history[-1]["test_accuracy"], sparse_bytes, start)
-
-    # 3. k-means weight sharing over the kept weights, then centroid fine-tuning.
-    start = time.perf_counter()
-    codebooks = quantization.kmeans_tree(state.params, {n: widths[n] for n in names}, where=where)
-    trainable, rebuild = quantization.centroid_params(state.params, codebooks)
-    state = train.TrainState(trainable, state.rest, tx.init(trainable))
-    if finetune_epochs:
-        result = train.fit_state(
-            graphdef,
-            state,
-            tx,
-            data,
-            epochs=finetune_epochs,
-            param_transform=rebuild,
-            **fit_kwargs,
-        )
-        state = result.state
-        shared_accuracy = result.history[-1]["test_accuracy"]
+    result = train.fit(model, tx, fit_data, epochs=epochs, stage="dense", **fit_kwargs)
+    graphdef, dense = result.graphdef, result.state
+    weights["dense"] = _flat_selected(dense.params, names)
+    dense_accuracy = result.history[-1]["test_accuracy"]  # validation accuracy if budgeted
+    if max_drop is not None:
+        dense_accuracy_test = train.evaluate(graphdef, dense, data.x_test, data.y_test)["accuracy"]
     else:
-        shared_accuracy = train.evaluate(
-            graphdef, state, data.x_test, data.y_test, param_transform=rebuild
-        )["accuracy"]
-    codebooks = quantization.update_codebooks(codebooks, state.params)
-    params = rebuild(state.params)
-    weights["shared"] = _flat_selected(params, names)
-    blob = archive.dumps(
-        _archive_tree(params, state.rest),
-        codebooks={f"params/{n}": book for n, book in codebooks.items()},
-        where=lambda n, _: n.removeprefix("params/") in set(names),
-        raw_dtype=small_dtype,
-        metadata=metadata,
+        dense_accuracy_test = dense_accuracy
+    record("dense", dense_accuracy_test, original_bytes, start)
+
+    # 2-3. Pruning and sharing, at the given allocation or at the searched one.
+    stage_args = {
+        "tx": tx,
+        "prune_epochs": prune_epochs,
+        "finetune_epochs": finetune_epochs,
+        "small_dtype": small_dtype,
+        "metadata": metadata,
+        "fit_kwargs": fit_kwargs,
+    }
+    search = None
+    if max_drop is None:
+        done = _prune_and_share(graphdef, dense, data, targets, widths, **stage_args)
+    else:
+        done, targets, widths, search = _search(
+            graphdef, dense, data, fit_data, names, dense_accuracy, max_drop, stage_args
+        )
+        search["validation"] = validation
+    weights["pruned"] = done.pruned_weights
+    weights["shared"] = _flat_selected(done.params, names)
+    stages.append(
+        StageResult("pruned", done.pruned_accuracy, done.pruned_bytes, done.pruned_seconds)
     )
-    record("shared", shared_accuracy, len(blob), start)
+    stages.append(StageResult("shared", done.shared_accuracy, len(done.blob), done.shared_seconds))
+    blob, params, rest = done.blob, done.params, done.rest
 
     # 4. The archive, loaded back: its accuracy is the compressed model's.
     start = time.perf_counter()
     if path is not None:
         archive.write_atomic(path, blob)
-    like = train.TrainState(params, state.rest, None)
+    like = train.TrainState(params, rest, None)
     # Read back from disk when written, so the file itself is what gets verified.
     stored = archive.loads(blob) if path is None else archive.load(path)
     restored = restore_state(like, stored)
     accuracy = train.evaluate(graphdef, restored, data.x_test, data.y_test)["accuracy"]
     record("archive", accuracy, len(blob), start)
     return CompressionReport(
-        stages, archive.inspect(blob), original_bytes, targets, widths, weights
+        stages, archive.inspect(blob), original_bytes, targets, widths, weights, search
     )
 
 

@@ -303,8 +303,8 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(description=None)``; draws a rich progress bar on stderr if enabled."""
+def _progress(enabled: bool, total: int, stage: str) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(description=None)``; draws a rich progress bar named ``stage`` on stderr."""
     if not enabled:
         yield lambda description=None: None
         return
@@ -318,21 +318,23 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[..., None]]:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("training", total=total)
+        task = bar.add_task(stage, total=total)
 
         def advance(description: str | None = None) -> None:
             if description is None:
                 bar.advance(task)
             else:
-                bar.update(task, description=description)
+                bar.update(task, description=f"{stage}  {description}")
 
         yield advance
 
 
-def _check_fit_args(epochs: object, batch_size: object) -> None:
+def _check_fit_args(epochs: object, batch_size: object, stage: object) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int; got epochs={epochs!r}")
     _check_batch_size(batch_size)
+    if not isinstance(stage, str):
+        raise TypeError(f"stage must be a str; got stage={stage!r}")
 
 
 def fit(
@@ -347,6 +349,7 @@ def fit(
     loss_fn: LossFn | None = None,
     param_transform: ParamTransform | None = None,
     callback: Callable[[int, dict[str, float], TrainState], None] | None = None,
+    stage: str = "training",
 ) -> FitResult:
     """Train ``model`` with ``tx`` on ``data.x_train`` and evaluate each epoch.
 
@@ -368,6 +371,7 @@ def fit(
       param_transform: see :func:`make_train_step`; also used for evaluation.
       callback: ``callback(epoch, record, state)`` after every epoch; must not
         keep ``state`` past the call (its buffers are donated next epoch).
+      stage: the name the progress bar shows (e.g. ``'dense'``, ``'pruning'``).
 
     Returns:
       :class:`FitResult` ``(graphdef, state, history)``; each history record
@@ -379,6 +383,7 @@ def fit(
       ValueError: if ``epochs`` or ``batch_size`` is not a positive int, or
         ``data`` has no training examples (without test examples the test
         metrics are NaN).
+      TypeError: if ``stage`` is not a str.
 
     Example:
       >>> from jaxopt_nn.data import load_digits
@@ -388,7 +393,7 @@ def fit(
       >>> [sorted(r) for r in result.history][0]
       ['epoch', 'seconds', 'test_accuracy', 'test_loss', 'train_accuracy', 'train_loss']
     """
-    _check_fit_args(epochs, batch_size)
+    _check_fit_args(epochs, batch_size, stage)
     graphdef, state = init_train_state(model, tx)
     return fit_state(
         graphdef,
@@ -402,6 +407,7 @@ def fit(
         loss_fn=loss_fn,
         param_transform=param_transform,
         callback=callback,
+        stage=stage,
     )
 
 
@@ -418,6 +424,7 @@ def fit_state(
     loss_fn: LossFn | None = None,
     param_transform: ParamTransform | None = None,
     callback: Callable[[int, dict[str, float], TrainState], None] | None = None,
+    stage: str = "training",
 ) -> FitResult:
     """:func:`fit` starting from a :class:`TrainState` instead of a model.
 
@@ -431,7 +438,7 @@ def fit_state(
       state: the starting state; ``state.opt_state`` must belong to ``tx``.
       tx: the optax transform.
       data: a :class:`jaxopt_nn.data.Dataset`.
-      epochs, batch_size, seed, progress, loss_fn, param_transform, callback:
+      epochs, batch_size, seed, progress, loss_fn, param_transform, callback, stage:
         as in :func:`fit`.
 
     Returns:
@@ -442,7 +449,7 @@ def fit_state(
         ``data`` has no training examples (without test examples the test
         metrics are NaN).
     """
-    _check_fit_args(epochs, batch_size)
+    _check_fit_args(epochs, batch_size, stage)
     n_train = len(data.x_train)
     if n_train == 0:
         raise ValueError("data must have training examples; got 0 in data.x_train")
@@ -451,7 +458,7 @@ def fit_state(
     step = make_train_step(graphdef, tx, loss_fn=loss_fn, param_transform=param_transform)
     eval_step = make_eval_step(graphdef, param_transform=param_transform)
     history: list[dict[str, float]] = []
-    with _progress(progress, epochs * steps_per_epoch) as advance:
+    with _progress(progress, epochs * steps_per_epoch, stage) as advance:
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             metrics = []

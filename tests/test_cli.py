@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -203,7 +204,7 @@ def test_compress_runs_on_mnist_format_idx_files(tmp_path, capsys):
     [
         (["compress", "--model", "vgg"], "invalid choice: 'vgg'"),
         (["compress", "--sparsity", "1.5"], "must be a number in [0, 1); got '1.5'"),
-        (["compress", "--bits", "0"], "must be an integer in [1, 8]; got '0'"),
+        (["compress", "--bits", "0"], "must be an integer in [1, 16]; got '0'"),
         (["compress", "--sparsity", "fc1/kernel"], "must be a number in [0, 1)"),
         (["compress", "--data", "/no/such/dir"], "'/no/such/dir' not found"),
         (["compress", "--sparsity", "fc9/kernel=0.5"], "sparsity names layers that are not"),
@@ -271,3 +272,44 @@ def test_evaluate_refuses_a_corrupt_archive(compressed_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "jaxopt-nn evaluate: error:" in err and "CRC32" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_compress_groups_raw_leaves_of_resnet20_unless_verbose(
+    verbose, tmp_path, monkeypatch, capsys
+):
+    from flax import nnx
+
+    from jaxopt_nn import cli, pipeline
+
+    def make_model(name, in_shape, num_classes, seed):  # shapes only: no minutes of init
+        return nnx.eval_shape(lambda: MODELS[name](tuple(in_shape), num_classes, nnx.Rngs(seed)))
+
+    def deep_compress(model, data, **kwargs):
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        rng = np.random.default_rng(0)
+        tree = jax.tree.map(
+            lambda s: rng.normal(size=s.shape).astype(s.dtype) * (rng.random(s.shape) < 0.1),
+            pipeline._archive_tree(params, rest),
+        )
+        blob = archive.dumps(tree, raw_dtype="float16")
+        archive.write_atomic(kwargs["path"], blob)
+        stages = [pipeline.StageResult(n, 0.5, len(blob), 0.0) for n in ("dense", "archive")]
+        return pipeline.CompressionReport(stages, archive.inspect(blob), 4, {}, {}, {})
+
+    monkeypatch.setattr(cli, "_make_model", make_model)
+    monkeypatch.setattr(pipeline, "deep_compress", deep_compress)
+    out = tmp_path / "r.jnz"
+    argv = ["compress", "--model", "resnet20", "--out", str(out), "--quiet"]
+    assert main(argv + ["--verbose"] * verbose) == 0
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    info = archive.inspect(out)
+    raw = [t for t in info.tensors if t.method == "raw"]
+    assert len(raw) > 40
+    if verbose:
+        assert len(table) == len(info.tensors) + 3
+    else:
+        assert len(table) == len(info.tensors) - len(raw) + 4
+        assert any(line.startswith(f"other ({len(raw)} raw leaves)") for line in table)
+    cells = [[c for c in line.split() if c.replace(",", "").isdigit()] for line in table[1:-1]]
+    assert sum(int(c[-1].replace(",", "")) for c in cells) == out.stat().st_size

@@ -1,10 +1,13 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from jaxopt_nn import archive, pipeline, train
+from jaxopt_nn import archive, pipeline, quantization, train
+from jaxopt_nn.cli import _MAX_BITS as CLI_MAX_BITS
+from jaxopt_nn.cli import MODELS
 from jaxopt_nn.data import load_digits
 from jaxopt_nn.models import LeNet300100, ResNet
 
@@ -20,8 +23,9 @@ def digits():
 def compressed(digits, tmp_path_factory):
     path = tmp_path_factory.mktemp("pipeline") / "model.jnz"
     model = LeNet300100(64, rngs=nnx.Rngs(0))
+    # A codebook wider than 8 bits (uint16 indices) goes through every stage.
     report = pipeline.deep_compress(
-        model, digits, path=path, metadata={"model": "lenet300"}, **SHORT
+        model, digits, path=path, metadata={"model": "lenet300"}, bits={"fc3/kernel": 10}, **SHORT
     )
     return model, report, path
 
@@ -48,6 +52,7 @@ def test_archive_holds_pruned_shared_weights(compressed):
         assert zeros == round(report.sparsity[name] * kernel.size)
         assert len(np.unique(kernel[kernel != 0])) <= 2 ** report.bits[name]
         assert stored[layer]["bias"].dtype == np.float32  # float16 on disk, float32 loaded
+    assert report.bits["fc3/kernel"] == 10
     shared = report.weights["shared"]
     kernels = np.concatenate([stored[f"fc{i}"]["kernel"].ravel() for i in (1, 2, 3)])
     # The biases went through float16; the kernels are exactly the shared weights.
@@ -85,7 +90,8 @@ def test_plot_report_writes_an_image(compressed, tmp_path):
     ("kwargs", "match"),
     [
         ({"sparsity": 1.5}, r"sparsity\['fc1/kernel'\] must be a number in \[0, 1\); got 1.5"),
-        ({"bits": 0}, r"bits\['fc1/kernel'\] must be an integer in \[1, 8\]; got 0"),
+        ({"bits": 0}, r"bits\['fc1/kernel'\] must be an integer in \[1, 16\]; got 0"),
+        ({"bits": 17}, r"bits\['fc1/kernel'\] must be an integer in \[1, 16\]; got 17"),
         ({"sparsity": {"nope/kernel": 0.5}}, "sparsity names layers that are not selected"),
         ({"epochs": 0}, "epochs must be an integer >= 1; got epochs=0"),
         ({"prune_epochs": 1}, "prune_epochs must be an integer >= 2"),
@@ -121,3 +127,174 @@ def test_check_plot_path_refuses_unknown_formats_and_missing_directories(tmp_pat
         pipeline.check_plot_path(tmp_path / "r.xyz")
     with pytest.raises(ValueError, match="plot path must be in an existing directory"):
         pipeline.check_plot_path(tmp_path / "missing" / "r.png")
+
+
+class _DropoutNet(nnx.Module):
+    """A user model with dropout: its nnx.Rngs key and count are RNG state, not weights."""
+
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(64, 16, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.drop(nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))))
+
+
+def test_dropout_models_compress_without_storing_rng_state_and_name_each_stage(
+    digits, capsys, tmp_path
+):
+    path = tmp_path / "dropout.jnz"
+    report = pipeline.deep_compress(
+        _DropoutNet(nnx.Rngs(0)), digits, epochs=1, prune_epochs=2, finetune_epochs=1, path=path
+    )
+    err = capsys.readouterr().err
+    assert all(stage in err for stage in ("dense", "pruning", "sharing")), err
+    assert "training" not in err
+    names = [t.name for t in report.info.tensors]
+    assert not any("rngs" in name for name in names), names
+    assert report.original_bytes == 4 * (64 * 16 + 16 + 16 * 10 + 10)
+    # The archive loads into a fresh model, whose own RNG state is kept.
+    graphdef, like = train.init_train_state(_DropoutNet(nnx.Rngs(1)), optax.identity())
+    key = jax.random.key_data(like.rest["drop"]["rngs"]["key"][...])
+    state = pipeline.restore_state(like, archive.load(path))
+    np.testing.assert_array_equal(jax.random.key_data(state.rest["drop"]["rngs"]["key"][...]), key)
+    accuracy = train.evaluate(graphdef, state, digits.x_test, digits.y_test)["accuracy"]
+    assert accuracy == report.stage("archive").accuracy
+
+
+class _ComplexStat(nnx.Variable):
+    pass
+
+
+def test_a_leaf_the_archive_cannot_store_fails_before_training(digits, monkeypatch):
+    model = LeNet300100(64, rngs=nnx.Rngs(0))
+    model.phase = _ComplexStat(jnp.zeros(3, jnp.complex64))
+
+    def no_training(*args, **kw):
+        raise AssertionError("training started before the leaves were checked")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    with pytest.raises(TypeError, match="complex64"):
+        pipeline.deep_compress(model, digits, progress=False)
+
+
+class _UserNet(nnx.Module):
+    """Names that sort against the computation: the logits come from 'fc10', not 'head'."""
+
+    def __init__(self, rngs):
+        self.fc2 = nnx.Linear(64, 16, rngs=rngs)
+        self.head = nnx.Linear(16, 16, rngs=rngs)
+        self.fc10 = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        return self.fc10(jax.nn.gelu(self.head(nnx.relu(self.fc2(x)))))
+
+
+_OUTPUT_LAYER = {
+    "lenet300": "fc3/kernel",
+    "lenet5": "fc2/kernel",
+    "cnn": "fc2/kernel",
+    "resnet20": "fc/kernel",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_default_sparsity_finds_the_output_layer_of_every_built_in_model(name):
+    assert set(_OUTPUT_LAYER) == set(MODELS)
+    model = nnx.eval_shape(lambda: MODELS[name]((8, 8, 1), 10, nnx.Rngs(0)))  # shapes only
+    targets = pipeline.default_sparsity(
+        model, inputs=jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
+    )
+    params = dict(pipeline.tree_lib.leaves_with_names(nnx.state(model, nnx.Param)))
+    for layer, target in targets.items():
+        if layer == _OUTPUT_LAYER[name]:
+            assert target == 0.85
+        else:
+            assert target == (0.7 if params[layer].ndim > 2 else 0.95), layer
+
+
+def test_default_sparsity_follows_the_computation_not_the_names():
+    model = _UserNet(nnx.Rngs(0))
+    x = jnp.zeros((2, 64))
+    expected = {"fc10/kernel": 0.85, "fc2/kernel": 0.95, "head/kernel": 0.95}
+    assert pipeline.default_sparsity(model, inputs=x) == expected
+    # The same from a parameter pytree and a function applying it.
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pure = nnx.to_pure_dict(params)
+
+    def apply_fn(p, inputs):
+        state = jax.tree.map(lambda leaf: leaf, params)
+        nnx.replace_by_pure_dict(state, p)
+        return nnx.merge(graphdef, state, rest)(inputs)
+
+    assert pipeline.default_sparsity(pure, apply_fn=apply_fn, inputs=x) == expected
+    assert pipeline.output_layers(pure, apply_fn, x) == ["fc10/kernel"]
+    # An auxiliary head is not the output layer of the main logits.
+    resnet = nnx.eval_shape(lambda: ResNet(8, 10, aux_heads=True, rngs=nnx.Rngs(0)))
+    x8 = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    assert pipeline._nnx_output_layers(resnet, x8) == ["fc/kernel"]
+    # Without a computation, numbered names compare as numbers (fc2 < fc10).
+    guess = pipeline.default_sparsity({"fc2": jnp.zeros((4, 4)), "fc10": jnp.zeros((4, 2))})
+    assert guess == {"fc10": 0.85, "fc2": 0.95}
+    with pytest.raises(ValueError, match="inputs .* is required when params is an NNX model"):
+        pipeline.default_sparsity(model)
+
+
+def test_one_bit_width_limit_across_kmeans_archive_pipeline_and_cli():
+    from jaxopt_nn.cli import _bits
+
+    assert pipeline.MAX_BITS == CLI_MAX_BITS == 16
+    assert _bits(str(pipeline.MAX_BITS)) == pipeline.MAX_BITS
+    w = jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)
+    book = quantization.kmeans_codebook(w, pipeline.MAX_BITS)
+    assert book.indices.dtype == jnp.uint16
+    np.testing.assert_array_equal(
+        archive.loads(archive.dumps({"w": w}, codebooks={"w": book}))["w"],
+        quantization.codebook_weights(book),
+    )
+    with pytest.raises(ValueError, match=r"bits must lie in \[1, 16\]"):
+        quantization.kmeans_codebook(w, pipeline.MAX_BITS + 1)
+
+
+def _untrained_report(make_model):
+    """A report of random weights of a model's shapes, 90% of each kernel zero (no training)."""
+    _, params, rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    tree = jax.tree.map(
+        lambda s: rng.normal(size=s.shape).astype(s.dtype), pipeline._archive_tree(params, rest)
+    )
+    tree = pipeline.tree_lib.map_selected(
+        lambda w: np.where(np.arange(w.size).reshape(w.shape) % 10 == 0, w, 0), tree
+    )
+    blob = archive.dumps(tree, raw_dtype="float16")
+    original = 4 * pipeline.tree_lib.count_params(tree)
+    return pipeline.CompressionReport([], archive.inspect(blob), original, {}, {}, {})
+
+
+def _bytes_column(line):
+    """The bytes cell of a table row: its last plain integer (compression ends in 'x')."""
+    return int(
+        [cell for cell in line.split() if cell.replace(",", "").isdigit()][-1].replace(",", "")
+    )
+
+
+def test_table_groups_raw_leaves_and_its_bytes_sum_to_the_file():
+    report = _untrained_report(lambda: ResNet(20, 10, in_channels=1, rngs=nnx.Rngs(0)))
+    full = report.table(verbose=True)
+    assert len(full.splitlines()) == len(report.info.tensors) + 3
+    table = report.table()
+    lines = table.splitlines()
+    coded = [t for t in report.info.tensors if t.method != "raw"]
+    assert len(lines) == len(coded) + 4  # headers, coded rows, 'other', header bytes, total
+    raw = len(report.info.tensors) - len(coded)
+    assert any(line.startswith(f"other ({raw} raw leaves)") for line in lines), table
+    assert "bn1/scale" not in table and "bn1/scale" in full
+    for text in (table, full):
+        rows = text.splitlines()[1:-1]
+        assert sum(map(_bytes_column, rows)) == _bytes_column(text.splitlines()[-1])
+        assert _bytes_column(text.splitlines()[-1]) == report.info.file_bytes
+    # Few modules: one row per module, and a single leaf keeps its name.
+    small = _untrained_report(lambda: LeNet300100(64, rngs=nnx.Rngs(0))).table()
+    assert "params/fc1/bias" in small and "other" not in small

@@ -370,3 +370,12 @@ def test_evaluate_weights_uneven_batches_by_size():
 def test_bad_arguments_raise_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(_toy_dataset())
+
+
+def test_progress_bar_names_its_stage(capsys):
+    data = _toy_dataset()
+    fit(_tiny_mlp(), optax.sgd(0.1), data, epochs=1, batch_size=8, stage="pruning")
+    err = capsys.readouterr().err
+    assert "pruning" in err and "epoch 1/1" in err and "training" not in err
+    with pytest.raises(TypeError, match="stage must be a str; got stage=3"):
+        fit(_tiny_mlp(), optax.sgd(0.1), data, epochs=1, stage=3, progress=False)
