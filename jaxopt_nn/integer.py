@@ -51,6 +51,7 @@ layer).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -535,13 +536,20 @@ def _selector(where: Where) -> Callable[[str, Any], bool]:
     return lambda name, module: name in names
 
 
+def _is_layer(module: Any) -> bool:
+    """A module without sub-modules, or a :class:`FakeQuant` wrapper."""
+    if isinstance(module, FakeQuant):
+        return True
+    return not any(path and isinstance(node, nnx.Module) for path, node in nnx.iter_graph(module))
+
+
 def _selected(model: nnx.Module, where: Where) -> list[tuple[str, tuple, Any]]:
-    """The chosen layers (outermost first; nothing inside a chosen layer), checked."""
+    """The chosen layers (outermost first; nothing inside a chosen wrapper), checked."""
     select = _selector(where)
     found, chosen = {}, []
     for name, path, module in _modules(model):
         found[name] = module
-        if any(path[: len(p)] == p for _, p, _ in chosen):
+        if any(path[: len(p)] == p for _, p, _ in chosen) or not _is_layer(module):
             continue
         if not select(name, module):
             continue
@@ -550,6 +558,9 @@ def _selected(model: nnx.Module, where: Where) -> list[tuple[str, tuple, Any]]:
                 f"layer {name!r} is an {type(module).__name__}; int8 conversion supports "
                 "nnx.Linear and nnx.Conv (and their FakeQuant wrappers)"
             )
+        layer = module.layer if isinstance(module, FakeQuant) else module
+        if isinstance(layer, nnx.Conv):
+            _ConvSpec(layer, name)  # refuses unsupported padding modes
         chosen.append((name, path, module))
     if where is not None and not callable(where):
         missing = sorted(set(where) - set(found))
@@ -559,7 +570,7 @@ def _selected(model: nnx.Module, where: Where) -> list[tuple[str, tuple, Any]]:
 
 
 class _Recorder(nnx.Module):
-    """Calls ``layer`` and hands its input to ``record`` (eager runs only)."""
+    """Calls ``layer`` and hands its (traced) input to ``record``."""
 
     def __init__(self, layer: nnx.Module, record: Callable[[jax.Array], None]):
         self.layer = layer
@@ -570,23 +581,31 @@ class _Recorder(nnx.Module):
         return self.layer(x)
 
 
-def _layer_inputs(
-    model: nnx.Module, chosen: list, batches: Iterable[Any], reduce: Callable[[jax.Array], Any]
-) -> dict[str, list]:
-    """Run ``model`` eagerly on ``batches`` and collect ``reduce(input)`` of each chosen layer."""
+def _layer_probe(
+    model: nnx.Module, chosen: list, reduce: Callable[[jax.Array], Any]
+) -> Callable[[jax.Array], dict[str, Any]]:
+    """``x -> {name: reduce(input of the layer)}`` for the chosen layers (first call of each).
+
+    Runs a copy of ``model`` in eval mode in which each chosen layer is wrapped
+    by a recorder; traceable, so it can be jitted or shape-evaluated.
+    """
     probe = nnx.clone(model)
-    seen: dict[str, list] = {name: [] for name, _, _ in chosen}
-    for name, path, _ in chosen:
-        _set(probe, path, _Recorder(_get(probe, path), seen[name].append))
     _eval_mode(probe)
-    count = 0
-    for batch in batches:
-        x = batch[0] if isinstance(batch, tuple) else batch
-        probe(jnp.asarray(x))
-        count += 1
-    if not count:
-        raise ValueError("batches must hold at least one batch; got none")
-    return {name: [reduce(x) for x in inputs] for name, inputs in seen.items()}
+    seen: dict[str, list] = {}
+    for name, path, _ in chosen:
+        record = functools.partial(lambda name, x: seen.setdefault(name, []).append(x), name)
+        _set(probe, path, _Recorder(_get(probe, path), record))
+    graphdef, state = nnx.split(probe)
+
+    def run(state: nnx.State, x: jax.Array) -> dict[str, Any]:
+        seen.clear()
+        nnx.merge(graphdef, state)(x)
+        unused = [name for name, _, _ in chosen if name not in seen]
+        if unused:
+            raise ValueError(f"layers {unused} are not called by the model's forward pass")
+        return {name: reduce(seen[name][0]) for name, _, _ in chosen}
+
+    return functools.partial(run, state)
 
 
 def _eval_mode(model: nnx.Module) -> None:
@@ -604,7 +623,7 @@ def calibrate(
 ) -> dict[str, jax.Array]:
     """Static activation ranges of the layers :func:`to_int8` will convert.
 
-    Runs ``model`` (a copy, in eval mode, eagerly) on ``batches`` and records
+    Runs ``model`` (a copy, in eval mode, jitted) on ``batches`` and records
     the input range of each chosen layer: the largest ``|x|`` over all
     batches (``'absmax'``), or the ``percentile`` of ``|x|`` in each batch,
     averaged over the batches (``'percentile'``, which clips rare outliers and
@@ -643,9 +662,15 @@ def calibrate(
         a = jnp.abs(x.astype(jnp.float32))
         return jnp.max(a) if method == "absmax" else jnp.percentile(a, percentile)
 
-    ranges = _layer_inputs(model, chosen, batches, reduce)
+    probe = jax.jit(_layer_probe(model, chosen, reduce))
+    per_batch = [probe(jnp.asarray(b[0] if isinstance(b, tuple) else b)) for b in batches]
+    if not per_batch:
+        raise ValueError("batches must hold at least one batch; got none")
     combine = jnp.max if method == "absmax" else jnp.mean
-    return {name: combine(jnp.stack(values)).astype(jnp.float32) for name, values in ranges.items()}
+    return {
+        name: combine(jnp.stack([values[name] for values in per_batch])).astype(jnp.float32)
+        for name, _, _ in chosen
+    }
 
 
 def _float_layer(module: Any) -> Any:
@@ -699,10 +724,10 @@ def int8_plan(
     chosen = _selected(model, where)
     rows: dict[str, int | None] = {name: None for name, _, _ in chosen}
     if example is not None:
-        shapes = _layer_inputs(model, chosen, [example], lambda x: x.shape)
+        shapes = jax.eval_shape(_layer_probe(model, chosen, lambda x: x), example)
         for name, _, module in chosen:
             layer = _float_layer(module)
-            shape = shapes[name][0]
+            shape = shapes[name].shape
             if isinstance(layer, nnx.Conv):
                 out = jax.eval_shape(layer, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
                 rows[name] = math.prod(out[:-1])

@@ -1,0 +1,252 @@
+"""Tests for jaxopt_nn.integer: int8 layers, conversion, calibration, QAT twin, BN folding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxopt_nn import archive
+from jaxopt_nn.integer import (
+    FakeQuant,
+    Identity,
+    Int8Conv,
+    Int8Linear,
+    _conv,
+    _patch_conv,
+    _to_int8,
+    calibrate,
+    fold_batchnorm,
+    int8_plan,
+    quantize_weight,
+    to_int8,
+    to_qat,
+)
+from jaxopt_nn.models import LeNet5, LeNet300100, ResNet
+from jaxopt_nn.quantization import quantize
+
+_apply = nnx.jit(lambda model, x: model(x))
+
+
+def _small_lenet5():
+    return LeNet5((8, 8, 1), padding="SAME", rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.uniform(jax.random.key(1), (6, 8, 8, 1))
+
+
+def test_quantize_weight_matches_symmetric_per_channel_quantize():
+    w = jax.random.normal(jax.random.key(0), (3, 3, 4, 5))
+    codes, scale = quantize_weight(w)
+    reference = quantize(w, 8, axis=-1, symmetric=True)
+    np.testing.assert_array_equal(codes, reference.codes)
+    np.testing.assert_array_equal(scale, reference.scale.reshape(-1))
+    assert codes.dtype == jnp.int8 and scale.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1.0, 1e3])
+def test_int8_linear_error_within_documented_bound(spread):
+    k = 37
+    keys = jax.random.split(jax.random.key(int(spread * 1000)), 4)
+    layer = nnx.Linear(k, 5, rngs=nnx.Rngs(0))
+    layer.kernel[...] = jax.random.normal(keys[0], (k, 5)) * jnp.array(
+        [[1e-3, 0.1, 1.0, 10.0, 0.0]]
+    )
+    layer.bias[...] = jax.random.normal(keys[1], (5,))
+    outliers = jnp.where(jax.random.uniform(keys[2], (6, k)) < 0.05, 50.0, 1.0)
+    x = jax.random.normal(keys[3], (6, k)) * spread * outliers
+    q = Int8Linear.from_linear(layer)
+    error = np.abs(np.asarray(_apply(q, x)) - np.asarray(_apply(layer, x)))
+    x, w = np.asarray(x, np.float64), np.asarray(layer.kernel[...], np.float64)
+    r_x = np.abs(x).max(axis=1, keepdims=True)
+    bound = k / 127 * r_x * np.abs(w).max(axis=0, keepdims=True) * (1 + 1 / 254)
+    rounding = 1e-5 * (np.abs(x) @ np.abs(w) + np.abs(np.asarray(layer.bias[...])))
+    assert np.all(error <= bound + rounding)
+    assert np.all(error[:, 4] <= rounding[:, 4])  # an all-zero output channel stays exact
+
+
+def test_int8_linear_rows_have_their_own_scale_and_vmap_agrees():
+    layer = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
+    q = Int8Linear.from_linear(layer)
+    x = jnp.stack([jnp.linspace(-1.0, 1.0, 16), 1000.0 * jnp.linspace(-1.0, 1.0, 16)])
+    batched = _apply(q, x)
+    np.testing.assert_allclose(batched[0], q(x[:1])[0], rtol=1e-6)  # no cross-row influence
+    np.testing.assert_allclose(jax.vmap(q)(x), batched, rtol=1e-6)
+    np.testing.assert_allclose(batched[0], layer(x[:1])[0], atol=0.02)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"strides": 2, "kernel_dilation": 2},
+        {"padding": ((1, 2), (0, 1)), "strides": (2, 1)},
+    ],
+)
+def test_patch_convolution_equals_integer_convolution_exactly(kwargs):
+    conv = nnx.Conv(3, 5, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+    q = Int8Conv.from_conv(conv)
+    codes = _to_int8(jax.random.normal(jax.random.key(2), (2, 7, 6, 3)), jnp.float32(0.02))
+    exact = jax.jit(lambda c: _conv(c, q.kernel[...], q, jnp.int32))(codes)
+    patches = jax.jit(lambda c: _patch_conv(c, q.kernel[...], q))(codes)
+    assert patches.dtype == jnp.int32
+    np.testing.assert_array_equal(patches, exact)
+
+
+def test_int8_conv_close_to_float_with_groups_and_unbatched_input():
+    conv = nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+    q = Int8Conv.from_conv(conv)
+    x = jax.random.normal(jax.random.key(3), (2, 5, 5, 4))
+    np.testing.assert_allclose(_apply(q, x), conv(x), atol=0.05)
+    np.testing.assert_allclose(q(x[0]), q(x[:1])[0], rtol=1e-6)
+
+
+def test_unsupported_padding_is_refused_by_name():
+    conv = nnx.Conv(2, 2, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
+    model = nnx.Sequential(conv)
+    with pytest.raises(ValueError, match="layers/0.*CIRCULAR"):
+        to_int8(model)
+
+
+def test_to_int8_replaces_chosen_layers_and_shares_nothing(images):
+    model = LeNet300100(64, rngs=nnx.Rngs(0))
+    before = _apply(model, images)
+    q = to_int8(model)
+    assert isinstance(q.fc1, Int8Linear) and isinstance(q.fc2, Int8Linear)
+    assert isinstance(q.fc3, nnx.Linear) and q.fc3 is not model.fc3  # fallback: float copy
+    assert q.fc1.kernel.dtype == jnp.int8 and q.fc1.scale.dtype == jnp.float32
+    out = _apply(q, images)
+    np.testing.assert_allclose(out, before, atol=0.05 * float(jnp.abs(before).max()))
+    model.fc3.kernel[...] = model.fc3.kernel[...] * 0  # the original changes ...
+    np.testing.assert_array_equal(_apply(q, images), out)  # ... the copy does not
+    assert isinstance(model.fc1, nnx.Linear)  # the original keeps its float layers
+
+
+def test_where_by_name_callable_and_errors():
+    model = LeNet300100(64, rngs=nnx.Rngs(0))
+    q = to_int8(model, where=["fc2"], fallback=False)
+    assert isinstance(q.fc1, nnx.Linear) and isinstance(q.fc2, Int8Linear)
+    q = to_int8(model, where=lambda name, m: name == "fc3", fallback=False)
+    assert isinstance(q.fc3, Int8Linear) and isinstance(q.fc2, nnx.Linear)
+    with pytest.raises(ValueError, match="fc9"):
+        to_int8(model, where=["fc9"])
+    norm = nnx.Sequential(nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="LayerNorm"):
+        to_int8(norm, where=lambda name, m: True)
+    with pytest.raises(TypeError, match="where"):
+        to_int8(model, where="fc1")
+
+
+def test_fallback_rule_by_weight_depth_and_rows(images):
+    plan = int8_plan(_small_lenet5())
+    assert plan["conv1"].startswith("float32 (window x in = 25")
+    assert plan["conv2"] == plan["fc1"] == "int8"
+    assert plan["fc2"].startswith("float32 (weight 5,000")
+    one = int8_plan(LeNet300100(64, rngs=nnx.Rngs(0)), example=images[:1])
+    assert one["fc1"] == "float32 (1 rows per call < 16)"
+
+
+def test_calibrate_records_absmax_and_percentile_of_layer_inputs(images):
+    model = LeNet300100(64, rngs=nnx.Rngs(0))
+    batches = [images[:3], images[3:]]
+    ranges = calibrate(model, batches)
+    hidden = nnx.relu(model.fc1(images.reshape(6, -1)))
+    np.testing.assert_allclose(ranges["fc1"], jnp.abs(images).max(), rtol=1e-6)
+    np.testing.assert_allclose(ranges["fc2"], hidden.max(), rtol=1e-6)
+    low = calibrate(model, batches, method="percentile", percentile=50.0)
+    assert all(float(low[name]) < float(ranges[name]) for name in ranges)
+    with pytest.raises(ValueError, match="method"):
+        calibrate(model, batches, method="minmax")
+    with pytest.raises(ValueError, match="percentile"):
+        calibrate(model, batches, method="percentile", percentile=0)
+    with pytest.raises(ValueError, match="calibration lacks"):
+        to_int8(model, {"fc1": 1.0})
+
+
+def test_static_input_scale_saturates_beyond_the_range():
+    layer = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    q = Int8Linear.from_linear(layer, input_range=1.0)
+    x = jnp.array([[0.5, -3.0, 2.0, 0.25]])
+    np.testing.assert_allclose(q(x), q(jnp.clip(x, -1.0, 1.0)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_qat_model_and_int8_model_give_the_same_logits(images, static):
+    model = _small_lenet5()
+    calibration = calibrate(model, [images]) if static else None
+    qat = to_qat(model, calibration)
+    assert isinstance(qat.conv2, FakeQuant)
+    q = to_int8(qat, fallback=False)
+    assert isinstance(q.conv2, Int8Conv) and (q.conv2.input_scale is not None) == static
+    expected = _apply(qat, images)
+    np.testing.assert_allclose(_apply(q, images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qat_gradient_reaches_the_float_weights(images):
+    qat = to_qat(LeNet300100(64, rngs=nnx.Rngs(0)))
+    grads = nnx.grad(lambda m: jnp.sum(m(images) ** 2))(qat)
+    assert float(jnp.abs(grads["fc1"]["layer"]["kernel"][...]).sum()) > 0
+
+
+def _resnet_with_statistics():
+    model = ResNet(8, width=4, in_channels=1, rngs=nnx.Rngs(0))
+    for i, (_, bn) in enumerate(
+        (p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.BatchNorm)
+    ):
+        keys = jax.random.split(jax.random.key(i), 4)
+        bn.mean[...] = 0.1 * jax.random.normal(keys[0], bn.mean.shape)
+        bn.var[...] = jax.random.uniform(keys[1], bn.var.shape) + 0.5
+        bn.scale[...] = jax.random.uniform(keys[2], bn.scale.shape) + 0.5
+        bn.bias[...] = 0.1 * jax.random.normal(keys[3], bn.bias.shape)
+    model.eval()
+    return model
+
+
+def test_fold_batchnorm_keeps_resnet_outputs_and_converts(images):
+    model = _resnet_with_statistics()
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.stages[1][0].shortcut_bn, Identity)
+    assert isinstance(model.stages[1][0].shortcut_bn, nnx.BatchNorm)
+    expected = _apply(model, images)
+    np.testing.assert_allclose(_apply(folded, images), expected, atol=2e-5, rtol=1e-5)
+    q = to_int8(folded, fallback=False)
+    assert isinstance(q.stages[2][0].conv2, Int8Conv)
+    np.testing.assert_allclose(
+        _apply(q, images), expected, atol=0.1 * float(jnp.abs(expected).max())
+    )
+
+
+def test_fold_batchnorm_refuses_a_batch_norm_without_its_convolution():
+    class Odd(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))
+            self.norm_bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match="norm_bn.*pairs"):
+        fold_batchnorm(Odd())
+    folded = fold_batchnorm(Odd(), {"norm_bn": "conv"})
+    assert isinstance(folded.norm_bn, Identity)
+
+
+def test_int8_model_under_sharding_matches_single_device(images):
+    q = to_int8(_small_lenet5(), fallback=False)
+    expected = _apply(q, images)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
+    np.testing.assert_allclose(_apply(q, sharded), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_model_round_trips_through_the_archive(images):
+    model = _small_lenet5()
+    q = to_int8(model, calibrate(model, [images]), fallback=False)
+    data = archive.dumps(nnx.state(q))
+    kinds = {t.name: t.dtype for t in archive.inspect(data).tensors}
+    assert kinds["conv2/kernel"] == "int8" and kinds["conv2/scale"] == "float32"
+    assert kinds["conv2/input_scale"] == "float32"
+    other = LeNet5((8, 8, 1), padding="SAME", rngs=nnx.Rngs(5))
+    fresh = to_int8(other, calibrate(other, [images]), fallback=False)
+    nnx.update(fresh, archive.loads(data))
+    np.testing.assert_array_equal(fresh.conv2.kernel[...], q.conv2.kernel[...])
+    np.testing.assert_array_equal(_apply(fresh, images), _apply(q, images))
