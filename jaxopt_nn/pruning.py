@@ -14,15 +14,18 @@ is formed in float32). Weights are ranked by score (``|w|`` for magnitude
 pruning) and the lowest-ranked are pruned. **Equal scores are ordered by flat
 position**: among tied weights the one with the smaller row-major index is
 pruned first (global scope: leaves in ``jax.tree.leaves`` order, then
-row-major). The selection sorts the scores once (as integer bit patterns),
-reads the ``k``-th smallest and resolves ties with a cumulative count, so the
-number of zeros ``k`` may be a traced value and one compiled function serves
-every sparsity of a schedule.
+row-major). Nothing is sorted: the ``k``-th smallest score is found by
+binary lifting on its float bit pattern (one counting pass per bit), and
+ties at the threshold by a second lifting on the flat index, run only when
+ties straddle it. So the number of zeros ``k`` may be a traced value, one
+compiled function serves every sparsity of a schedule, and sharded leaves are
+never gathered or reshaped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -32,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import sparse as jsparse
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from jaxopt_nn import tree as tree_lib
 from jaxopt_nn._blockwise import BlockQuantizedArray, zero_where
@@ -40,7 +45,7 @@ PyTree = Any
 Sparsity = float | jax.Array | Mapping[str, float | jax.Array]
 
 _SCOPES = ("layer", "global")
-_METHODS = ("magnitude", "random", "nm", "structured")
+_METHODS = ("magnitude", "saliency", "random", "nm", "structured")
 _DISTRIBUTIONS = ("uniform", "erk")
 
 
@@ -121,37 +126,66 @@ def _num_pruned(sparsity: Any, size: int) -> Any:
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
 
 
-def _sort_key(scores: jax.Array) -> jax.Array:
+def _explicit_spec(x: Any) -> P | None:
+    """``x``'s partition spec when it is sharded on a mesh with explicit axes, else None."""
+    if not isinstance(x, jax.Array):
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return None
+    return sharding.spec  # type: ignore[union-attr]
+
+
+def _like(x: jax.Array, ref: Any) -> jax.Array:
+    """``x`` resharded like ``ref`` under an explicit mesh (a no-op otherwise)."""
+    spec = _explicit_spec(ref)
+    if spec is None or _explicit_spec(x) == spec:
+        return x
+    return jax.sharding.reshard(x, spec)
+
+
+def _gathered(x: jax.Array) -> jax.Array:
+    """``x`` replicated under an explicit mesh, for ops that regroup a sharded axis."""
+    return x if _explicit_spec(x) is None else jax.sharding.reshard(x, P())
+
+
+def _sort_keys(scores: list[jax.Array]) -> list[jax.Array]:
     """Integer keys ordered like the non-negative float ``scores``.
 
-    For non-negative IEEE floats the bit pattern is monotone in the value, and
-    integer sorts are several times faster than float sorts on CPU.
+    For non-negative IEEE floats the bit pattern is monotone in the value, so
+    a threshold on the keys is a threshold on the scores (NaN ranks highest).
     """
-    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-    return jax.lax.bitcast_convert_type(scores, jnp.int32 if scores.itemsize == 4 else jnp.int64)
+    dtype = jnp.result_type(jnp.float32, *[s.dtype for s in scores])
+    ints = jnp.int32 if jnp.dtype(dtype).itemsize == 4 else jnp.int64
+    return [jax.lax.bitcast_convert_type(s.astype(dtype), ints) for s in scores]
 
 
-def _lowest(scores: jax.Array, k: Any, eligible: jax.Array | None = None) -> jax.Array:
-    """Bool mask of exactly ``k`` lowest non-negative ``scores`` (1-D); ties: smaller index first.
+def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
+    """Row-major flat index of every entry of ``shape``, plus ``offset`` (int32)."""
+    index = jnp.full(shape, offset, jnp.int32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + stride * jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+        stride *= shape[dim]
+    return index
 
-    The ``k``-th smallest key is found with one sort; entries below it are
-    pruned, and of the entries equal to it the first ``k - #below`` in index
-    order. With ``eligible`` only eligible entries count and ``k`` is capped
-    at their number.
+
+def _count(flags: jax.Array) -> jax.Array:
+    """Number of True entries (int32).
+
+    Row sums go through a float32 matrix-vector product (exact below 2**24
+    per row, and several times faster than an integer reduction on CPU); an
+    explicitly sharded array is summed directly.
     """
-    if scores.size == 0:
-        return jnp.zeros(scores.shape, bool)
-    keys = _sort_key(scores)
-    if eligible is not None:
-        keys = jnp.where(eligible, keys, jnp.iinfo(keys.dtype).max)
-        k = jnp.minimum(k, jnp.sum(eligible, dtype=jnp.int32))
-    kth = jnp.sort(keys)[jnp.clip(k - 1, 0, keys.size - 1)]
-    below = keys < kth
-    ties = keys == kth
-    if eligible is not None:
-        below, ties = below & eligible, ties & eligible
-    need = k - jnp.sum(below, dtype=jnp.int32)
-    return below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= need))
+    if flags.ndim == 0 or flags.shape[-1] >= 2**24 or _explicit_spec(flags) is not None:
+        return jnp.sum(flags, dtype=jnp.int32)
+    rows = jnp.matmul(
+        flags.astype(jnp.float32),
+        jnp.ones(flags.shape[-1], jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return jnp.sum(rows.astype(jnp.int32), dtype=jnp.int32)
 
 
 def _prune_lowest(
@@ -160,18 +194,87 @@ def _prune_lowest(
     scope: str,
     eligible: list[jax.Array] | None = None,
 ) -> list[jax.Array]:
-    """Exact-count selection over 1-D score vectors, per vector or across all."""
+    """Exactly ``k`` lowest non-negative scores per array (layer) or across all (global).
+
+    No sort: the ``k``-th smallest bit pattern ``T`` is built bit by bit
+    (binary lifting: one counting pass per key bit, all arrays in one loop),
+    entries below ``T`` are pruned, and of the entries equal to ``T`` the
+    first ``k - #below`` in flat order (arrays in list order, then
+    row-major). Only when ties straddle the threshold does a second lifting
+    over the flat index run. Counting passes are elementwise compares and
+    sums, so sharded scores need no gather. With ``eligible`` only eligible
+    entries count and ``k`` is capped at their number.
+    """
     sizes = [s.size for s in scores]
-    elig = eligible or [None] * len(scores)
     if scope == "layer":
-        return [
-            _lowest(sc, _num_pruned(sp, size), el)
-            for sc, sp, size, el in zip(scores, sparsities, sizes, elig, strict=True)
+        ks = [_num_pruned(sp, n) for sp, n in zip(sparsities, sizes, strict=True)]
+    else:
+        ks = [_num_pruned(sparsities[0], sum(sizes))]
+    ks = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks])
+    # Jitted so that eager calls at any sparsity share one compilation.
+    return _select_lowest(scores, ks, eligible, scope=scope)
+
+
+@functools.partial(jax.jit, static_argnames="scope")
+def _select_lowest(
+    scores: list[jax.Array], ks: jax.Array, eligible: list[jax.Array] | None, *, scope: str
+) -> list[jax.Array]:
+    """:func:`_prune_lowest` with the counts ``ks`` (int32, one per group) given."""
+    keys = _sort_keys(scores)
+    dtype = keys[0].dtype
+    nbits = 8 * jnp.dtype(dtype).itemsize - 1  # the sign bit of |score| is 0
+    sizes = [s.size for s in scores]
+    group = list(range(len(keys))) if scope == "layer" else [0] * len(keys)
+
+    def counts(flags: list[jax.Array]) -> jax.Array:
+        per = [_count(f) for f in flags]
+        return jnp.stack(
+            [sum(p for p, g in zip(per, group, strict=True) if g == i) for i in range(len(ks))]
+        )
+
+    if eligible is not None:
+        keys = [
+            jnp.where(e, kk, jnp.iinfo(dtype).max) for kk, e in zip(keys, eligible, strict=True)
         ]
-    flat = jnp.concatenate(scores)
-    flat_elig = None if eligible is None else jnp.concatenate(eligible)
-    pruned = _lowest(flat, _num_pruned(sparsities[0], sum(sizes)), flat_elig)
-    return jnp.split(pruned, np.cumsum([s.size for s in scores])[:-1].tolist())
+        ks = jnp.minimum(ks, counts(eligible))
+
+    def lift(below: Callable[[jax.Array], list[jax.Array]], target: jax.Array, bits: int, dt):
+        """Largest ``r`` in ``[0, 2**bits)`` per group with ``count(below(r)) <= target``."""
+
+        def body(i, r):
+            step = jnp.left_shift(jnp.ones((), dt), (bits - 1 - i).astype(dt))
+            return jnp.where(counts(below(r + step)) <= target, r + step, r)
+
+        return jax.lax.fori_loop(0, bits, body, jnp.zeros(len(ks), dt))
+
+    # T = smallest key with count(keys <= T) >= k, i.e. largest r with count(keys < r) < k.
+    kth = lift(
+        lambda r: [kk < r[g] for kk, g in zip(keys, group, strict=True)], ks - 1, nbits, dtype
+    )
+    kth = jnp.where(ks > 0, kth, -1)  # k = 0: no entry is below or tied
+    below = [kk < kth[g] for kk, g in zip(keys, group, strict=True)]
+    ties = [kk == kth[g] for kk, g in zip(keys, group, strict=True)]
+    need = ks - counts(below)
+
+    def split_ties():
+        offsets = np.cumsum([0, *sizes[:-1]]).tolist() if scope == "global" else [0] * len(keys)
+        index = [_flat_index(s.shape, o) for s, o in zip(scores, offsets, strict=True)]
+        total = max(sum(sizes) if scope == "global" else max(sizes), 1)
+        last = lift(
+            lambda r: [t & (ix < r[g]) for t, ix, g in zip(ties, index, group, strict=True)],
+            need,
+            total.bit_length(),
+            jnp.int32,
+        )
+        return [
+            b | (t & (ix < last[g])) for b, t, ix, g in zip(below, ties, index, group, strict=True)
+        ]
+
+    return jax.lax.cond(
+        jnp.all(counts(ties) == need),
+        lambda: [b | t for b, t in zip(below, ties, strict=True)],
+        split_ties,
+    )
 
 
 # ------------------------------------------------------------------- masks
@@ -183,6 +286,8 @@ def magnitude_masks(
     *,
     scope: str = "layer",
     where: tree_lib.Where = None,
+    block: tuple[int, int] | None = None,
+    normalize: bool = False,
 ) -> PyTree:
     r"""Masks that prune the smallest-magnitude weights.
 
@@ -203,6 +308,12 @@ def magnitude_masks(
         (all selected leaves are ranked together).
       where: which leaves to prune (see :func:`jaxopt_nn.tree.select`);
         default: kernels.
+      block: ``(bh, bw)``: prune whole blocks of the last two axes, scored
+        by the sum of their scores; exactly ``round(s * blocks)`` blocks are
+        pruned (ties: smaller block index first). ``bh`` and ``bw`` must
+        divide those axes. ``(1, 4)`` keeps or drops runs of 4 inputs.
+      normalize: divide each leaf's scores by their L2 norm before ranking,
+        so that global ranking compares layers on an equal footing.
 
     Returns:
       A tree like ``params``: bool masks (``True`` = kept) at selected leaves,
@@ -210,8 +321,8 @@ def magnitude_masks(
 
     Raises:
       ValueError: if ``sparsity`` is outside ``[0, 1)`` or a mapping that does
-        not match the selected leaves, ``scope`` is unknown, or ``where``
-        selects nothing.
+        not match the selected leaves, ``scope`` is unknown, ``where``
+        selects nothing, or ``block`` does not tile a selected leaf.
 
     Example:
       >>> import jax.numpy as jnp
@@ -221,12 +332,122 @@ def magnitude_masks(
              [ True, False]], dtype=bool)}
     """
     _check_choice("scope", scope, _SCOPES)
+    _check_block(block)
     flags, named = _selected_leaves(params, where)
     sparsities = _per_leaf_sparsity(sparsity, [n for n, _ in named], scope)
-    scores = [jnp.abs(leaf).ravel() for _, leaf in named]
+    scores = [jnp.abs(jnp.asarray(leaf)) for _, leaf in named]
+    return _unflatten(flags, params, _by_score(named, scores, sparsities, scope, block, normalize))
+
+
+def saliency_masks(
+    params: PyTree,
+    grads: PyTree,
+    sparsity: Sparsity,
+    *,
+    scope: str = "layer",
+    where: tree_lib.Where = None,
+    block: tuple[int, int] | None = None,
+    normalize: bool = False,
+) -> PyTree:
+    r"""Masks that prune the weights of smallest saliency :math:`|w \cdot g|`.
+
+    The first-order Taylor estimate of the loss change when a weight is set
+    to zero (Molchanov et al. 2017; jaxpruner's ``SaliencyPruning``). Ranking,
+    exact counts, ties, ``block`` and ``normalize`` are as in
+    :func:`magnitude_masks`.
+
+    Args:
+      params: parameter pytree.
+      grads: gradients, a tree like ``params``.
+      sparsity: as in :func:`magnitude_masks`.
+      scope: ``'layer'`` or ``'global'``.
+      where: which leaves to prune; default: kernels.
+      block: optional ``(bh, bw)`` block shape.
+      normalize: divide each leaf's scores by their L2 norm.
+
+    Returns:
+      Bool masks at selected leaves, ``None`` elsewhere.
+
+    Raises:
+      ValueError: as :func:`magnitude_masks`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {'w': jnp.array([[1., -3.], [2., 1.]])}
+      >>> grads = {'w': jnp.array([[4., 0.1], [1., 1.]])}
+      >>> saliency_masks(params, grads, 0.5)['w']
+      Array([[ True, False],
+             [ True, False]], dtype=bool)
+
+    References:
+      Molchanov, Tyree, Karras, Aila, Kautz, "Pruning Convolutional Neural
+      Networks for Resource Efficient Inference", ICLR 2017,
+      https://arxiv.org/abs/1611.06440.
+    """
+    _check_choice("scope", scope, _SCOPES)
+    _check_block(block)
+    flags, named = _selected_leaves(params, where)
+    sparsities = _per_leaf_sparsity(sparsity, [n for n, _ in named], scope)
+    grad_leaves = [
+        g for g, flag in zip(jax.tree.leaves(grads), jax.tree.leaves(flags), strict=True) if flag
+    ]
+    scores = _saliency(named, grad_leaves)
+    return _unflatten(flags, params, _by_score(named, scores, sparsities, scope, block, normalize))
+
+
+def _saliency(named: list[tuple[str, Any]], grads: list[Any]) -> list[jax.Array]:
+    return [
+        jnp.abs(jnp.asarray(leaf) * jnp.asarray(g))
+        for (_, leaf), g in zip(named, grads, strict=True)
+    ]
+
+
+def _check_block(block: object) -> None:
+    if block is None:
+        return
+    if (
+        not isinstance(block, tuple)
+        or len(block) != 2
+        or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1 for b in block
+        )
+    ):
+        raise ValueError(f"block must be a pair of ints >= 1 (bh, bw); got block={block!r}")
+
+
+def _block_sums(name: str, scores: jax.Array, block: tuple[int, int]) -> jax.Array:
+    """Sum of ``scores`` over each ``block`` of the last two axes."""
+    bh, bw = block
+    if scores.ndim < 2 or scores.shape[-2] % bh or scores.shape[-1] % bw:
+        raise ValueError(
+            f"block must tile the last two axes of leaf {name!r}; got block={block}, "
+            f"shape={scores.shape}"
+        )
+    *lead, h, w = scores.shape
+    # Regroups both axes: gathered first under an explicit mesh.
+    tiles = _gathered(scores).reshape(*lead, h // bh, bh, w // bw, bw)
+    return jnp.sum(tiles, axis=(-3, -1))
+
+
+def _by_score(
+    named: list[tuple[str, Any]],
+    scores: list[jax.Array],
+    sparsities: list[Any],
+    scope: str,
+    block: tuple[int, int] | None,
+    normalize: bool,
+) -> list[jax.Array]:
+    """Masks keeping the highest ``scores`` (per block), sharded like their leaves."""
+    if block is not None:
+        scores = [_block_sums(name, sc, block) for (name, _), sc in zip(named, scores, strict=True)]
+    if normalize:
+        scores = [
+            sc / jnp.maximum(jnp.sqrt(jnp.sum(sc * sc)), jnp.finfo(sc.dtype).tiny) for sc in scores
+        ]
     pruned = _prune_lowest(scores, sparsities, scope)
-    masks = [~p.reshape(leaf.shape) for p, (_, leaf) in zip(pruned, named, strict=True)]
-    return _unflatten(flags, params, masks)
+    if block is not None:
+        pruned = [jnp.repeat(jnp.repeat(p, block[0], axis=-2), block[1], axis=-1) for p in pruned]
+    return [_like(~p, leaf) for p, (_, leaf) in zip(pruned, named, strict=True)]
 
 
 def random_masks(
@@ -266,13 +487,18 @@ def random_masks(
     _check_choice("scope", scope, _SCOPES)
     flags, named = _selected_leaves(params, where)
     sparsities = _per_leaf_sparsity(sparsity, [n for n, _ in named], scope)
+    return _unflatten(flags, params, _random(key, [leaf for _, leaf in named], sparsities, scope))
+
+
+def _random(
+    key: jax.Array, leaves: list[Any], sparsities: list[Any], scope: str
+) -> list[jax.Array]:
     scores = [
-        jax.random.uniform(jax.random.fold_in(key, i), (leaf.size,))
-        for i, (_, leaf) in enumerate(named)
+        jax.random.uniform(jax.random.fold_in(key, i), np.shape(leaf))
+        for i, leaf in enumerate(leaves)
     ]
     pruned = _prune_lowest(scores, sparsities, scope)
-    masks = [~p.reshape(leaf.shape) for p, (_, leaf) in zip(pruned, named, strict=True)]
-    return _unflatten(flags, params, masks)
+    return [_like(~p, leaf) for p, leaf in zip(pruned, leaves, strict=True)]
 
 
 def _normalize_axis(axis: int, ndim: int, name: str) -> int:
@@ -338,15 +564,22 @@ def nm_masks(
     if sparsity is not None:
         _check_unit_interval("sparsity", sparsity)
     flags, named = _selected_leaves(params, where)
+    return _unflatten(flags, params, _nm(named, n, m, axis, sparsity, scope))
+
+
+def _nm(
+    named: list[tuple[str, Any]], n: int, m: int, axis: int, sparsity: Any, scope: str
+) -> list[jax.Array]:
     grouped, shapes = [], []
     for name, leaf in named:
-        ax = _normalize_axis(axis, leaf.ndim, name)
-        if leaf.shape[ax] % m:
+        ax = _normalize_axis(axis, np.ndim(leaf), name)
+        if np.shape(leaf)[ax] % m:
             raise ValueError(
                 f"m must divide the length of axis {axis} of leaf {name!r}; "
-                f"got m={m}, shape={leaf.shape}"
+                f"got m={m}, shape={np.shape(leaf)}"
             )
-        moved = jnp.moveaxis(jnp.abs(leaf), ax, -1)
+        # Grouping regroups the axis: gathered first under an explicit mesh.
+        moved = jnp.moveaxis(_gathered(jnp.abs(jnp.asarray(leaf))), ax, -1)
         shapes.append((ax, moved.shape))
         grouped.append(moved.reshape(-1, m))
     ranks = [
@@ -358,14 +591,10 @@ def nm_masks(
         jnp.moveaxis((r < m - n).reshape(shape), -1, ax)
         for r, (ax, shape) in zip(ranks, shapes, strict=True)
     ]
-    if sparsity is None:
-        pruned = candidates
-    else:
-        scores = [jnp.abs(leaf).ravel() for _, leaf in named]
-        flat = [c.ravel() for c in candidates]
-        selected = _prune_lowest(scores, [sparsity] * len(named), scope, flat)
-        pruned = [p.reshape(c.shape) for p, c in zip(selected, candidates, strict=True)]
-    return _unflatten(flags, params, [~p for p in pruned])
+    if sparsity is not None:
+        scores = [jnp.abs(jnp.asarray(leaf)) for _, leaf in named]
+        candidates = _prune_lowest(scores, [sparsity] * len(named), scope, candidates)
+    return [_like(~p, leaf) for p, (_, leaf) in zip(candidates, named, strict=True)]
 
 
 def structured_masks(
@@ -413,18 +642,25 @@ def structured_masks(
         raise ValueError(f"norm must be 1 or 2; got norm={norm!r}")
     flags, named = _selected_leaves(params, where)
     sparsities = _per_leaf_sparsity(sparsity, [n for n, _ in named], "layer")
-    axes = [_normalize_axis(axis, leaf.ndim, name) for name, leaf in named]
+    return _unflatten(flags, params, _structured(named, sparsities, axis, norm))
+
+
+def _structured(
+    named: list[tuple[str, Any]], sparsities: list[Any], axis: int, norm: int
+) -> list[jax.Array]:
+    axes = [_normalize_axis(axis, np.ndim(leaf), name) for name, leaf in named]
     scores = []
     for ax, (_, leaf) in zip(axes, named, strict=True):
-        rows = jnp.moveaxis(leaf, ax, 0).reshape(leaf.shape[ax], -1)
-        scores.append(jnp.linalg.norm(rows.astype(jnp.float32), ord=norm, axis=1))
+        x = jnp.abs(jnp.asarray(leaf).astype(jnp.promote_types(leaf.dtype, jnp.float32)))
+        others = tuple(d for d in range(x.ndim) if d != ax)
+        scores.append(jnp.sum(x, others) if norm == 1 else jnp.sqrt(jnp.sum(x * x, others)))
     pruned = _prune_lowest(scores, sparsities, "layer")
     masks = []
     for p, ax, (_, leaf) in zip(pruned, axes, named, strict=True):
-        shape = [1] * leaf.ndim
-        shape[ax] = leaf.shape[ax]
-        masks.append(jnp.broadcast_to(~p.reshape(shape), leaf.shape))
-    return _unflatten(flags, params, masks)
+        shape = [1] * np.ndim(leaf)
+        shape[ax] = np.shape(leaf)[ax]
+        masks.append(_like(jnp.broadcast_to(~p.reshape(shape), np.shape(leaf)), leaf))
+    return masks
 
 
 def _erk_sparsities(shapes: Sequence[tuple[int, ...]], sparsity: Any, power_scale: float) -> Any:
@@ -611,6 +847,58 @@ def sparsity_summary(params: PyTree, where: tree_lib.Where = None) -> SparsitySu
     nonzeros = sum(r.nonzeros for r in rows)
     total = SparsityRow("total", size, nonzeros, 1 - nonzeros / size if size else 0.0)
     return SparsitySummary(rows, total)
+
+
+class SparsityStats(NamedTuple):
+    """Arrays of :func:`sparsity_stats` (jittable; sizes are static)."""
+
+    nonzeros: dict[str, jax.Array]  # int32, shape (): entries != 0 per selected leaf
+    sparsity: dict[str, jax.Array]  # float32, shape (): 1 - nonzeros / size per selected leaf
+    total_nonzeros: jax.Array  # int32, shape (): over the selected leaves
+    total_sparsity: jax.Array  # float32, shape (): 1 - total_nonzeros / total size
+
+
+def sparsity_stats(params: PyTree, where: tree_lib.Where = None) -> SparsityStats:
+    """Nonzeros and sparsity of each selected leaf and in total, as arrays.
+
+    The traceable form of :func:`sparsity_summary`: it runs under ``jax.jit``
+    (e.g. to log sparsity from inside a train step) and on sharded params. A
+    leaf of size 0 has sparsity 0.
+
+    Args:
+      params: parameter pytree (arrays or tracers).
+      where: which leaves to report; default: kernels.
+
+    Returns:
+      A :class:`SparsityStats` whose dicts are keyed by leaf name.
+
+    Raises:
+      ValueError: if ``where`` selects nothing.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> params = {'w': jnp.array([[0., 1.], [0., 0.]]), 'v': jnp.ones((2, 3))}
+      >>> stats = jax.jit(sparsity_stats)(params)
+      >>> int(stats.nonzeros['w']), float(stats.sparsity['w']), float(stats.total_sparsity)
+      (1, 0.75, 0.30000001192092896)
+    """
+    _, named = _selected_leaves(params, where)
+    nonzeros = {name: jnp.sum(leaf != 0, dtype=jnp.int32) for name, leaf in named}
+    sizes = {name: math.prod(np.shape(leaf)) for name, leaf in named}
+
+    def sparsity(nnz: jax.Array, size: int) -> jax.Array:
+        if not size:
+            return jnp.zeros((), jnp.float32)
+        return ((size - nnz).astype(jnp.float32) / size).astype(jnp.float32)
+
+    total = sum(nonzeros.values(), jnp.zeros((), jnp.int32))
+    return SparsityStats(
+        nonzeros,
+        {name: sparsity(nnz, sizes[name]) for name, nnz in nonzeros.items()},
+        total,
+        sparsity(total, sum(sizes.values())),
+    )
 
 
 # ------------------------------------------------------------------ export
@@ -824,8 +1112,22 @@ class PruneState(NamedTuple):
     """State of :func:`prune`."""
 
     count: jax.Array  # int32, shape (): number of updates applied so far
-    masks: optax.Params  # the params' tree: bool mask (True = kept) per selected leaf, else None
+    # The params' tree, one bool array of the leaf's shape per leaf (True = kept,
+    # all True at leaves ``where`` does not select), sharded like its leaf; so
+    # the state maps like params (optax.tree.map_params, state shardings).
+    masks: optax.Params
     inner_state: optax.OptState  # state of ``inner``; optax.EmptyState() without ``inner``
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _all_kept(leaf: Any) -> jax.Array:
+    """An all-True mask of ``leaf``'s shape, sharded like ``leaf``."""
+    if isinstance(leaf, jax.Array) and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jnp.ones_like(leaf, dtype=bool)
+    return jnp.ones(np.shape(leaf), bool)
 
 
 def _zero_pruned(x: Any, mk: jax.Array | None) -> Any:
@@ -842,8 +1144,62 @@ def _zero_pruned(x: Any, mk: jax.Array | None) -> Any:
     return jnp.where(mk, x, jnp.zeros((), x.dtype))
 
 
+def _pack(mask: jax.Array) -> jax.Array:
+    """Bits of ``mask`` packed along its first axis (``uint8``); a scalar stays bool."""
+    if mask.ndim == 0:
+        return mask
+    spec = _explicit_spec(mask)
+    if spec is not None and len(spec) and spec[0] is not None:
+        mask = jax.sharding.reshard(mask, P(None, *spec[1:]))  # packing regroups axis 0
+    return jnp.packbits(mask, axis=0)
+
+
+def _unpack(bits: jax.Array | None, leaf: Any) -> jax.Array | None:
+    """Inverse of :func:`_pack` for a leaf like ``leaf``."""
+    if bits is None or bits.ndim == 0:
+        return bits
+    return jnp.unpackbits(bits, axis=0, count=np.shape(leaf)[0]).astype(bool)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _identity2(x: Any, _: Any) -> Any:
+    return x
+
+
+def _as_schedule(schedule: Any) -> SparsitySchedule:
+    """A :class:`SparsitySchedule` from ``prune``'s ``schedule`` argument."""
+    if isinstance(schedule, SparsitySchedule):
+        return schedule
+    if _is_number(schedule):
+        _check_unit_interval("schedule", schedule, arrays=False)
+        return constant(float(schedule))
+    if isinstance(schedule, (jax.Array, np.ndarray)) and np.ndim(schedule) == 0:
+        # A scalar array, e.g. from optax.inject_hyperparams: masks are
+        # recomputed at this sparsity on every step, as constant(s) does.
+        return SparsitySchedule(
+            lambda t: jnp.asarray(schedule, jnp.float32),
+            lambda t: jnp.ones((), bool),
+            math.nan,
+        )
+    raise TypeError(
+        "schedule must be a SparsitySchedule (polynomial_schedule, one_shot, constant), "
+        f"a number or a scalar array; got schedule={schedule!r}"
+    )
+
+
+def _check_static_int(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+        raise TypeError(
+            f"{name} must be an int; got {name}={value!r} (with optax.inject_hyperparams, "
+            f"list {name!r} in static_args)"
+        )
+
+
 def prune(
-    schedule: SparsitySchedule | float,
+    schedule: SparsitySchedule | float | jax.Array,
     *,
     method: str = "magnitude",
     scope: str = "layer",
@@ -851,10 +1207,13 @@ def prune(
     distribution: str = "uniform",
     n: int | None = None,
     m: int | None = None,
-    axis: int = -1,
-    norm: int = 2,
+    axis: int | None = None,
+    norm: int | None = None,
     key: jax.Array | None = None,
     inner: optax.GradientTransformation | None = None,
+    block: tuple[int, int] | None = None,
+    normalize: bool = False,
+    packed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradual pruning as an optax transform: pruned weights end at exactly 0.0.
 
@@ -875,7 +1234,9 @@ def prune(
     leaf, as :func:`magnitude_masks`). The mask update is gated by
     ``lax.cond``: one compilation serves update and non-update steps.
 
-    Methods: ``'magnitude'`` (smallest ``|w|``), ``'random'`` (fixed random
+    Methods: ``'magnitude'`` (smallest ``|w|``), ``'saliency'`` (smallest
+    ``|w * g|`` with the gradients ``g`` of the step, so it needs ``inner``:
+    :func:`saliency_masks`), ``'random'`` (fixed random
     scores from ``key``, so masks are nested as sparsity grows),
     ``'structured'`` (whole channels along ``axis`` by ``norm``; sparsity
     counts channels) and ``'nm'``: the smallest candidates of
@@ -889,9 +1250,28 @@ def prune(
     moments of pruned weights stay exactly zero and pruned weights do not
     regrow.
 
+    The state holds one bool mask per leaf of ``params`` (all True where
+    ``where`` selects nothing), so it maps like params:
+    ``optax.tree.map_params`` (whose placeholder tree ``init`` accepts) and
+    :func:`jaxopt_nn.parallel.state_shardings` give each mask its
+    parameter's sharding. Every method runs under meshes with explicit axes
+    (``jax.make_mesh(..., axis_types=Explicit)`` and ``jax.set_mesh``): the
+    selection counts without reshaping or sorting sharded axes (N:M groups are
+    formed on a gathered copy), and masks come out sharded like their leaf.
+
+    With ``optax.inject_hyperparams(prune)(s)`` the sparsity ``s`` (a number,
+    or a schedule that inject_hyperparams evaluates) arrives as a scalar
+    array: masks are then recomputed at that sparsity on every step, as with
+    ``constant(s)``, and ``state.hyperparams['schedule']`` can be changed
+    between steps. To keep a :class:`SparsitySchedule`'s own update steps,
+    pass ``static_args='schedule'``. ``n``, ``m``, ``axis`` and ``norm``
+    must be Python ints (name those you pass in ``static_args``), and so must
+    a callable ``where``, which inject_hyperparams would take for a schedule.
+
     Args:
       schedule: a :class:`SparsitySchedule` (:func:`polynomial_schedule`,
-        :func:`one_shot`, :func:`constant`) or a number (``constant``).
+        :func:`one_shot`, :func:`constant`), a number (``constant``) or a
+        scalar array (possibly traced; masks recomputed every step).
       method: ``'magnitude'``, ``'random'``, ``'nm'`` or ``'structured'``.
       scope: ``'layer'`` or ``'global'`` (magnitude, random, nm).
       where: which leaves to prune; default: kernels.
@@ -900,10 +1280,18 @@ def prune(
         magnitude/random).
       n: weights kept per group (``method='nm'``).
       m: group size (``method='nm'``).
-      axis: group axis (nm) or channel axis (structured).
-      norm: 1 or 2 (structured).
+      axis: group axis (nm) or channel axis (structured); default ``-1``.
+      norm: 1 or 2 (structured); default 2.
       key: PRNG key (``method='random'``).
-      inner: optional optimizer to wrap with gradient masking.
+      inner: optional optimizer to wrap with gradient masking (required by
+        ``method='saliency'``, whose scores need the raw gradients).
+      block: ``(bh, bw)`` block sparsity for magnitude and saliency (see
+        :func:`magnitude_masks`).
+      normalize: per-leaf score normalisation for magnitude and saliency.
+      packed: store the masks bit-packed (``uint8``, 8 weights per byte,
+        along each leaf's first axis; ``jnp.unpackbits(mask, axis=0,
+        count=len)`` restores one), 1/8 of the bool state; they are unpacked
+        inside the step. Sharded like the leaf except along that axis.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -914,6 +1302,8 @@ def prune(
         missing or invalid ``n``/``m``/``key``/``norm``, an N:M schedule that
         does not end at ``(m - n) / m``, or (at ``init``) a ``where`` that
         selects nothing or ``m`` not dividing the axis length.
+      TypeError: for a ``schedule`` of another type, or an ``axis``/``norm``
+        that is not an int.
 
     Example:
       >>> import jax.numpy as jnp
@@ -932,25 +1322,23 @@ def prune(
       2017; Han, Pool, Tran, Dally, "Learning both Weights and Connections
       for Efficient Neural Networks", https://arxiv.org/abs/1506.02626, 2015.
     """
-    if _is_number(schedule):
-        _check_unit_interval("schedule", schedule, arrays=False)
-        schedule = constant(float(schedule))
-    if not isinstance(schedule, SparsitySchedule):
-        raise TypeError(
-            "schedule must be a SparsitySchedule (polynomial_schedule, one_shot, constant) "
-            f"or a number; got schedule={schedule!r}"
-        )
+    schedule = _as_schedule(schedule)
     _check_choice("method", method, _METHODS)
     _check_choice("scope", scope, _SCOPES)
     _check_choice("distribution", distribution, _DISTRIBUTIONS)
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-        raise TypeError(f"axis must be an int; got axis={axis!r}")
+    _check_static_int("axis", axis)
+    _check_static_int("norm", norm)
+    axis = -1 if axis is None else axis
+    norm = 2 if norm is None else norm
     if method == "nm":
+        _check_static_int("n", n)
+        _check_static_int("m", m)
         _check_nm(n, m)
-        if not math.isclose(schedule.final_sparsity, (m - n) / m, abs_tol=1e-6):
+        final = schedule.final_sparsity
+        if not math.isnan(final) and not math.isclose(final, (m - n) / m, abs_tol=1e-6):
             raise ValueError(
                 f"method='nm' with n={n}, m={m} needs a schedule ending at (m - n) / m = "
-                f"{(m - n) / m}; got final_sparsity={schedule.final_sparsity}"
+                f"{(m - n) / m}; got final_sparsity={final}"
             )
     elif n is not None or m is not None:
         raise ValueError(f"n and m are only used by method='nm'; got method={method!r}")
@@ -962,44 +1350,80 @@ def prune(
         raise ValueError(f"scope must be 'layer' with method='structured'; got scope={scope!r}")
     if method == "structured" and norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2; got norm={norm!r}")
+    if method == "saliency" and inner is None:
+        raise ValueError(
+            "method='saliency' needs the raw gradients: pass the optimizer as inner=; "
+            "got inner=None"
+        )
+    _check_block(block)
+    if (block is not None or normalize) and method not in ("magnitude", "saliency"):
+        raise ValueError(
+            f"block and normalize apply to method 'magnitude' or 'saliency'; got method={method!r}"
+        )
     if distribution == "erk" and (scope != "layer" or method not in ("magnitude", "random")):
         raise ValueError(
             "distribution='erk' needs scope='layer' and method 'magnitude' or 'random'; "
             f"got scope={scope!r}, method={method!r}"
         )
 
-    def compute_masks(params: PyTree, sparsity: Any) -> PyTree:
+    def compute_masks(
+        named: list[tuple[str, Any]], sparsity: Any, grads: list[Any]
+    ) -> list[jax.Array]:
+        """Masks of the selected leaves ``named`` at ``sparsity``."""
+        leaves = [leaf for _, leaf in named]
+        sparsities = [sparsity] * len(named)
         if distribution == "erk":
-            _, named = _selected_leaves(params, where)
-            values = _erk_sparsities([leaf.shape for _, leaf in named], sparsity, 1.0)
-            sparsity = {name: values[i] for i, (name, _) in enumerate(named)}
-        if method == "magnitude":
-            return magnitude_masks(params, sparsity, scope=scope, where=where)
+            values = _erk_sparsities([np.shape(leaf) for leaf in leaves], sparsity, 1.0)
+            sparsities = [values[i] for i in range(len(named))]
+        if method in ("magnitude", "saliency"):
+            scores = (
+                _saliency(named, grads)
+                if method == "saliency"
+                else [jnp.abs(jnp.asarray(leaf)) for leaf in leaves]
+            )
+            return _by_score(named, scores, sparsities, scope, block, normalize)
         if method == "random":
-            return random_masks(key, params, sparsity, scope=scope, where=where)
+            return _random(key, leaves, sparsities, scope)  # type: ignore[arg-type]
         if method == "nm":
-            return nm_masks(params, n, m, axis=axis, sparsity=sparsity, scope=scope, where=where)
-        return structured_masks(params, sparsity, axis=axis, norm=norm, where=where)
+            return _nm(named, n, m, axis, sparsity, scope)  # type: ignore[arg-type]
+        return _structured(named, sparsities, axis, norm)
+
+    store = _pack if packed else _identity
+    load = _unpack if packed else _identity2
+
+    def check(params: optax.Params) -> list[jax.Array]:
+        _, named = _selected_leaves(params, where)
+        return compute_masks(named, 0.0, [leaf for _, leaf in named])
 
     def init_fn(params: optax.Params) -> PruneState:
-        # Runs every shape check (selection, axis, m | length) without computing.
-        jax.eval_shape(compute_masks, params, jnp.zeros((), jnp.float32))
-        flags, named = _selected_leaves(params, where)
-        masks = _unflatten(flags, params, [jnp.ones(np.shape(leaf), bool) for _, leaf in named])
         inner_state = optax.EmptyState() if inner is None else inner.init(params)
+        # optax.tree.map_params calls init on a placeholder tree without leaves.
+        if jax.tree.leaves(params):
+            # Runs every shape check (selection, axis, m | length) without computing.
+            jax.eval_shape(check, params)
+        masks = jax.tree.map(lambda leaf: store(_all_kept(leaf)), params)
         return PruneState(jnp.zeros((), jnp.int32), masks, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("prune needs params: call update(updates, state, params)")
+        flags, named = _selected_leaves(params, where)
+        # The stored masks of selected leaves, None elsewhere (nothing to apply there).
+        stored = jax.tree.map(lambda flag, mk: mk if flag else None, flags, state.masks)
+        grads = [
+            g
+            for g, flag in zip(jax.tree.leaves(updates), jax.tree.leaves(flags), strict=True)
+            if flag
+        ]
         inner_state = state.inner_state
         if inner is not None:
-            grads = jax.tree.map(_zero_pruned, updates, state.masks)
-            updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+            active = jax.tree.map(load, stored, params, is_leaf=_is_none)
+            masked = jax.tree.map(_zero_pruned, updates, active)
+            updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
 
         def refresh(carry):
             _, inner_state = carry
-            masks = compute_masks(params, schedule(state.count))
+            masks = _unflatten(flags, params, compute_masks(named, schedule(state.count), grads))
             if inner is not None:
                 inner_state = optax.tree_map_params(
                     inner,
@@ -1008,16 +1432,20 @@ def prune(
                     masks,
                     is_leaf=lambda x: isinstance(x, BlockQuantizedArray),
                 )
-            return masks, inner_state
+            return jax.tree.map(store, masks), inner_state
 
-        masks, inner_state = jax.lax.cond(
+        stored, inner_state = jax.lax.cond(
             schedule.is_update_step(state.count),
             refresh,
             lambda carry: carry,
-            (state.masks, inner_state),
+            (stored, inner_state),
         )
+        active = jax.tree.map(load, stored, params, is_leaf=_is_none)
         updates = jax.tree.map(
-            lambda u, p, mk: u if mk is None else jnp.where(mk, u, -p), updates, params, masks
+            lambda u, p, mk: u if mk is None else jnp.where(mk, u, -p), updates, params, active
+        )
+        masks = jax.tree.map(
+            lambda mk, old: old if mk is None else mk, stored, state.masks, is_leaf=_is_none
         )
         return updates, PruneState(optax.safe_increment(state.count), masks, inner_state)
 

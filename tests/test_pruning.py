@@ -378,6 +378,21 @@ def _p():
             "distribution='erk'",
         ),
         (lambda: pruning.prune(0.5, where=lambda *_: False).init(_p()), ValueError, "where"),
+        (lambda: pruning.magnitude_masks(_p(), 0.5, block=(0, 4)), ValueError, "block="),
+        (lambda: pruning.magnitude_masks(_p(), 0.5, block=(3, 4)), ValueError, "tile"),
+        (lambda: pruning.prune(0.5, block=[2, 2]), ValueError, "block must be a pair"),
+        (lambda: pruning.prune(0.5, method="saliency"), ValueError, "inner="),
+        (
+            lambda: pruning.prune(0.5, method="random", key=jax.random.key(0), block=(1, 4)),
+            ValueError,
+            "block and normalize",
+        ),
+        (lambda: pruning.prune(np.ones(2)), TypeError, "scalar array"),
+        (
+            lambda: pruning.prune(0.5, method="structured", norm=np.int64(3)),
+            ValueError,
+            "norm must be 1 or 2",
+        ),
         (
             lambda: pruning.prune(0.5, method="nm", n=1, m=2).init({"w": jnp.ones((2, 3))}),
             ValueError,
@@ -828,7 +843,7 @@ def test_normalize_balances_global_ranking_across_layers():
         "small": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32),
     }
     plain = pruning.magnitude_masks(params, 0.5, scope="global")
-    assert (~np.asarray(plain["small"])).mean() > 0.9, "unnormalised: the small layer goes"
+    assert (~np.asarray(plain["small"])).mean() > 0.8, "unnormalised: the small layer goes"
     masks = pruning.magnitude_masks(params, 0.5, scope="global", normalize=True)
     per_layer = [(~np.asarray(masks[k])).mean() for k in ("big", "small")]
     np.testing.assert_allclose(per_layer, 0.5, atol=0.1)
@@ -865,12 +880,12 @@ def test_prune_saliency_block_and_packed_keep_exact_zeros(kwargs, getkey):
                 assert mk.dtype == np.uint8 and mk.shape == (math.ceil(w.shape[0] / 8), w.shape[1])
                 mk = np.unpackbits(mk, axis=0, count=w.shape[0]).astype(bool)
             np.testing.assert_array_equal(w[~mk], 0.0)
+            bh, bw = kwargs.get("block", (1, 1))
             if kwargs.get("scope") != "global":
-                assert (~mk).sum() == _round_f32(_jitted_value(sched, t), w.size), (t, name)
-            if "block" in kwargs:
-                bh, bw = kwargs["block"]
-                tiles = mk.reshape(w.shape[0] // bh, bh, w.shape[1] // bw, bw)
-                assert np.all(tiles.all(axis=(1, 3)) | ~tiles.any(axis=(1, 3)))
+                blocks = _round_f32(_jitted_value(sched, t), w.size // (bh * bw))
+                assert (~mk).sum() == blocks * bh * bw, (t, name)
+            tiles = mk.reshape(w.shape[0] // bh, bh, w.shape[1] // bw, bw)
+            assert np.all(tiles.all(axis=(1, 3)) | ~tiles.any(axis=(1, 3)))
 
     _, state, compiles = _run(tx, _mlp_params(getkey()), 10, getkey(), check)
     assert compiles == 1
