@@ -1,0 +1,190 @@
+"""Structured pruning benchmark: FLOPs, measured latency and accuracy on digits.
+
+For LeNet-300-100, LeNet-5 and ResNet-20 on scikit-learn's digits (8x8):
+
+1. train the dense model;
+2. for several fractions, :func:`jaxopt_nn.structured.gradual_prune`
+   (channels removed in three steps with fine-tuning in between) gives a
+   physically smaller model;
+3. report params, FLOPs (XLA cost analysis), latency at batch 1 and 128
+   measured against the dense model in the same run (interleaved rounds,
+   :func:`jaxopt_nn.speed.compare_latency`), and test accuracy;
+4. masked-only baseline at the headline fraction: the same channels zeroed by
+   :func:`jaxopt_nn.structured.channel_masks` and fine-tuned with the masks
+   applied to the parameters (group-aware pruning without shrinking). It has
+   the dense shapes, hence the dense speed; shrinking it afterwards gives the
+   same outputs at the smaller model's speed.
+
+Run: ``python benchmarks/structured.py [--quick]``; writes
+``benchmarks/results/structured.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxopt_nn import data, models, speed, structured, train
+from jaxopt_nn.tree import count_params
+
+MODELS = {
+    "LeNet-300-100": (lambda r: models.LeNet300100(64, rngs=r), (0.5, 0.75, 0.85), 0.75),
+    "LeNet-5": (
+        lambda r: models.LeNet5((8, 8, 1), padding="SAME", rngs=r),
+        (0.5, 0.75),
+        0.75,
+    ),
+    "ResNet-20": (lambda r: models.ResNet(20, in_channels=1, rngs=r), (0.3, 0.5), 0.5),
+}
+
+
+def _accuracy(model: nnx.Module, dataset: data.Dataset, param_transform=None) -> float:
+    graphdef, state = train.init_train_state(model, optax.identity())
+    metrics = train.evaluate(
+        graphdef, state, dataset.x_test, dataset.y_test, param_transform=param_transform
+    )
+    return float(metrics["accuracy"])
+
+
+def _latency(dense: nnx.Module, model: nnx.Module, dataset: data.Dataset, rounds: int) -> dict:
+    out = {}
+    for batch, repeats in ((1, 50), (128, 10)):
+        x = jnp.asarray(dataset.x_test[:batch])
+        timing = speed.compare_latency(dense, model, x, repeats=repeats, rounds=rounds)
+        out[f"b{batch}"] = {
+            "dense_ms": timing.baseline * 1e3,
+            "ms": timing.candidate * 1e3,
+            "speedup": timing.speedup,
+        }
+    return out
+
+
+def _row(name, model, dense, dataset, rounds, accuracy=None) -> dict:
+    x1 = jnp.asarray(dataset.x_test[:1])
+    return {
+        "stage": name,
+        "params": count_params(nnx.state(model, nnx.Param)),
+        "flops": speed.count_flops(model, x1),
+        "flops_ratio": speed.count_flops(dense, x1) / speed.count_flops(model, x1),
+        "accuracy": _accuracy(model, dataset) if accuracy is None else accuracy,
+        "latency": _latency(dense, model, dataset, rounds),
+    }
+
+
+def _masked_baseline(dense, dataset, fraction, epochs, rounds) -> list[dict]:
+    """Group masks from one ranking, fine-tuned as masks, then shrunk."""
+    x = jnp.asarray(dataset.x_train[:2])
+    groups = structured.dependency_groups(dense, x)
+    keep = structured.keep_top(structured.group_importance(dense, groups, "l2"), fraction)
+    masks = structured.channel_masks(dense, groups, keep)
+
+    def apply(params):
+        return jax.tree.map(jnp.multiply, params, masks)
+
+    result = train.fit(
+        dense, optax.adam(1e-3), dataset, epochs=epochs, param_transform=apply, progress=False
+    )
+    graphdef, state = result.graphdef, result.state
+    state = state._replace(params=apply(state.params))  # the zeros for real
+    masked = train.to_model(graphdef, state)
+    accuracy = _accuracy(masked, dataset)
+    small = structured.shrink(masked, groups, keep)
+    small.eval()
+    x128 = jnp.asarray(dataset.x_test[:128])
+    difference = float(jnp.abs(small(x128) - masked(x128)).max())
+    return [
+        {**_row("masked only", masked, dense, dataset, rounds, accuracy), "fraction": fraction},
+        {
+            **_row("masked, then shrunk", small, dense, dataset, rounds),
+            "fraction": fraction,
+            "max_logit_difference_to_masked": difference,
+        },
+    ]
+
+
+DENSE_EPOCHS = {"LeNet-300-100": 20, "LeNet-5": 15, "ResNet-20": 12}
+
+
+def run(quick: bool, save: Callable[[dict], None]) -> dict:
+    dataset = data.load_digits()
+    rounds = 5 if quick else 11
+    results = {}
+    for name, (make, fractions, headline) in MODELS.items():
+        epochs = 2 if quick else DENSE_EPOCHS[name]
+        finetune = 1 if quick else 3
+        fit = train.fit(make(nnx.Rngs(0)), optax.adam(1e-3), dataset, epochs=epochs, progress=False)
+        dense = train.to_model(fit.graphdef, fit.state)
+        rows = [_row("dense", dense, dense, dataset, rounds)]
+        rows[0]["fraction"] = 0.0
+        for fraction in fractions[:1] if quick else fractions:
+            stages = structured.gradual_prune(
+                dense, dataset, fraction, steps=3, epochs=finetune, seed=1
+            )
+            row = _row(f"slim {fraction:.0%}", stages[-1].model, dense, dataset, rounds)
+            rows.append({**row, "fraction": fraction})
+            print(name, row["stage"], row["accuracy"], row["latency"]["b128"]["speedup"])
+        rows += _masked_baseline(dense, dataset, headline, 3 * finetune, rounds)
+        results[name] = rows
+        save(results)  # after every model: a partial result survives an interrupted run
+    return results
+
+
+def _table(results: dict) -> str:
+    lines = [
+        "| model | stage | params | FLOPs ratio | speed-up b1 | speed-up b128 | accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in results.items():
+        for r in rows:
+            lines.append(
+                f"| {name} | {r['stage']} | {r['params']:,} | {r['flops_ratio']:.2f}x | "
+                f"{r['latency']['b1']['speedup']:.2f}x | {r['latency']['b128']['speedup']:.2f}x | "
+                f"{r['accuracy']:.2%} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few epochs, one fraction")
+    args = parser.parse_args()
+    out = Path(__file__).parent / "results" / "structured.json"
+
+    def save(results: dict) -> None:
+        if args.quick:
+            return
+        payload = {
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpus": os.cpu_count(),
+                "load_average": os.getloadavg(),
+                "jax": jax.__version__,
+                "backend": jax.default_backend(),
+            },
+            "dense_epochs": DENSE_EPOCHS,
+            "finetune_epochs_per_step": 3,
+            "steps": 3,
+            "latency_rounds": 11,
+            "complete": len(results) == len(MODELS),
+            "results": results,
+            "table": _table(results),
+        }
+        out.write_text(json.dumps(payload, indent=2, default=float))
+
+    print(_table(run(args.quick, save)))
+    if not args.quick:
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
