@@ -53,6 +53,8 @@ _non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _at_least_two = _number(int, lambda v: v >= 2, "an integer >= 2")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _sparsity = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+_open_fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 # Codebook widths: pipeline.MAX_BITS (kept here to spare jax's import at parse time).
 _MAX_BITS = 16
 _bits = _number(int, lambda v: 1 <= v <= _MAX_BITS, f"an integer in [1, {_MAX_BITS}]")
@@ -271,6 +273,20 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="list every leaf in the per-layer table (default: raw leaves grouped)",
     )
+    parser.add_argument(
+        "--max-drop",
+        type=_non_negative_float,
+        default=None,
+        help="accuracy budget in points: search per-layer sparsity and bits for the smallest "
+        "archive within it, measured on a validation split (not with --sparsity/--bits)",
+    )
+    parser.add_argument(
+        "--validation",
+        type=_open_fraction,
+        default=0.1,
+        help="share of the training data held out for --max-drop; default: 0.1",
+    )
+    _add_int8(parser)
     parser.set_defaults(func=_compress)
 
 
@@ -307,17 +323,40 @@ def _compress(args: argparse.Namespace) -> None:
         path=args.out,
         metadata=metadata,
         progress=not args.quiet,
+        max_drop=args.max_drop,
+        validation=args.validation,
     )
     print(report.table(verbose=args.verbose))
     print()
     print(report.stage_table())
+    int8 = {}
+    if args.int8 is not None:
+        print()
+        print(f"int8 stage (the compressed model of {args.out}):")
+        int8 = {"int8": _int8_stage(_archived_model(args, dataset), dataset, args.int8)}
     if args.json is not None:
-        text = json.dumps({**report.to_dict(), "metadata": metadata}, indent=1)
+        text = json.dumps({**report.to_dict(), "metadata": metadata, **int8}, indent=1)
         archive.write_atomic(args.json, text.encode())
     if args.plot is not None:
         pipeline.plot_report(report, args.plot)
+    if report.search is not None:
+        print(report.search_summary())
     print(f"archive: {args.out} ({report.info.file_bytes:,} bytes)")
     print(report.summary())
+
+
+def _archived_model(args: argparse.Namespace, dataset: Any) -> Any:
+    """The model of ``args.model`` holding the weights of the archive ``args.out``."""
+    import optax
+    from flax import nnx
+
+    from jaxopt_nn import archive, pipeline
+    from jaxopt_nn import train as train_lib
+
+    model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
+    graphdef, like = train_lib.init_train_state(model, optax.identity())
+    state = pipeline.restore_state(like, archive.load(args.out))
+    return nnx.merge(graphdef, state.params, state.rest)
 
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
@@ -341,6 +380,64 @@ def _inspect(args: argparse.Namespace) -> None:
         print("metadata: " + archive.printable(text))
 
 
+_INT8_HELP = (
+    "also run the integer model (int8 x int8 -> int32 layers, batch norms folded) and print its "
+    "accuracy and latency (batch 128) beside float32: 'dynamic' (default) per-row activation "
+    "scales, or 'static' ranges calibrated on the training data"
+)
+
+
+def _add_int8(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--int8",
+        nargs="?",
+        const="dynamic",
+        default=None,
+        choices=["dynamic", "static"],
+        help=_INT8_HELP,
+    )
+
+
+def _int8_stage(model: Any, dataset: Any, mode: str) -> dict[str, Any]:
+    """Accuracy and interleaved latency of ``model`` and its int8 twin; prints a table."""
+    import jax.numpy as jnp
+    import optax
+
+    from jaxopt_nn import integer, speed
+    from jaxopt_nn import train as train_lib
+
+    model = integer.fold_batchnorm(model)
+    x = jnp.asarray(dataset.x_test[:128])
+    calibration = None
+    if mode == "static":
+        train_x = dataset.x_train
+        batches = [jnp.asarray(train_x[i : i + 256]) for i in range(0, len(train_x), 256)]
+        calibration = integer.calibrate(model, batches)
+    q = integer.to_int8(model, calibration, example=x)
+    plan = integer.int8_plan(model, example=x)
+    accuracy = {}
+    for variant, m in (("float32", model), (f"int8-{mode}", q)):
+        graphdef, state = train_lib.init_train_state(m, optax.identity())
+        metrics = train_lib.evaluate(graphdef, state, dataset.x_test, dataset.y_test)
+        accuracy[variant] = metrics["accuracy"]
+    timing = speed.compare_latency(model, q, x)
+    print(f"{'variant':14s} {'test accuracy':>13s} {'latency (batch 128)':>20s} {'speed-up':>9s}")
+    for variant, seconds in zip(accuracy, (timing.baseline, timing.candidate), strict=True):
+        ratio = timing.baseline / seconds
+        print(f"{variant:14s} {accuracy[variant]:13.2%} {seconds * 1e3:17.3f} ms {ratio:8.2f}x")
+    kept = [f"{name} ({why})" for name, why in plan.items() if why != "int8"]
+    print("int8 layers: " + (", ".join(n for n, why in plan.items() if why == "int8") or "none"))
+    if kept:
+        print("kept in float32 (int8 would be slower): " + ", ".join(kept))
+    return {
+        "mode": mode,
+        "accuracy": accuracy,
+        "latency_s": {"float32": timing.baseline, f"int8-{mode}": timing.candidate},
+        "speedup": timing.speedup,
+        "plan": plan,
+    }
+
+
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
@@ -356,6 +453,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="the architecture; default: the one recorded in the archive",
     )
     _add_max_bytes(parser, "an archive or data file")
+    _add_int8(parser)
     parser.set_defaults(func=_evaluate)
 
 
@@ -392,6 +490,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         f"{name} from {args.archive} on {args.data}: test accuracy {metrics['accuracy']:.2%}, "
         f"loss {metrics['loss']:.4f} ({len(dataset.y_test):,} examples)"
     )
+    if args.int8 is not None:
+        from flax import nnx
+
+        _int8_stage(nnx.merge(graphdef, state.params, state.rest), dataset, args.int8)
 
 
 def _add_slim(subparsers: argparse._SubParsersAction) -> None:

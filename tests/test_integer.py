@@ -250,3 +250,22 @@ def test_int8_model_round_trips_through_the_archive(images):
     nnx.update(fresh, archive.loads(data))
     np.testing.assert_array_equal(fresh.conv2.kernel[...], q.conv2.kernel[...])
     np.testing.assert_array_equal(_apply(fresh, images), _apply(q, images))
+
+
+def test_cli_evaluate_int8_prints_accuracy_and_latency_beside_float32(tmp_path, capsys):
+    import optax
+
+    from jaxopt_nn import cli
+    from jaxopt_nn import train as train_lib
+
+    model = LeNet300100(64, rngs=nnx.Rngs(0))
+    _, state = train_lib.init_train_state(model, optax.identity())
+    path = tmp_path / "model.jnz"
+    metadata = {"model": "lenet300", "in_shape": [8, 8, 1], "num_classes": 10}
+    archive.save(path, {"params": state.params}, metadata=metadata)
+    assert cli.main(["evaluate", str(path), "--int8"]) == 0
+    out = capsys.readouterr().out
+    float_line = next(line for line in out.splitlines() if line.startswith("float32 "))
+    int8_line = next(line for line in out.splitlines() if line.startswith("int8-dynamic "))
+    assert " ms " in float_line and int8_line.endswith("x")
+    assert "int8 layers: fc1, fc2" in out and "kept in float32" in out and "fc3" in out
