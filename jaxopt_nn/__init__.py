@@ -2,10 +2,11 @@
 
 Pruning (:mod:`~jaxopt_nn.pruning`), Adam/RMSprop as optax transforms
 (:mod:`~jaxopt_nn.optim`), quantization and weight sharing
-(:mod:`~jaxopt_nn.quantization`), Huffman packing into a compressed archive
-(:mod:`~jaxopt_nn.huffman`, :mod:`~jaxopt_nn.archive`), reference models
-(:mod:`~jaxopt_nn.models`), training (:mod:`~jaxopt_nn.train`), the Deep
-Compression pipeline (:mod:`~jaxopt_nn.pipeline`) and data/model parallelism
+(:mod:`~jaxopt_nn.quantization`), int8 inference (:mod:`~jaxopt_nn.integer`),
+Huffman packing into a compressed archive (:mod:`~jaxopt_nn.huffman`,
+:mod:`~jaxopt_nn.archive`), reference models (:mod:`~jaxopt_nn.models`),
+training (:mod:`~jaxopt_nn.train`), the Deep Compression pipeline
+(:mod:`~jaxopt_nn.pipeline`) and data/model parallelism
 (:mod:`~jaxopt_nn.parallel`). Each submodule holds one concern; the common
 names are re-exported here.
 """
@@ -14,6 +15,7 @@ from jaxopt_nn import (
     archive,
     data,
     huffman,
+    integer,
     models,
     optim,
     parallel,
@@ -44,6 +46,17 @@ from jaxopt_nn.huffman import (
     decode,
     decode_streams,
     encode,
+)
+from jaxopt_nn.integer import (
+    FakeQuant,
+    Int8Conv,
+    Int8Linear,
+    calibrate,
+    fold_batchnorm,
+    int8_plan,
+    quantize_weight,
+    to_int8,
+    to_qat,
 )
 from jaxopt_nn.models import (
     BottleneckBlock,
@@ -178,7 +191,10 @@ __all__ = [
     "CompressionReport",
     "Dataset",
     "EncodedStream",
+    "FakeQuant",
     "FitResult",
+    "Int8Conv",
+    "Int8Linear",
     "LatencyComparison",
     "LeNet300100",
     "LeNet5",
@@ -207,6 +223,7 @@ __all__ = [
     "auxiliary_loss_fn",
     "batch_sharding",
     "batches",
+    "calibrate",
     "canonical_codes",
     "centroid_params",
     "channel_masks",
@@ -235,6 +252,7 @@ __all__ = [
     "fake_quant_tree",
     "fit",
     "fit_state",
+    "fold_batchnorm",
     "from_sparse",
     "global_batch",
     "gradual_prune",
@@ -243,6 +261,8 @@ __all__ = [
     "init_train_state",
     "initialize",
     "inspect",
+    "int8_plan",
+    "integer",
     "keep_top",
     "kmeans_codebook",
     "kmeans_tree",
@@ -280,6 +300,7 @@ __all__ = [
     "quantization",
     "quantize",
     "quantize_tree",
+    "quantize_weight",
     "random_masks",
     "replicate",
     "resized",
@@ -303,7 +324,9 @@ __all__ = [
     "structured",
     "structured_masks",
     "tensor_parallel_rules",
+    "to_int8",
     "to_model",
+    "to_qat",
     "to_sparse",
     "train",
     "train_state_shardings",
