@@ -417,6 +417,14 @@ def fake_quant(
     the range is fixed and the values outside are clipped (gradient 0).
     Symmetric quantization uses ``[-B, B]`` with ``B = max(-l, u)``.
 
+    With ``bits=8, symmetric=True`` this is the arithmetic of the int8 layers
+    of :mod:`jaxopt_nn.integer` (the same scale ``B * (1 / 127)``, division
+    and round-half-to-even): ``axis=-1`` on a kernel gives their per-output-
+    channel weight codes, ``axis`` = every axis but the last on an activation
+    their dynamic per-row scales, and ``clip=(-r, r)`` their static range
+    ``r``. :func:`jaxopt_nn.integer.to_qat` builds a model from it whose
+    logits match the converted int8 model up to float32 rounding.
+
     Args:
       x: a floating-point array.
       bits: code width, a Python int in ``[1, 16]`` (``[2, 16]`` if symmetric).
