@@ -2,9 +2,13 @@
 
 (a) train-step time of LeNet-300-100 (784 inputs, batch 128) with adam vs
     adam + prune, interleaved; prune measured on non-update steps (the common
-    case of a schedule) and with a mask update on every step.
-(b) test accuracy vs sparsity of LeNet-300-100 on digits: magnitude (layer),
-    magnitude (global), random, and 2:4 (only at 50%).
+    case of a schedule) and with a mask update on every step (layer and
+    global magnitude), with bool and bit-packed mask state; and the bytes of
+    the mask state.
+(b) test accuracy vs sparsity of LeNet-300-100 on digits, pruned during
+    training from scratch: magnitude (layer, global, global normalised),
+    saliency (global normalised), 1x4 blocks, random, and 2:4 (only at 50%).
+    One seed per cell.
 (c) dense vs ``to_sparse`` (BCOO) inference time of the LeNet-300-100 kernels.
 
 Run: ``python benchmarks/pruning.py [--quick]``; writes
@@ -42,14 +46,20 @@ def step_overhead(rounds: int, per_round: int) -> dict:
     model = models.LeNet300100(784, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (128, 784))
     y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
+    never = pruning.one_shot(10**9, 0.9)  # every measured step is a non-update step
+    always = pruning.constant(0.9)
     variants = {
         "dense": optax.adam(1e-3),
-        # one_shot(10**9): every measured step is a non-update step.
-        "prune (no mask update)": optax.chain(
-            optax.adam(1e-3), pruning.prune(pruning.one_shot(10**9, 0.9))
+        "prune (no mask update)": optax.chain(optax.adam(1e-3), pruning.prune(never)),
+        "prune packed (no mask update)": optax.chain(
+            optax.adam(1e-3), pruning.prune(never, packed=True)
         ),
-        "prune (mask update every step)": optax.chain(
-            optax.adam(1e-3), pruning.prune(pruning.constant(0.9))
+        "prune (mask update every step)": optax.chain(optax.adam(1e-3), pruning.prune(always)),
+        "prune global (mask update every step)": optax.chain(
+            optax.adam(1e-3), pruning.prune(always, scope="global")
+        ),
+        "prune packed (mask update every step)": optax.chain(
+            optax.adam(1e-3), pruning.prune(always, packed=True)
         ),
     }
     steps, states = {}, {}
@@ -68,16 +78,31 @@ def step_overhead(rounds: int, per_round: int) -> dict:
     }
 
 
+def mask_state_bytes() -> dict:
+    """Bytes of the mask state of prune on LeNet-300-100 (784-300-100-10)."""
+    params = nnx.state(models.LeNet300100(784, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    kernels = sum(v["kernel"].size for v in params.values())
+    out = {"bool mask per kernel (1 byte per weight)": kernels}
+    for name, packed in (("bool state", False), ("packed state", True)):
+        state = pruning.prune(0.9, packed=packed).init(params)
+        out[name] = sum(x.nbytes for x in jax.tree.leaves(state.masks))
+    return out
+
+
 def accuracy_vs_sparsity(epochs: int, sparsities: list[float]) -> list[dict]:
     ds = data.load_digits()
     steps = epochs * (len(ds.x_train) // 128)
+
+    def model():
+        return models.LeNet300100(64, rngs=nnx.Rngs(0))
+
+    def after_adam(**kwargs):
+        return lambda s: optax.chain(optax.adam(lr), pruning.prune(sched(s), **kwargs))
+
     lr = optax.cosine_decay_schedule(3e-3, steps)
 
-    def accuracy(prune_tx):
-        tx = optax.adam(lr) if prune_tx is None else optax.chain(optax.adam(lr), prune_tx)
-        result = train.fit(
-            models.LeNet300100(64, rngs=nnx.Rngs(0)), tx, ds, epochs=epochs, progress=False
-        )
+    def accuracy(tx):
+        result = train.fit(model(), tx, ds, epochs=epochs, progress=False)
         acc = train.evaluate(result.graphdef, result.state, ds.x_test, ds.y_test)["accuracy"]
         summary = pruning.sparsity_summary(result.state.params)
         return float(acc), summary.total.sparsity
@@ -85,19 +110,25 @@ def accuracy_vs_sparsity(epochs: int, sparsities: list[float]) -> list[dict]:
     def sched(s):
         return pruning.polynomial_schedule(s, steps // 8, steps // 2, frequency=10)
 
-    dense_acc, _ = accuracy(None)
+    dense_acc, _ = accuracy(optax.adam(lr))
     rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0, "accuracy": dense_acc}]
     methods = {
-        "magnitude (layer)": lambda s: pruning.prune(sched(s)),
-        "magnitude (global)": lambda s: pruning.prune(sched(s), scope="global"),
-        "random": lambda s: pruning.prune(sched(s), method="random", key=jax.random.key(0)),
+        "magnitude (layer)": after_adam(),
+        "magnitude (global)": after_adam(scope="global"),
+        "magnitude (global, normalised)": after_adam(scope="global", normalize=True),
+        # saliency wraps adam: its scores need the raw gradients
+        "saliency (global, normalised)": lambda s: pruning.prune(
+            sched(s), method="saliency", scope="global", normalize=True, inner=optax.adam(lr)
+        ),
+        "magnitude 4x1 blocks (layer)": after_adam(block=(4, 1)),
+        "random": after_adam(method="random", key=jax.random.key(0)),
     }
     for s in sparsities:
         for name, make in methods.items():
             acc, actual = accuracy(make(s))
             rows.append({"method": name, "target": s, "sparsity": actual, "accuracy": acc})
         if s == 0.5:
-            acc, actual = accuracy(pruning.prune(sched(0.5), method="nm", n=2, m=4, axis=0))
+            acc, actual = accuracy(after_adam(method="nm", n=2, m=4, axis=0)(0.5))
             rows.append(
                 {"method": "2:4 (axis 0)", "target": s, "sparsity": actual, "accuracy": acc}
             )
@@ -153,6 +184,7 @@ def main() -> None:
     sparsities = [0.5, 0.9] if quick else [0.5, 0.8, 0.9, 0.95, 0.98]
     print("(a) train-step overhead", flush=True)
     overhead = step_overhead(rounds=3 if quick else 7, per_round=10 if quick else 30)
+    state_bytes = mask_state_bytes()
     print("(b) accuracy vs sparsity", flush=True)
     accuracy = accuracy_vs_sparsity(10 if quick else 40, sparsities)
     print("(c) BCOO inference", flush=True)
@@ -163,6 +195,7 @@ def main() -> None:
         "jax": jax.__version__,
         "quick": quick,
         "step_overhead": overhead,
+        "mask_state_bytes": state_bytes,
         "accuracy_vs_sparsity": accuracy,
         "sparse_inference": inference,
     }
@@ -170,10 +203,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     for name, row in overhead.items():
-        print(f"{name:32s} {row['median_ms']:8.3f} ms  x{row['ratio_vs_dense']:.3f}")
+        print(f"{name:40s} {row['median_ms']:8.3f} ms  x{row['ratio_vs_dense']:.3f}")
+    for name, nbytes in state_bytes.items():
+        print(f"{name:40s} {nbytes:8d} bytes")
     for row in accuracy:
         print(
-            f"{row['method']:20s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
+            f"{row['method']:32s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
             f"acc {row['accuracy']:.4f}"
         )
     for row in inference:

@@ -45,7 +45,7 @@ PyTree = Any
 Sparsity = float | jax.Array | Mapping[str, float | jax.Array]
 
 _SCOPES = ("layer", "global")
-_METHODS = ("magnitude", "saliency", "random", "nm", "structured")
+_METHODS = ("magnitude", "saliency", "random", "nm", "structured", "static")
 _DISTRIBUTIONS = ("uniform", "erk")
 
 
@@ -991,6 +991,15 @@ def polynomial_schedule(
     of the last update step holds. Before ``begin_step`` the sparsity is 0,
     after ``end_step`` it is ``final_sparsity``.
 
+    ``t`` is the 0-based index of the update (``PruneState.count``): the
+    first pruning step has :math:`s_i` and ``end_step`` has exactly
+    :math:`s_f`, as in Zhu & Gupta's Equation 1 (:math:`t \in \{t_0, \ldots,
+    t_0 + n\Delta t\}`) and tfmot's ``PolynomialDecay`` (evaluated at the
+    step of the batch being trained). jaxpruner evaluates one step ahead
+    (``t + 1 - t0``), so its ramp is one update further along. A run must
+    apply ``end_step + 1`` updates to reach the target: for ``T`` training
+    steps, ``end_step = T - 1`` ends the ramp on the last one.
+
     Args:
       final_sparsity: :math:`s_f` in ``[0, 1)``.
       begin_step: first pruning step :math:`t_0 \ge 0`.
@@ -1199,7 +1208,7 @@ def _check_static_int(name: str, value: object) -> None:
 
 
 def prune(
-    schedule: SparsitySchedule | float | jax.Array,
+    schedule: SparsitySchedule | float | jax.Array | None,
     *,
     method: str = "magnitude",
     scope: str = "layer",
@@ -1214,6 +1223,7 @@ def prune(
     block: tuple[int, int] | None = None,
     normalize: bool = False,
     packed: bool = False,
+    masks: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradual pruning as an optax transform: pruned weights end at exactly 0.0.
 
@@ -1242,7 +1252,10 @@ def prune(
     counts channels) and ``'nm'``: the smallest candidates of
     :func:`nm_masks` are pruned up to ``schedule(t)``, so every group keeps
     at least ``n`` weights throughout and the mask is exactly N:M when the
-    schedule reaches ``(m - n) / m``.
+    schedule reaches ``(m - n) / m``. ``'static'`` trains at fixed ``masks``
+    (e.g. a lottery ticket: masks of a trained model applied to the
+    rewound initial weights), applied from the first step on; it takes
+    ``schedule=None`` and the selection from ``masks``.
 
     With ``inner=tx``, ``prune`` wraps the optimizer: gradients are masked
     before ``tx`` sees them, and on mask updates ``tx``'s parameter-shaped
@@ -1271,7 +1284,8 @@ def prune(
     Args:
       schedule: a :class:`SparsitySchedule` (:func:`polynomial_schedule`,
         :func:`one_shot`, :func:`constant`), a number (``constant``) or a
-        scalar array (possibly traced; masks recomputed every step).
+        scalar array (possibly traced; masks recomputed every step); ``None``
+        with ``method='static'``.
       method: ``'magnitude'``, ``'random'``, ``'nm'`` or ``'structured'``.
       scope: ``'layer'`` or ``'global'`` (magnitude, random, nm).
       where: which leaves to prune; default: kernels.
@@ -1288,6 +1302,9 @@ def prune(
       block: ``(bh, bw)`` block sparsity for magnitude and saliency (see
         :func:`magnitude_masks`).
       normalize: per-leaf score normalisation for magnitude and saliency.
+      masks: the fixed masks of ``method='static'``, a tree like ``params``
+        with bool arrays (``True`` = kept) at pruned leaves and ``None``
+        elsewhere, as the ``*_masks`` functions return.
       packed: store the masks bit-packed (``uint8``, 8 weights per byte,
         along each leaf's first axis; ``jnp.unpackbits(mask, axis=0,
         count=len)`` restores one), 1/8 of the bool state; they are unpacked
@@ -1322,8 +1339,19 @@ def prune(
       2017; Han, Pool, Tran, Dally, "Learning both Weights and Connections
       for Efficient Neural Networks", https://arxiv.org/abs/1506.02626, 2015.
     """
-    schedule = _as_schedule(schedule)
     _check_choice("method", method, _METHODS)
+    if method == "static":
+        if schedule is not None or masks is None or where is not None:
+            raise ValueError(
+                "method='static' takes schedule=None, where=None and a mask tree as masks=; "
+                f"got schedule={schedule!r}, where={where!r}, masks of type {type(masks).__name__}"
+            )
+        schedule = SparsitySchedule(
+            lambda t: jnp.zeros((), jnp.float32), lambda t: jnp.zeros((), bool), math.nan
+        )
+    elif masks is not None:
+        raise ValueError(f"masks is only used by method='static'; got method={method!r}")
+    schedule = _as_schedule(schedule)
     _check_choice("scope", scope, _SCOPES)
     _check_choice("distribution", distribution, _DISTRIBUTIONS)
     _check_static_int("axis", axis)
@@ -1386,13 +1414,31 @@ def prune(
             return _random(key, leaves, sparsities, scope)  # type: ignore[arg-type]
         if method == "nm":
             return _nm(named, n, m, axis, sparsity, scope)  # type: ignore[arg-type]
+        if method == "static":
+            return [
+                _like(jnp.asarray(mk, bool), leaf)
+                for mk, leaf in zip(jax.tree.leaves(masks), leaves, strict=True)
+            ]
         return _structured(named, sparsities, axis, norm)
+
+    def selected(params: optax.Params) -> tuple[PyTree, list[tuple[str, Any]]]:
+        if method != "static":
+            return _selected_leaves(params, where)
+        flags = jax.tree.map(lambda _, mk: mk is not None, params, masks)
+        flags, named = _selected_leaves(params, flags)
+        for (name, leaf), mk in zip(named, jax.tree.leaves(masks), strict=True):
+            if np.shape(mk) != np.shape(leaf):
+                raise ValueError(
+                    f"masks must have the shape of their leaf; got {np.shape(mk)} for leaf "
+                    f"{name!r} of shape {np.shape(leaf)}"
+                )
+        return flags, named
 
     store = _pack if packed else _identity
     load = _unpack if packed else _identity2
 
     def check(params: optax.Params) -> list[jax.Array]:
-        _, named = _selected_leaves(params, where)
+        _, named = selected(params)
         return compute_masks(named, 0.0, [leaf for _, leaf in named])
 
     def init_fn(params: optax.Params) -> PruneState:
@@ -1401,13 +1447,17 @@ def prune(
         if jax.tree.leaves(params):
             # Runs every shape check (selection, axis, m | length) without computing.
             jax.eval_shape(check, params)
-        masks = jax.tree.map(lambda leaf: store(_all_kept(leaf)), params)
-        return PruneState(jnp.zeros((), jnp.int32), masks, inner_state)
+        kept = jax.tree.map(_all_kept, params)
+        if method == "static" and jax.tree.leaves(params):
+            flags, named = selected(params)
+            fixed = iter(compute_masks(named, 0.0, []))
+            kept = jax.tree.map(lambda flag, mk: next(fixed) if flag else mk, flags, kept)
+        return PruneState(jnp.zeros((), jnp.int32), jax.tree.map(store, kept), inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("prune needs params: call update(updates, state, params)")
-        flags, named = _selected_leaves(params, where)
+        flags, named = selected(params)
         # The stored masks of selected leaves, None elsewhere (nothing to apply there).
         stored = jax.tree.map(lambda flag, mk: mk if flag else None, flags, state.masks)
         grads = [

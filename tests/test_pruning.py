@@ -285,6 +285,8 @@ def test_polynomial_schedule_follows_zhu_gupta_at_update_steps_and_holds_between
             expected = sf + (si - sf) * (1 - (last - t0) / (t1 - t0)) ** 3
         np.testing.assert_allclose(float(sched(t)), expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(float(sched(1000)), sf, rtol=1e-7)
+    # The ramp ends exactly at the target on its last step (off the frequency grid here).
+    assert bool(sched.is_update_step(t1)) and sched(t1) == np.float32(sf) > sched(t1 - 1)
     traced = jax.jit(jax.vmap(sched))(jnp.arange(70))
     np.testing.assert_allclose(traced, [sched(t) for t in range(70)], rtol=1e-6)
 
@@ -388,6 +390,16 @@ def _p():
             "block and normalize",
         ),
         (lambda: pruning.prune(np.ones(2)), TypeError, "scalar array"),
+        (lambda: pruning.prune(0.5, method="static", masks={}), ValueError, "schedule=None"),
+        (lambda: pruning.prune(None, method="static"), ValueError, "masks="),
+        (lambda: pruning.prune(0.5, masks={"w": None}), ValueError, "only used by method='static'"),
+        (
+            lambda: pruning.prune(
+                None, method="static", masks={"w": jnp.ones(3, bool), "b": None}
+            ).init(_p()),
+            ValueError,
+            "shape of their leaf",
+        ),
         (
             lambda: pruning.prune(0.5, method="structured", norm=np.int64(3)),
             ValueError,
@@ -893,3 +905,23 @@ def test_prune_saliency_block_and_packed_keep_exact_zeros(kwargs, getkey):
         nbytes = sum(x.nbytes for x in jax.tree.leaves(_prune_state(state).masks))
         dense = sum(x.nbytes for x in jax.tree.leaves(dense_masks))
         assert nbytes <= dense / 8 + 8 * len(jax.tree.leaves(dense_masks)), (nbytes, dense)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_static_prune_trains_at_fixed_masks_from_the_first_step(packed, getkey):
+    params = _mlp_params(getkey())
+    ticket = pruning.magnitude_masks(_mlp_params(getkey()), 0.8)  # e.g. from a trained model
+    tx = pruning.prune(None, method="static", masks=ticket, packed=packed, inner=optax.adam(1e-2))
+
+    def check(t, params, state):
+        for name in ("l1", "l2"):
+            w, mk = np.asarray(params[name]["kernel"]), np.asarray(ticket[name]["kernel"])
+            np.testing.assert_array_equal(w != 0, mk, err_msg=f"step {t}, {name}")
+            np.testing.assert_array_equal(
+                np.asarray(state.inner_state[0].mu[name]["kernel"])[~mk], 0
+            )
+
+    out, _, compiles = _run(tx, params, 4, getkey(), check)
+    assert compiles == 1
+    kept = np.asarray(ticket["l1"]["kernel"])
+    assert np.all(np.asarray(out["l1"]["kernel"])[kept] != np.asarray(params["l1"]["kernel"])[kept])
