@@ -201,9 +201,8 @@ def printable(text: str) -> str:
     overrides are shown, not obeyed.
 
     Example:
-      >>> printable('fc1/kernel'), printable('a[2Jb
-')
-      ('fc1/kernel', 'a\x1b[2Jb\n')
+      >>> print(printable('fc1/kernel'), printable('a\x1b[2Jb\n'))
+      fc1/kernel a\x1b[2Jb\n
     """
     if text.isprintable():
         return text
@@ -332,7 +331,7 @@ class _Stream(NamedTuple):
 
     encoded: huffman.EncodedStream
     lengths: np.ndarray  # code lengths, shape (T,)
-    count: int  # number of symbols
+    symbol_count: int
     what: str  # names the stream in error messages
 
 
@@ -400,7 +399,7 @@ def _decode_streams(streams: list[_Stream]) -> list[np.ndarray]:
         return huffman.decode_streams(
             [s.encoded for s in streams],
             [s.lengths for s in streams],
-            [s.count for s in streams],
+            [s.symbol_count for s in streams],
             names=[s.what for s in streams],
         )
     except ValueError as err:
@@ -503,7 +502,7 @@ def _encode_codebook(
             if np.array_equal(values.astype(dtype).astype(leaf.dtype).view(bits), values.view(bits))
         )
     with np.errstate(over="ignore"):
-        stored = values.astype(centroid_dtype.newbyteorder("<"))
+        stored = values.astype(np.dtype(centroid_dtype).newbyteorder("<"))
     if not np.isfinite(stored).all():
         raise ValueError(
             f"codebook for {name!r} has centroids that overflow centroid_dtype={centroid_dtype}"
@@ -1100,7 +1099,7 @@ def _scan_section(name: str, record: list, payload: bytes) -> _Section:
     method, shape = record[0], record[1]
     dtype, stored = _record_dtypes(record)
     reader = _Reader(payload, f"tensor {name!r:.80}")
-    index_bits = index_bytes = codebook_bytes = 0
+    index_bits = index_bytes = value_bytes = codebook_bytes = 0
     streams, centroid_dtype = [], None
     if method == "r":
         values = reader.read(math.prod(shape) * stored.itemsize)

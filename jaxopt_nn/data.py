@@ -9,13 +9,14 @@ problem. :func:`batches` is the seeded shuffling batch iterator.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -148,7 +149,7 @@ _IDX_FILES = {
 }
 
 
-def _read_exactly(file: BinaryIO, n: int) -> bytes:
+def _read_exactly(file: io.BufferedIOBase, n: int) -> bytes:
     """Up to ``n`` bytes, fewer only at the end of the stream."""
     parts, got = [], 0
     while got < n:
@@ -172,7 +173,7 @@ def _check_max_bytes(max_bytes: int | None) -> None:
 def _check_declared(
     source: object, shape: tuple, nbytes: int, before: int, max_bytes: int | None
 ) -> None:
-    """``nbytes`` declared by ``shape``, after ``before`` bytes of earlier arrays, fit ``max_bytes``."""
+    """``nbytes`` declared by ``shape``, after ``before`` bytes of other arrays, fit the limit."""
     if max_bytes is not None and before + nbytes > max_bytes:
         earlier = f" ({before + nbytes:,} with the arrays before it)" if before else ""
         raise ValueError(
@@ -224,7 +225,7 @@ def _read_idx(path: Path, before: int, max_bytes: int | None) -> np.ndarray:
 
 
 def _read_idx_stream(
-    file: BinaryIO, path: Path, gz: bool, before: int, max_bytes: int | None
+    file: io.BufferedIOBase, path: Path, gz: bool, before: int, max_bytes: int | None
 ) -> np.ndarray:
     raw = _read_exactly(file, 4)
     if len(raw) < 4:
@@ -247,7 +248,7 @@ def _read_idx_stream(
             raise ValueError(
                 f"{path}: {found - expected} trailing bytes after the data of shape {shape}"
             )
-    data = np.empty(expected, np.uint8)
+    data = bytearray(expected)
     view, got = memoryview(data), 0
     while got < expected:
         n = file.readinto(view[got:])
@@ -258,7 +259,7 @@ def _read_idx_stream(
         got += n
     if file.read(1):
         raise ValueError(f"{path}: trailing bytes after the data of shape {shape}")
-    array = data.view(dtype).reshape(shape)
+    array = np.frombuffer(data, dtype).reshape(shape)
     return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
 
 

@@ -305,7 +305,7 @@ class _Checked(NamedTuple):
     num_bits: int
     offsets: np.ndarray  # int64 bit offset of each chunk
     chunk_size: int
-    count: int
+    symbol_count: int
     lengths: np.ndarray  # int64 code lengths; len(lengths) flags invalid codewords
     longest: int
     complete: bool  # the codewords fill the code space (Kraft sum 1)
@@ -372,7 +372,7 @@ def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]
     starts = np.concatenate([s.offsets + 8 * b for s, b in zip(group, byte_base, strict=True)])
     steps = np.concatenate(
         [
-            np.minimum(s.chunk_size, s.count - s.chunk_size * np.arange(s.offsets.size))
+            np.minimum(s.chunk_size, s.symbol_count - s.chunk_size * np.arange(s.offsets.size))
             for s in group
         ]
     )
@@ -399,30 +399,31 @@ def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]
     step_length = np.empty(position.size, position_dtype)
     shift, bits = np.empty(position.size, np.uint32), np.empty(position.size, np.uint32)
     target = np.empty(position.size, np.int64)
-    running = [*active.tolist(), 0]
-    n = -1
-    for step in range(steps_max):
-        if running[step] != n:  # views change only when lanes finish
-            n = running[step]
-            p, p_byte, p_shift, p_bits = position[:n], byte[:n], shift[:n], bits[:n]
-            p_length, p_table = step_length[:n], lane_table[:n]
-            p_drop = drop if drop is not None else lane_drop[:n]
-            short_bits, short_out, short_target = bits[full:n], lane_out[full:n], target[full:n]
-        np.right_shift(p, 3, out=p_byte)
-        window.take(p_byte, out=p_bits, mode="clip")
-        np.bitwise_and(p, 7, out=p_shift, casting="unsafe")
-        np.left_shift(p_bits, p_shift, out=p_bits)
-        np.right_shift(p_bits, p_drop, out=p_bits)
-        if len(group) > 1:
-            np.add(p_bits, p_table, out=p_bits)
-        symbol_table.take(bits[:full], out=block[step], mode="clip")
-        if n > full:
-            np.add(short_out, step, out=short_target)
-            out[short_target] = symbol_table.take(short_bits, mode="clip")
-        length_table.take(p_bits, out=p_length, mode="clip")
-        p += p_length
-        if running[step + 1] != n:
-            ends[running[step + 1] : n] = position[running[step + 1] : n]
+    # Steps with the same running lanes share their views; lanes that finish
+    # at a segment's end record where they stopped.
+    segments = [0, *(np.flatnonzero(np.diff(active)) + 1).tolist(), steps_max]
+    for first, stop in zip(segments[:-1], segments[1:], strict=True):
+        n = int(active[first])
+        p, p_byte, p_shift, p_bits = position[:n], byte[:n], shift[:n], bits[:n]
+        p_length, p_table = step_length[:n], lane_table[:n]
+        p_drop = drop if drop is not None else lane_drop[:n]
+        short_bits, short_out, short_target = bits[full:n], lane_out[full:n], target[full:n]
+        for step in range(first, stop):
+            np.right_shift(p, 3, out=p_byte)
+            window.take(p_byte, out=p_bits, mode="clip")
+            np.bitwise_and(p, 7, out=p_shift, casting="unsafe")
+            np.left_shift(p_bits, p_shift, out=p_bits)
+            np.right_shift(p_bits, p_drop, out=p_bits)
+            if len(group) > 1:
+                np.add(p_bits, p_table, out=p_bits)
+            symbol_table.take(bits[:full], out=block[step], mode="clip")
+            if n > full:
+                np.add(short_out, step, out=short_target)
+                out[short_target] = symbol_table.take(short_bits, mode="clip")
+            length_table.take(p_bits, out=p_length, mode="clip")
+            p += p_length
+        remaining = int(active[stop]) if stop < steps_max else 0
+        ends[remaining:n] = position[remaining:n]
     # Full lanes of one stream are consecutive chunks: copy each run of them at once.
     runs = np.flatnonzero(np.diff(lane_out[:full]) != steps_max) + 1
     for first, stop in zip(np.append(0, runs), np.append(runs, full), strict=True):
@@ -438,7 +439,7 @@ def _lockstep_numpy(group: list[_Checked], names: list[str]) -> list[np.ndarray]
             raise ValueError(
                 f"{name}: stream does not decode to the stored chunk offsets and bit count"
             )
-    symbols = np.split(out, np.cumsum([s.count for s in group])[:-1])
+    symbols = np.split(out, np.cumsum([s.symbol_count for s in group])[:-1])
     for s, decoded, name in zip(group, symbols, names, strict=True):
         if not s.complete and decoded.size and int(decoded.max()) >= s.lengths.size:
             raise ValueError(f"{name}: stream holds a bit pattern that is no codeword")
@@ -505,7 +506,7 @@ def decode_streams(
     results = [np.zeros(0, _symbol_dtype(s.lengths.size)) for s in checked]
     group: list[int] = []
     entries = 0
-    for i in [i for i, s in enumerate(checked) if s.count] + [-1]:
+    for i in [i for i, s in enumerate(checked) if s.symbol_count] + [-1]:
         size = 1 << checked[i].longest if i >= 0 else 0
         if group and (i < 0 or entries + size > TABLE_BUDGET):
             decoded_group = _lockstep_numpy([checked[j] for j in group], [names[j] for j in group])
