@@ -12,6 +12,7 @@ names are re-exported here.
 """
 
 from jaxopt_nn import (
+    allocation,
     archive,
     data,
     huffman,
@@ -22,10 +23,19 @@ from jaxopt_nn import (
     pipeline,
     pruning,
     quantization,
+    soft_sharing,
     speed,
     structured,
     train,
     tree,
+)
+from jaxopt_nn.allocation import (
+    Allocation,
+    Sensitivity,
+    allocations,
+    estimate_bytes,
+    layer_sensitivity,
+    split_validation,
 )
 from jaxopt_nn.archive import (
     ArchiveError,
@@ -107,6 +117,9 @@ from jaxopt_nn.pipeline import (
     deep_compress,
     default_bits,
     default_sparsity,
+    dense_links,
+    fold_dead_units,
+    output_layers,
     plot_report,
     restore_state,
 )
@@ -150,6 +163,11 @@ from jaxopt_nn.quantization import (
     unpack_bits,
     update_codebooks,
 )
+from jaxopt_nn.soft_sharing import (
+    SoftWeightSharingState,
+    mixture_codebooks,
+    soft_weight_sharing,
+)
 from jaxopt_nn.speed import LatencyComparison, compare_latency, count_flops, latency
 from jaxopt_nn.structured import (
     ChannelGroup,
@@ -182,6 +200,7 @@ from jaxopt_nn.tree import count_params, path_name, select, size_summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allocation",
     "ArchiveError",
     "ArchiveInfo",
     "BlockQuantization",
@@ -208,8 +227,10 @@ __all__ = [
     "ScaleByRStdDevWithCountState",
     "ScaleByRmsState",
     "ScaleByRmsWithCountState",
+    "Sensitivity",
     "SlimStage",
     "SmallCNN",
+    "SoftWeightSharingState",
     "SparsitySchedule",
     "SparsityStats",
     "StageResult",
@@ -217,6 +238,8 @@ __all__ = [
     "TrainState",
     "adam",
     "adamw",
+    "allocation",
+    "allocations",
     "apply_masks",
     "archive",
     "auxiliary_loss",
@@ -241,18 +264,21 @@ __all__ = [
     "deep_compress",
     "default_bits",
     "default_sparsity",
+    "dense_links",
     "dependency_groups",
     "dequantize",
     "dequantize_tree",
     "dumps",
     "encode",
     "erk",
+    "estimate_bytes",
     "evaluate",
     "fake_quant",
     "fake_quant_tree",
     "fit",
     "fit_state",
     "fold_batchnorm",
+    "fold_dead_units",
     "from_sparse",
     "global_batch",
     "gradual_prune",
@@ -267,6 +293,7 @@ __all__ = [
     "kmeans_codebook",
     "kmeans_tree",
     "latency",
+    "layer_sensitivity",
     "load",
     "load_data",
     "load_digits",
@@ -277,12 +304,14 @@ __all__ = [
     "make_eval_step",
     "make_mesh",
     "make_train_step",
+    "mixture_codebooks",
     "models",
     "nadam",
     "nadamw",
     "nm_masks",
     "one_shot",
     "optim",
+    "output_layers",
     "pack_bits",
     "pack_masks",
     "parallel",
@@ -316,10 +345,13 @@ __all__ = [
     "share_weights",
     "shrink",
     "size_summary",
+    "soft_sharing",
+    "soft_weight_sharing",
     "sparsity_stats",
     "sparsity_summary",
     "speed",
     "split_batch",
+    "split_validation",
     "state_shardings",
     "structured",
     "structured_masks",

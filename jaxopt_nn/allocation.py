@@ -79,7 +79,7 @@ def split_validation(data: Dataset, fraction: float = 0.1, *, seed: int = 0) -> 
       >>> from jaxopt_nn.data import load_digits
       >>> part = split_validation(load_digits(), 0.1)
       >>> len(part.x_train), len(part.x_test)
-      (1212, 135)
+      (1211, 136)
     """
     fraction = _check_fraction("validation", fraction)
     rng = np.random.default_rng(seed)
@@ -123,7 +123,7 @@ def estimate_bytes(size: int, sparsity: float, bits: int) -> float:
 
     Example:
       >>> round(estimate_bytes(30000, 0.98, 4))
-      387
+      894
     """
     kept = (1.0 - sparsity) * size
     p = max(1.0 - sparsity, 1e-9)

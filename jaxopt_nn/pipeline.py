@@ -59,7 +59,7 @@ _CONV_BITS = 8
 # One limit for every codebook width: k-means indices are uint16, the archive's
 # codebook streams take as many symbols.
 MAX_BITS = quantization._MAX_BITS
-BIAS_BITS = 6  # codebook width of biases and other small float leaves under an accuracy budget
+BIAS_BITS = 5  # codebook width of biases and other small float leaves under an accuracy budget
 _MAX_RAW_ROWS = 8  # raw-leaf rows of CompressionReport.table before they become one 'other' row
 
 
@@ -100,7 +100,9 @@ _Labels = tuple[frozenset[int], frozenset[int], bool]
 _NO_LABELS: _Labels = (_NONE, _NONE, False)
 
 
-def _propagate(jaxpr: Any, inputs: list[_Labels]) -> list[_Labels]:
+def _propagate(
+    jaxpr: Any, inputs: list[_Labels], links: list[tuple[frozenset[int], frozenset[int]]]
+) -> list[_Labels]:
     """Forward labels ``(direct, produced, data)`` of every output of ``jaxpr``.
 
     ``direct``: the parameters whose values reach the variable through
@@ -108,7 +110,8 @@ def _propagate(jaxpr: Any, inputs: list[_Labels]) -> list[_Labels]:
     entered, as the weight operand (one that does not depend on the model's
     input), the last contraction (``dot_general``, convolution) on the way
     to it; ``data``: whether it depends on the model's input. The output
-    layer's kernel is in ``produced`` of the logits.
+    layer's kernel is in ``produced`` of the logits. Every contraction appends
+    ``(weights, produced of its input)`` to ``links``: which layer feeds which.
     """
     env = {id(v): labels for v, labels in zip(jaxpr.invars, inputs, strict=True)}
 
@@ -121,9 +124,10 @@ def _propagate(jaxpr: Any, inputs: list[_Labels]) -> list[_Labels]:
         weights = _NONE.union(*(d for d, _, data in ins if not data))
         data = any(data for _, _, data in ins)
         if eqn.primitive.name in _CONTRACTIONS:
+            links.append((weights, _NONE.union(*(p for _, p, d in ins if d))))
             outs = [(_NONE, weights, data)] * len(eqn.outvars)
         elif (sub := _sub_jaxpr(eqn)) is not None:
-            outs = _propagate(sub, ins)
+            outs = _propagate(sub, ins, links)
         else:  # element-wise, shape, or control flow we do not look into (conservative)
             produced = _NONE.union(*(p for _, p, _ in ins))
             if any(map(_has_contraction, _inner_jaxprs(eqn))):
@@ -165,8 +169,123 @@ def output_layers(params: PyTree, apply_fn: Callable[..., Any], *inputs: Any) ->
     )(leaves, *inputs)
     labels: list[_Labels] = [(frozenset([i]), _NONE, False) for i in range(len(leaves))]
     labels += [(_NONE, _NONE, True)] * (len(closed.jaxpr.invars) - len(leaves))
-    produced = _NONE.union(*(p for _, p, _ in _propagate(closed.jaxpr, labels)))
+    links: list[tuple[frozenset[int], frozenset[int]]] = []
+    produced = _NONE.union(*(p for _, p, _ in _propagate(closed.jaxpr, labels, links)))
     return [name for i, name in enumerate(names) if i in produced]
+
+
+def dense_links(model: nnx.Module, inputs: Any) -> list[tuple[str, str]]:
+    """Pairs ``(a, b)`` of 2-D kernels where layer ``a``'s output feeds layer ``b`` directly.
+
+    Found from the traced computation (evaluation mode): ``b``'s input comes
+    from ``a``'s matrix product through element-wise operations only (bias,
+    activation), and ``a``'s output width is ``b``'s input width. These are
+    the pairs whose dead units :func:`fold_dead_units` can remove.
+
+    Args:
+      model: an NNX model.
+      inputs: an example batch (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      Leaf-name pairs, in the order of the computation.
+
+    Example:
+      >>> from jaxopt_nn.models import LeNet300100
+      >>> dense_links(LeNet300100(64, rngs=nnx.Rngs(0)), jnp.zeros((1, 64)))
+      [('fc1/kernel', 'fc2/kernel'), ('fc2/kernel', 'fc3/kernel')]
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply_fn(p: PyTree, r: PyTree, x: Any) -> Any:
+        merged = nnx.merge(graphdef, p, r)
+        merged.eval()
+        return merged(x)
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    named = tree_lib.leaves_with_names(params)
+    closed = jax.make_jaxpr(
+        lambda ls, r, x: apply_fn(jax.tree_util.tree_unflatten(treedef, ls), r, x)
+    )(leaves, rest, inputs)
+    labels: list[_Labels] = [(frozenset([i]), _NONE, False) for i in range(len(leaves))]
+    labels += [(_NONE, _NONE, True)] * (len(closed.jaxpr.invars) - len(leaves))
+    links: list[tuple[frozenset[int], frozenset[int]]] = []
+    _propagate(closed.jaxpr, labels, links)
+    pairs = []
+    for weights, fed_by in links:
+        if len(weights) == 1 and len(fed_by) == 1:
+            (a,), (b,) = fed_by, weights
+            (name_a, leaf_a), (name_b, leaf_b) = named[a], named[b]
+            if (
+                np.ndim(leaf_a) == np.ndim(leaf_b) == 2
+                and np.shape(leaf_a)[1] == np.shape(leaf_b)[0]
+            ):
+                pairs.append((name_a, name_b))
+    return pairs
+
+
+def _bias_name(kernel: str, leaves: Mapping[str, Any]) -> str | None:
+    """The ``bias`` leaf beside ``kernel`` (same module), if there is one."""
+    name = kernel.rpartition("/")[0] + "/bias" if "/" in kernel else "bias"
+    return name if name in leaves else None
+
+
+def fold_dead_units(
+    params: Mapping[str, Any], links: list[tuple[str, str]]
+) -> tuple[dict[str, np.ndarray], int]:
+    """Remove the units of ReLU layers that pruning left dead or unused.
+
+    For each linked pair ``(a, b)`` (``a``'s ReLU output feeds ``b``): a unit
+    ``j`` of ``a`` whose incoming weights ``a[:, j]`` are all zero outputs
+    the constant :math:`\\max(0, \\text{bias}_a[j])`; that constant times
+    ``b[j, :]`` is folded into ``b``'s bias and ``b[j, :]``, ``bias_a[j]``
+    are zeroed. A unit whose outgoing weights ``b[j, :]`` are all zero
+    contributes nothing: ``a[:, j]`` and ``bias_a[j]`` are zeroed. The
+    function equals the original exactly when the activation is a ReLU (the
+    pipeline checks the logits before it keeps the result).
+
+    Args:
+      params: leaf name -> array (e.g. ``dict(tree.leaves_with_names(state))``).
+      links: from :func:`dense_links`.
+
+    Returns:
+      ``(new leaves, number of units removed)``; leaves not in a link are
+      returned unchanged.
+
+    Example:
+      >>> w1 = np.array([[0.0, 1.0], [0.0, 2.0]]); b1 = np.array([0.5, 0.0])
+      >>> w2 = np.array([[3.0], [4.0]]); b2 = np.array([1.0])
+      >>> out, removed = fold_dead_units(
+      ...     {'a/kernel': w1, 'a/bias': b1, 'b/kernel': w2, 'b/bias': b2},
+      ...     [('a/kernel', 'b/kernel')])
+      >>> removed, out['b/bias'], out['b/kernel'].ravel()
+      (1, array([2.5]), array([0., 4.]))
+    """
+    out = {name: np.array(leaf) for name, leaf in params.items()}
+    removed = 0
+    for a, b in links:
+        bias_a, bias_b = _bias_name(a, out), _bias_name(b, out)
+        w_a, w_b = out[a], out[b]
+        dead_in = ~np.any(w_a != 0, axis=0)
+        unused = ~np.any(w_b != 0, axis=1)
+        for j in np.flatnonzero(dead_in | unused):
+            if (
+                not np.any(w_b[j])
+                and not np.any(w_a[:, j])
+                and (bias_a is None or out[bias_a][j] == 0)
+            ):
+                continue  # already removed
+            if dead_in[j] and bias_a is not None and not unused[j]:
+                constant = max(out[bias_a][j], 0)
+                if constant and bias_b is None:
+                    continue  # nowhere to fold the constant
+                if constant:
+                    out[bias_b] = (out[bias_b] + constant * w_b[j]).astype(out[bias_b].dtype)
+            w_b[j] = 0
+            w_a[:, j] = 0
+            if bias_a is not None:
+                out[bias_a][j] = 0
+            removed += 1
+    return out, removed
 
 
 def _nnx_output_layers(model: nnx.Module, inputs: Any) -> list[str]:
@@ -382,6 +501,19 @@ class CompressionReport(NamedTuple):
         ]
         return tree_lib.format_table(headers, rows)
 
+    def search_summary(self) -> str:
+        """One line on the accuracy-budget search (``max_drop``); empty without one."""
+        if self.search is None:
+            return ""
+        s = self.search
+        verdict = "within" if s["budget_met"] else "NOT within (closest shown)"
+        return (
+            f"budget: validation accuracy {s['dense_validation_accuracy']:.2%} -> "
+            f"{s['validation_accuracy']:.2%} on {s['validation_examples']} held-out training "
+            f"examples, {verdict} max drop {s['max_drop']:g} points; "
+            f"{len(s['probes'])} of {s['candidates']} allocations trained"
+        )
+
     def stage_table(self) -> str:
         """Accuracy, size and time after every stage."""
         rows = [
@@ -556,6 +688,25 @@ class _Compressed(NamedTuple):
     pruned_weights: np.ndarray  # selected weights (flat) after pruning
     pruned_seconds: float
     shared_seconds: float
+    dead_units: int  # units removed by fold_dead_units after pruning
+
+
+def _fold_checked(
+    graphdef: nnx.GraphDef, state: train.TrainState, links: list[tuple[str, str]], x: Any
+) -> tuple[train.TrainState, int]:
+    """:func:`fold_dead_units` on ``state.params``, kept only if the logits on ``x`` agree."""
+    leaves = dict(tree_lib.leaves_with_names(state.params))
+    folded, removed = fold_dead_units(leaves, links)
+    if not removed:
+        return state, 0
+    params = tree_lib.map_with_names(
+        lambda n, leaf: jnp.asarray(folded[n], leaf.dtype), state.params
+    )
+    logits = jax.jit(lambda p: train.to_model(graphdef, state._replace(params=p))(x))
+    before, after = np.asarray(logits(state.params)), np.asarray(logits(params))
+    if not np.allclose(before, after, rtol=1e-4, atol=1e-4 * float(np.abs(before).max(initial=1))):
+        return state, 0  # an activation other than ReLU: keep the units
+    return state._replace(params=params), removed
 
 
 def _prune_and_share(
@@ -572,13 +723,16 @@ def _prune_and_share(
     metadata: dict[str, Any] | None,
     fit_kwargs: dict[str, Any],
     test: Dataset | None = None,
+    links: list[tuple[str, str]] | None = None,
 ) -> _Compressed:
     """Gradual pruning with retraining, k-means sharing, fine-tuning, the archive bytes.
 
     ``widths`` may name unselected leaves too (e.g. biases): they are shared
     without pruning. ``dense`` is not consumed. The reported accuracies are
     on ``data``'s test split, or on ``test``'s if given (then ``data``'s test
-    split is a validation split).
+    split is a validation split). With ``links``, dead units are removed
+    after pruning (:func:`fold_dead_units`) if the logits on ``data``'s test
+    split stay the same.
     """
 
     def accuracy(state: train.TrainState, history: list[dict[str, float]], **kw: Any) -> float:
@@ -609,6 +763,9 @@ def _prune_and_share(
         **fit_kwargs,
     )
     state = result.state
+    dead_units = 0
+    if links:
+        state, dead_units = _fold_checked(graphdef, state, links, data.x_test[:256])
     pruned_weights = _flat_selected(state.params, names)
     pruned_bytes = len(archive.dumps(_archive_tree(state.params, state.rest)))
     pruned_accuracy = accuracy(state, result.history)
@@ -658,6 +815,7 @@ def _prune_and_share(
         pruned_weights,
         pruned_seconds,
         time.perf_counter() - start,
+        dead_units,
     )
 
 
@@ -697,6 +855,7 @@ def _search(
         for name, leaf in tree_lib.leaves_with_names(dense.params)
         if name not in names and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
     ]
+    links = dense_links(train.to_model(graphdef, dense), jnp.asarray(fit_data.x_train[:1]))
     probes, results = [], {}
     lo, hi, best = 0, len(family) - 1, None
     while lo <= hi:
@@ -704,7 +863,14 @@ def _search(
         candidate = family[mid]
         widths = {**candidate.bits, **dict.fromkeys(small, BIAS_BITS)}
         done = _prune_and_share(
-            graphdef, dense, fit_data, candidate.sparsity, widths, test=data, **stage_args
+            graphdef,
+            dense,
+            fit_data,
+            candidate.sparsity,
+            widths,
+            test=data,
+            links=links,
+            **stage_args,
         )
         accuracy = _validation_accuracy(graphdef, done, fit_data)
         passed = 100 * (dense_accuracy - accuracy) <= max_drop + 1e-9
@@ -715,6 +881,7 @@ def _search(
                 "multiplier": candidate.multiplier,
                 "estimated_bytes": candidate.estimated_bytes,
                 "bytes": len(done.blob),
+                "dead_units": done.dead_units,
                 "validation_accuracy": accuracy,
                 "passed": passed,
                 "sparsity": candidate.sparsity,

@@ -213,6 +213,9 @@ def test_compress_runs_on_mnist_format_idx_files(tmp_path, capsys):
         (["compress", "--out", "/no/such/dir/m.jnz"], "--out must be in an existing directory"),
         (["compress", "--json", "/no/such/dir/r.json"], "--json must be in an existing directory"),
         (["compress", "--plot", "report.xyz"], "plot path must end in one of"),
+        (["compress", "--max-drop", "-1"], "argument --max-drop: must be a number >= 0"),
+        (["compress", "--validation", "1"], "argument --validation: must be a number in (0, 1)"),
+        (["compress", "--max-drop", "0.5", "--bits", "4"], "pass max_drop or sparsity/bits"),
     ],
 )
 def test_compress_and_evaluate_bad_arguments_give_one_error_line(argv, message, capsys):

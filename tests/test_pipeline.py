@@ -100,6 +100,9 @@ def test_plot_report_writes_an_image(compressed, tmp_path):
         ({"small_dtype": "int8"}, r"small_dtype must be None, float16, .*; got small_dtype='int8'"),
         ({"path": "/no/such/dir/model.jnz"}, "path must be in an existing directory"),
         ({"metadata": {"f": object()}}, "metadata must be JSON-serialisable"),
+        ({"max_drop": -1.0}, r"max_drop must be a number >= 0 \(points\); got max_drop=-1.0"),
+        ({"max_drop": 0.5, "sparsity": 0.9}, "pass max_drop or sparsity/bits, not both"),
+        ({"max_drop": 0.5, "validation": 1.5}, r"validation must be a number in \(0, 1\)"),
     ],
 )
 def test_bad_arguments_raise_before_training(digits, kwargs, match, monkeypatch):
@@ -298,3 +301,39 @@ def test_table_groups_raw_leaves_and_its_bytes_sum_to_the_file():
     # Few modules: one row per module, and a single leaf keeps its name.
     small = _untrained_report(lambda: LeNet300100(64, rngs=nnx.Rngs(0))).table()
     assert "params/fc1/bias" in small and "other" not in small
+
+
+def test_budget_search_is_identical_when_the_test_split_is_garbage(digits, monkeypatch):
+    # A small grid keeps the test short; the search's code paths are the same.
+    monkeypatch.setattr(pipeline.allocation, "SPARSITIES", (0.5, 0.95))
+    monkeypatch.setattr(pipeline.allocation, "BITS", (4,))
+    kwargs = {"epochs": 2, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
+
+    def run(data):
+        model = LeNet300100(64, hidden=(32, 16), rngs=nnx.Rngs(0))
+        return pipeline.deep_compress(model, data, max_drop=0.5, **kwargs)
+
+    report = run(digits)
+    rng = np.random.default_rng(0)
+    garbage = digits._replace(
+        x_test=rng.normal(size=digits.x_test.shape).astype(np.float32),
+        y_test=rng.integers(0, 10, digits.y_test.shape).astype(digits.y_test.dtype),
+    )
+    other = run(garbage)
+    assert report.search == other.search
+    assert report.info.file_bytes == other.info.file_bytes
+    assert report.stage("dense").accuracy != other.stage("dense").accuracy  # test: reported only
+    search = report.search
+    assert search["probes"] and search["validation_examples"] == 136
+    for probe in search["probes"]:
+        drop = 100 * (search["dense_validation_accuracy"] - probe["validation_accuracy"])
+        assert probe["passed"] == (drop <= 0.5 + 1e-9)
+    chosen = next(p for p in search["probes"] if p["candidate"] == search["chosen"])
+    assert report.sparsity == chosen["sparsity"] and report.bits == chosen["bits"]
+    assert report.info.file_bytes == chosen["bytes"]
+    if search["budget_met"]:  # the smallest passing probe was chosen
+        passing = [p["bytes"] for p in search["probes"] if p["passed"]]
+        assert chosen["bytes"] == min(passing)
+    # The biases are shared too; the table reports the chosen widths.
+    assert {t.method for t in report.info.tensors} == {"codebook"}
+    assert "budget: validation accuracy" in report.search_summary()
