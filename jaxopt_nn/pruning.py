@@ -45,7 +45,8 @@ PyTree = Any
 Sparsity = float | jax.Array | Mapping[str, float | jax.Array]
 
 _SCOPES = ("layer", "global")
-_METHODS = ("magnitude", "saliency", "random", "nm", "structured", "static")
+_METHODS = ("magnitude", "saliency", "random", "nm", "structured", "static", "set", "rigl")
+_DYNAMIC = ("set", "rigl")
 _DISTRIBUTIONS = ("uniform", "erk")
 
 
@@ -215,13 +216,23 @@ def _prune_lowest(
     return _select_lowest(scores, ks, eligible, scope=scope)
 
 
-@functools.partial(jax.jit, static_argnames="scope")
+@functools.partial(jax.jit, static_argnames=("scope", "highest"))
 def _select_lowest(
-    scores: list[jax.Array], ks: jax.Array, eligible: list[jax.Array] | None, *, scope: str
+    scores: list[jax.Array],
+    ks: jax.Array,
+    eligible: list[jax.Array] | None,
+    *,
+    scope: str,
+    highest: bool = False,
 ) -> list[jax.Array]:
-    """:func:`_prune_lowest` with the counts ``ks`` (int32, one per group) given."""
+    """:func:`_prune_lowest` with the counts ``ks`` (int32, one per group) given.
+
+    With ``highest`` the ``k`` highest scores are chosen (ties: smaller index first).
+    """
     keys = _sort_keys(scores)
     dtype = keys[0].dtype
+    if highest:
+        keys = [jnp.iinfo(dtype).max - kk for kk in keys]
     nbits = 8 * jnp.dtype(dtype).itemsize - 1  # the sign bit of |score| is 0
     sizes = [s.size for s in scores]
     group = list(range(len(keys))) if scope == "layer" else [0] * len(keys)
@@ -1213,7 +1224,7 @@ def prune(
     method: str = "magnitude",
     scope: str = "layer",
     where: tree_lib.Where = None,
-    distribution: str = "uniform",
+    distribution: str | None = None,
     n: int | None = None,
     m: int | None = None,
     axis: int | None = None,
@@ -1224,6 +1235,8 @@ def prune(
     normalize: bool = False,
     packed: bool = False,
     masks: PyTree | None = None,
+    update_fraction: float | jax.Array = 0.3,
+    update_end: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradual pruning as an optax transform: pruned weights end at exactly 0.0.
 
@@ -1256,6 +1269,19 @@ def prune(
     (e.g. a lottery ticket: masks of a trained model applied to the
     rewound initial weights), applied from the first step on; it takes
     ``schedule=None`` and the selection from ``masks``.
+
+    Dynamic sparse training, ``'set'`` (Mocanu et al. 2018) and ``'rigl'``
+    (Evci et al. 2020), trains sparse from scratch: ``init`` draws random
+    masks at ``schedule(0)`` (ERK per-leaf sparsities by default, from
+    ``key``), and on each later update step before ``update_end`` every leaf
+    drops the ``round(f_t * active)`` kept weights of smallest ``|w|`` and
+    grows as many among the others: at random (SET) or of largest gradient
+    ``|g|`` (RigL, which needs ``inner``), so the sparsity stays exact. Grown
+    weights start at exactly 0.0 (and zero moments). The fraction decays as
+    :math:`f_t = \frac{f}{2}(1 + \cos(\pi t / T_{end}))` with
+    ``update_fraction`` :math:`f` and ``update_end`` :math:`T_{end}`
+    (constant without ``update_end``); use e.g. ``constant(0.9,
+    frequency=100)`` as the schedule.
 
     With ``inner=tx``, ``prune`` wraps the optimizer: gradients are masked
     before ``tx`` sees them, and on mask updates ``tx``'s parameter-shaped
@@ -1291,7 +1317,8 @@ def prune(
       where: which leaves to prune; default: kernels.
       distribution: ``'uniform'`` (every leaf at ``schedule(t)``) or
         ``'erk'`` (per-leaf sparsities from :func:`erk`, layer scope,
-        magnitude/random).
+        magnitude/random/set/rigl); default ``'erk'`` for set and rigl,
+        ``'uniform'`` otherwise.
       n: weights kept per group (``method='nm'``).
       m: group size (``method='nm'``).
       axis: group axis (nm) or channel axis (structured); default ``-1``.
@@ -1302,6 +1329,10 @@ def prune(
       block: ``(bh, bw)`` block sparsity for magnitude and saliency (see
         :func:`magnitude_masks`).
       normalize: per-leaf score normalisation for magnitude and saliency.
+      update_fraction: :math:`f` in ``(0, 1]``, the fraction of kept weights
+        dropped and regrown per update (set, rigl).
+      update_end: step from which masks stay fixed (set, rigl); also the
+        end of the cosine decay of ``update_fraction``.
       masks: the fixed masks of ``method='static'``, a tree like ``params``
         with bool arrays (``True`` = kept) at pruned leaves and ``None``
         elsewhere, as the ``*_masks`` functions return.
@@ -1337,7 +1368,12 @@ def prune(
     References:
       Zhu, Gupta, "To prune, or not to prune", https://arxiv.org/abs/1710.01878,
       2017; Han, Pool, Tran, Dally, "Learning both Weights and Connections
-      for Efficient Neural Networks", https://arxiv.org/abs/1506.02626, 2015.
+      for Efficient Neural Networks", https://arxiv.org/abs/1506.02626, 2015;
+      Mocanu et al., "Scalable training of artificial neural networks with
+      adaptive sparse connectivity inspired by network science", Nature
+      Communications, 2018 (SET); Evci, Gale, Menick, Castro, Elsen, "Rigging
+      the Lottery: Making All Tickets Winners", ICML 2020,
+      https://arxiv.org/abs/1911.11134 (RigL, Algorithm 1 and Equation 1).
     """
     _check_choice("method", method, _METHODS)
     if method == "static":
@@ -1353,6 +1389,8 @@ def prune(
         raise ValueError(f"masks is only used by method='static'; got method={method!r}")
     schedule = _as_schedule(schedule)
     _check_choice("scope", scope, _SCOPES)
+    if distribution is None:
+        distribution = "erk" if method in _DYNAMIC else "uniform"
     _check_choice("distribution", distribution, _DISTRIBUTIONS)
     _check_static_int("axis", axis)
     _check_static_int("norm", norm)
@@ -1370,10 +1408,26 @@ def prune(
             )
     elif n is not None or m is not None:
         raise ValueError(f"n and m are only used by method='nm'; got method={method!r}")
-    if method == "random" and key is None:
-        raise ValueError("key must be a PRNG key (jax.random.key) when method='random'")
-    if method != "random" and key is not None:
-        raise ValueError(f"key is only used by method='random'; got method={method!r}")
+    if method in ("random", *_DYNAMIC) and key is None:
+        raise ValueError(f"key must be a PRNG key (jax.random.key) when method={method!r}")
+    if method not in ("random", *_DYNAMIC) and key is not None:
+        raise ValueError(
+            f"key is only used by method 'random', 'set', 'rigl'; got method={method!r}"
+        )
+    if method in _DYNAMIC:
+        if scope != "layer":
+            raise ValueError(f"scope must be 'layer' with method={method!r}; got scope={scope!r}")
+        if _is_number(update_fraction) and not 0.0 < float(update_fraction) <= 1.0:
+            raise ValueError(
+                f"update_fraction must lie in (0, 1]; got update_fraction={update_fraction!r}"
+            )
+        if update_end is not None:
+            _check_step("update_end", update_end, 1)
+    if method == "rigl" and inner is None:
+        raise ValueError(
+            "method='rigl' grows by gradient magnitude: pass the optimizer as inner=; "
+            "got inner=None"
+        )
     if method == "structured" and scope != "layer":
         raise ValueError(f"scope must be 'layer' with method='structured'; got scope={scope!r}")
     if method == "structured" and norm not in (1, 2):
@@ -1388,11 +1442,36 @@ def prune(
         raise ValueError(
             f"block and normalize apply to method 'magnitude' or 'saliency'; got method={method!r}"
         )
-    if distribution == "erk" and (scope != "layer" or method not in ("magnitude", "random")):
+    if distribution == "erk" and (
+        scope != "layer" or method not in ("magnitude", "random", *_DYNAMIC)
+    ):
         raise ValueError(
-            "distribution='erk' needs scope='layer' and method 'magnitude' or 'random'; "
-            f"got scope={scope!r}, method={method!r}"
+            "distribution='erk' needs scope='layer' and method 'magnitude', 'random', 'set' or "
+            f"'rigl'; got scope={scope!r}, method={method!r}"
         )
+
+    def drop_and_grow(
+        named: list[tuple[str, Any]], old: list[jax.Array], grads: list[Any], step: jax.Array
+    ) -> list[jax.Array]:
+        """Drop the smallest active |w|, grow as many (largest |g| or random), per leaf."""
+        fraction = jnp.asarray(update_fraction, jnp.float32)
+        if update_end is not None:  # cosine decay to 0 at update_end (Evci et al., Eq. 1)
+            progress = jnp.minimum(step, update_end).astype(jnp.float32) / update_end
+            fraction = fraction * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        active = jnp.stack([_count(mk) for mk in old])
+        ks = jnp.round(fraction * active.astype(jnp.float32)).astype(jnp.int32)
+        weights = [jnp.abs(jnp.asarray(leaf)) for _, leaf in named]
+        drop = _select_lowest(weights, ks, old, scope="layer")
+        after = [mk & ~d for mk, d in zip(old, drop, strict=True)]
+        if method == "rigl":
+            scores = [jnp.abs(jnp.asarray(g)) for g in grads]
+        else:
+            scores = [
+                jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, step), i), w.shape)
+                for i, w in enumerate(weights)
+            ]
+        grow = _select_lowest(scores, ks, [~a for a in after], scope="layer", highest=True)
+        return [_like(a | g, leaf) for a, g, (_, leaf) in zip(after, grow, named, strict=True)]
 
     def compute_masks(
         named: list[tuple[str, Any]], sparsity: Any, grads: list[Any]
@@ -1410,7 +1489,7 @@ def prune(
                 else [jnp.abs(jnp.asarray(leaf)) for leaf in leaves]
             )
             return _by_score(named, scores, sparsities, scope, block, normalize)
-        if method == "random":
+        if method in ("random", *_DYNAMIC):  # the initial masks of set/rigl are random
             return _random(key, leaves, sparsities, scope)  # type: ignore[arg-type]
         if method == "nm":
             return _nm(named, n, m, axis, sparsity, scope)  # type: ignore[arg-type]
@@ -1448,9 +1527,9 @@ def prune(
             # Runs every shape check (selection, axis, m | length) without computing.
             jax.eval_shape(check, params)
         kept = jax.tree.map(_all_kept, params)
-        if method == "static" and jax.tree.leaves(params):
+        if method in ("static", *_DYNAMIC) and jax.tree.leaves(params):
             flags, named = selected(params)
-            fixed = iter(compute_masks(named, 0.0, []))
+            fixed = iter(compute_masks(named, schedule(0), []))
             kept = jax.tree.map(lambda flag, mk: next(fixed) if flag else mk, flags, kept)
         return PruneState(jnp.zeros((), jnp.int32), jax.tree.map(store, kept), inner_state)
 
@@ -1466,14 +1545,18 @@ def prune(
             if flag
         ]
         inner_state = state.inner_state
+        before = jax.tree.map(load, stored, params, is_leaf=_is_none)
         if inner is not None:
-            active = jax.tree.map(load, stored, params, is_leaf=_is_none)
-            masked = jax.tree.map(_zero_pruned, updates, active)
+            masked = jax.tree.map(_zero_pruned, updates, before)
             updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
 
         def refresh(carry):
             _, inner_state = carry
-            masks = _unflatten(flags, params, compute_masks(named, schedule(state.count), grads))
+            if method in _DYNAMIC:
+                new = drop_and_grow(named, jax.tree.leaves(before), grads, state.count)
+            else:
+                new = compute_masks(named, schedule(state.count), grads)
+            masks = _unflatten(flags, params, new)
             if inner is not None:
                 inner_state = optax.tree_map_params(
                     inner,
@@ -1484,13 +1567,22 @@ def prune(
                 )
             return jax.tree.map(store, masks), inner_state
 
+        is_update = schedule.is_update_step(state.count)
+        if method in _DYNAMIC:  # masks come from init; drop-and-grow until update_end
+            is_update = is_update & (state.count > 0)
+            if update_end is not None:
+                is_update = is_update & (state.count < update_end)
         stored, inner_state = jax.lax.cond(
-            schedule.is_update_step(state.count),
-            refresh,
-            lambda carry: carry,
-            (stored, inner_state),
+            is_update, refresh, lambda carry: carry, (stored, inner_state)
         )
         active = jax.tree.map(load, stored, params, is_leaf=_is_none)
+        if method in _DYNAMIC:  # grown weights start at exactly zero
+            active = jax.tree.map(
+                lambda new, old: None if new is None else new & old,
+                active,
+                before,
+                is_leaf=_is_none,
+            )
         updates = jax.tree.map(
             lambda u, p, mk: u if mk is None else jnp.where(mk, u, -p), updates, params, active
         )

@@ -925,3 +925,37 @@ def test_static_prune_trains_at_fixed_masks_from_the_first_step(packed, getkey):
     assert compiles == 1
     kept = np.asarray(ticket["l1"]["kernel"])
     assert np.all(np.asarray(out["l1"]["kernel"])[kept] != np.asarray(params["l1"]["kernel"])[kept])
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_dynamic_sparse_training_drops_and_grows_at_exact_sparsity(method, getkey):
+    sched = pruning.constant(0.8, frequency=3)
+    tx = pruning.prune(
+        sched, method=method, key=jax.random.key(7), inner=optax.adam(1e-2), update_end=9
+    )
+    params = _mlp_params(getkey())
+    targets = pruning.erk(params, 0.8)
+    history = []
+
+    def check(t, params, state):
+        for name in ("l1", "l2"):
+            w, mk = np.asarray(params[name]["kernel"]), np.asarray(state.masks[name]["kernel"])
+            np.testing.assert_array_equal(w[~mk], 0.0)
+            assert (~mk).sum() == round(targets[f"{name}/kernel"] * w.size), (t, name)
+            if t and not np.array_equal(mk, history[-1][name]):
+                assert t % 3 == 0 and t < 9, t
+                grown = mk & ~history[-1][name]
+                np.testing.assert_array_equal(w[grown], 0.0)  # grown weights start at zero
+                np.testing.assert_array_equal(
+                    np.asarray(state.inner_state[0].mu[name]["kernel"])[grown], 0
+                )
+        history.append({n: np.asarray(state.masks[n]["kernel"]) for n in ("l1", "l2")})
+
+    _, _, compiles = _run(tx, params, 11, getkey(), check)
+    assert compiles == 1
+    changed = [
+        t
+        for t in range(1, 11)
+        if any(not np.array_equal(history[t][n], history[t - 1][n]) for n in ("l1", "l2"))
+    ]
+    assert changed == [3, 6], changed  # no update from update_end on
