@@ -35,12 +35,14 @@ References:
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 Code = Literal["signed", "sqrt"]
 
@@ -95,7 +97,7 @@ class BlockQuantization:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {name}={value!r}")
-        if self.bits == 4 and self.block_size % 2:
+        if self.bits == 4 and self.block_size % 2:  # type: ignore[operator]
             raise ValueError(
                 f"block_size must be even with bits=4 (two codes per byte); "
                 f"got block_size={self.block_size}"
@@ -145,12 +147,18 @@ def _n_blocks(n: int, block_size: int) -> int:
 
 
 def _per_element(scales: jax.Array, n: int, block_size: int) -> jax.Array:
-    """Each element's block scale: ``scales`` repeated along the last axis to length ``n``."""
-    if scales.shape[-1] == 1:
+    """Each element's block scale: ``scales`` repeated along the last axis to length ``n``.
+
+    A broadcast and a reshape, which XLA fuses into the consumer (``jnp.repeat``
+    would be a gather).
+    """
+    *lead, n_blocks = scales.shape
+    if n_blocks == 1:
         return scales
-    return jnp.repeat(
-        scales, block_size, axis=-1, total_repeat_length=scales.shape[-1] * block_size
-    )[..., :n]
+    wide = jax.lax.broadcast_in_dim(
+        scales, (*lead, n_blocks, block_size), tuple(range(len(lead) + 1))
+    )
+    return wide.reshape(*lead, n_blocks * block_size)[..., :n]
 
 
 def _block_max(a: jax.Array, block_size: int) -> jax.Array:
@@ -184,8 +192,7 @@ def _unpack(codes: jax.Array, n: int, bits: int) -> jax.Array:
     return pairs.reshape(*c.shape[:-1], 2 * c.shape[-1])[..., :n]
 
 
-def quantize(x: jax.Array, code: Code, quantization: BlockQuantization) -> BlockQuantizedArray:
-    """Store ``x`` block-wise with ``code`` ('signed' or 'sqrt') as ``quantization`` says."""
+def _quantize(x: jax.Array, code: Code, quantization: BlockQuantization) -> BlockQuantizedArray:
     bits, block_size = quantization.bits, quantization.block_size
     assert block_size is not None
     x = x.astype(jnp.float32).reshape(_rows(np.shape(x)))
@@ -204,10 +211,9 @@ def quantize(x: jax.Array, code: Code, quantization: BlockQuantization) -> Block
     return BlockQuantizedArray(_pack(c, bits), scales)
 
 
-def dequantize(
+def _dequantize(
     q: BlockQuantizedArray, code: Code, shape: tuple[int, ...], quantization: BlockQuantization
 ) -> jax.Array:
-    """float32 array of ``shape`` stored in ``q`` with ``code``."""
     bits, block_size = quantization.bits, quantization.block_size
     assert block_size is not None
     n = _rows(shape)[-1]
@@ -224,25 +230,95 @@ def dequantize(
     return value.reshape(shape)
 
 
-def filled(
-    shape: tuple[int, ...], fill: Any, code: Code, quantization: BlockQuantization
+def _quantized_shapes(
+    shape: tuple[int, ...], quantization: BlockQuantization
 ) -> BlockQuantizedArray:
-    """``quantize(jnp.full(shape, fill), code, quantization)`` without a block reduction.
+    """The shapes of the codes and the scales of a tensor of ``shape``."""
+    assert quantization.block_size is not None
+    *lead, n = _rows(shape)
+    codes = n if quantization.bits == 8 else _n_blocks(n, 2)
+    return BlockQuantizedArray((*lead, codes), (*lead, _n_blocks(n, quantization.block_size)))  # type: ignore[arg-type]
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh_shape: Any) -> P:
+    """``spec`` for an array of ``shape``; axes the mesh does not divide stay unsharded."""
+    entries = (list(spec) + [None] * len(shape))[: len(shape)]
+    for i, entry in enumerate(entries):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        if shape[i] % math.prod(mesh_shape[name] for name in names):
+            entries[i] = None
+    return P(*entries)
+
+
+def _explicit_sharding(x: Any) -> Any:
+    """The sharding in ``x``'s type if an axis is explicitly sharded, else None."""
+    if not isinstance(x, jax.Array):
+        return None
+    sharding = jax.typeof(x).sharding
+    spec = getattr(sharding, "spec", ())
+    return sharding if any(entry is not None for entry in spec) else None
+
+
+def _like(x: Any, shapes: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` (arrays only), its outputs (of ``shapes``) sharded like ``x`` (explicit mesh).
+
+    Reshapes into blocks, packing and the repeat of the scales are not
+    expressible on explicitly sharded axes, so they run with the axes made
+    automatic (``jax.sharding.auto_axes``) and the results take the sharding
+    of ``x`` on every axis whose length the mesh divides.
+    """
+    sharding = _explicit_sharding(x)
+    if sharding is None:
+        return fn(*args)
+    out = jax.tree.map(
+        lambda shape: _fit(sharding.spec, shape, sharding.mesh.shape),
+        shapes,
+        is_leaf=lambda s: isinstance(s, tuple) and not isinstance(s, BlockQuantizedArray),
+    )
+    return jax.sharding.auto_axes(fn, out_sharding=out)(*args)
+
+
+def quantize(x: jax.Array, code: Code, quantization: BlockQuantization) -> BlockQuantizedArray:
+    """Store ``x`` block-wise with ``code`` ('signed' or 'sqrt') as ``quantization`` says."""
+    shapes = _quantized_shapes(np.shape(x), quantization)
+    return _like(x, shapes, functools.partial(_quantize, code=code, quantization=quantization), x)
+
+
+def dequantize(
+    q: BlockQuantizedArray, code: Code, shape: tuple[int, ...], quantization: BlockQuantization
+) -> jax.Array:
+    """float32 array of ``shape`` stored in ``q`` with ``code``."""
+    fn = functools.partial(_dequantize, code=code, shape=tuple(shape), quantization=quantization)
+    return _like(q.codes, tuple(shape), fn, q)
+
+
+def filled(
+    like: Any, fill: Any, code: Code, quantization: BlockQuantization
+) -> BlockQuantizedArray:
+    """``quantize(jnp.full_like(like, fill), code, quantization)`` without a block reduction.
 
     Every block holds ``fill``, so its maximum is ``fill``: built directly,
     nothing for XLA to constant-fold when ``init`` is jitted. ``fill`` must be
-    >= 0 (moments start at zero or ``initial_scale``).
+    >= 0 (moments start at zero or ``initial_scale``). ``like`` (an array or
+    a ``jax.ShapeDtypeStruct``) gives the shape, and under an explicit mesh
+    the sharding.
     """
     bits, block_size = quantization.bits, quantization.block_size
     assert block_size is not None
-    rows = _rows(shape)
+    rows = _rows(np.shape(like))
     fill = jnp.asarray(fill, jnp.float32)
     magnitude = jnp.sqrt(fill) if code == "sqrt" else fill
     scales = jnp.broadcast_to(
         magnitude / _largest(code, bits), (*rows[:-1], _n_blocks(rows[-1], block_size))
     )
     c = jnp.broadcast_to(jnp.where(fill > 0, _top_code(code, bits), 0), rows)
-    return BlockQuantizedArray(_pack(c, bits), scales)
+    q = BlockQuantizedArray(_pack(c, bits), scales)
+    sharding = _explicit_sharding(like)
+    if sharding is None:
+        return q
+    shapes = _quantized_shapes(np.shape(like), quantization)
+    specs = [_fit(sharding.spec, tuple(shape), sharding.mesh.shape) for shape in shapes]
+    return BlockQuantizedArray(*jax.sharding.reshard(tuple(q), tuple(specs)))
 
 
 def zero_where(q: BlockQuantizedArray, keep: jax.Array) -> BlockQuantizedArray:
@@ -253,8 +329,13 @@ def zero_where(q: BlockQuantizedArray, keep: jax.Array) -> BlockQuantizedArray:
     codes' last axis (``n`` codes: 8 bits, ``ceil(n / 2)``: 4 bits); for
     ``n = 1`` both read the same, as the unused half-byte of 4 bits is zero.
     """
-    keep = jnp.asarray(keep).reshape(_rows(np.shape(keep)))
-    n = keep.shape[-1]
-    bits = 8 if q.codes.shape[-1] == n else 4
-    c = jnp.where(keep, _unpack(q.codes, n, bits), 0)
-    return q._replace(codes=_pack(c, bits).reshape(q.codes.shape))
+
+    def zero(codes: jax.Array, keep: jax.Array) -> jax.Array:
+        keep = keep.reshape(_rows(np.shape(keep)))
+        n = keep.shape[-1]
+        bits = 8 if codes.shape[-1] == n else 4
+        c = jnp.where(keep, _unpack(codes, n, bits), 0)
+        return _pack(c, bits).reshape(codes.shape)
+
+    keep = jnp.asarray(keep)
+    return q._replace(codes=_like(keep, tuple(q.codes.shape), zero, q.codes, keep))

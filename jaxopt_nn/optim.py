@@ -214,7 +214,7 @@ def _init_moment(
                         "optax.partition)"
                     )
             return jax.tree.map(lambda p: jnp.full_like(p, fill, dtype=dtype), node)
-        q = filled(np.shape(leaves[0]), fill, code, quantization)
+        q = filled(leaves[0], fill, code, quantization)
         return _wrap_like(node, q) if _is_variable(node) else q
 
     return jax.tree.map(init, params, is_leaf=_is_variable)
@@ -257,9 +257,11 @@ def _ema(
     )
 
 
-def _bias_correction(moment: optax.Updates, decay: Any, count: jax.Array) -> optax.Updates:
+def _bias_correction(
+    moment: optax.Updates, decay: Any, count: jax.typing.ArrayLike
+) -> optax.Updates:
     """``moment / (1 - decay**count)``, the correction computed in float32."""
-    correction = 1 - decay**count
+    correction = jnp.asarray(1 - decay**count)
     return _map(lambda t: t / correction.astype(t.dtype), moment)
 
 

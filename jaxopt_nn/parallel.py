@@ -272,8 +272,11 @@ def state_shardings(state: PyTree, params: PyTree, shardings: PyTree) -> PyTree:
     a run of whole path components: ``'0/mu/fc1/kernel'``,
     ``'masks/fc1/kernel'``, ``'fc1/kernel/indices'``) and whose shape equals
     that parameter's gets the parameter's sharding; the longest such parameter
-    path wins. Every other leaf (counts, scalars, codebook centroids,
-    block-quantized moments of another shape) is replicated.
+    path wins. A leaf that differs from the parameter only in the length of
+    the last axis (the codes and block scales of a quantized moment,
+    ``'0/mu/fc1/kernel/scales'``) is sharded like it on the leading axes, and
+    on the last axis too where the mesh divides its length. Every other leaf
+    (counts, scalars, codebook centroids) is replicated.
 
     Args:
       state: a pytree of arrays or ``jax.ShapeDtypeStruct`` s, e.g.
@@ -306,16 +309,31 @@ def state_shardings(state: PyTree, params: PyTree, shardings: PyTree) -> PyTree:
     if not entries:
         raise ValueError(f"params must have at least one leaf; got params={params!r}")
     entries.sort(key=lambda e: -len(e[0]))
-    replicated = NamedSharding(entries[0][2].mesh, P())
+    mesh = entries[0][2].mesh
+    replicated = NamedSharding(mesh, P())
 
     def follow(name: str, leaf: Any) -> NamedSharding:
         parts, shape = tuple(name.split("/")), np.shape(leaf)
         for key, param_shape, sharding in entries:
-            if param_shape == shape and _contains_run(parts, key):
+            if not _contains_run(parts, key):
+                continue
+            if param_shape == shape:
                 return sharding
+            if shape and len(shape) == len(param_shape) and shape[:-1] == param_shape[:-1]:
+                return NamedSharding(sharding.mesh, _last_axis_fitted(sharding.spec, shape, mesh))
         return replicated
 
     return tree_lib.map_with_names(follow, state)
+
+
+def _last_axis_fitted(spec: P, shape: tuple[int, ...], mesh: Any) -> P:
+    """``spec`` with its last-axis entry dropped unless the mesh axes divide ``shape[-1]``."""
+    entries = (list(spec) + [None] * len(shape))[: len(shape)]
+    last = entries[-1]
+    names = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+    if shape[-1] % int(np.prod([mesh.shape[name] for name in names])):
+        entries[-1] = None
+    return P(*entries)
 
 
 def _contains_run(parts: tuple[str, ...], key: tuple[str, ...]) -> bool:

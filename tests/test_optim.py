@@ -445,7 +445,7 @@ def test_quantized_layout_keeps_the_tensor_shape_without_padding(bits, codes_sha
 )
 def test_filled_equals_quantizing_a_full_array(code, fill):
     expected = quantize(jnp.full((_SIZE,), fill), code, _Q8)
-    actual = filled((_SIZE,), fill, code, _Q8)
+    actual = filled(jax.ShapeDtypeStruct((_SIZE,), jnp.float32), fill, code, _Q8)
     np.testing.assert_array_equal(actual.codes, expected.codes)
     np.testing.assert_allclose(actual.scales, expected.scales, rtol=1e-7)
 

@@ -509,3 +509,26 @@ def test_two_processes_with_jax_distributed_agree_with_one_process(tmp_path):
                                    "fc3/bias", "fc3/kernel"]  # fmt: skip
     for name in first.files:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_moments_follow_their_param(bits):
+    from jaxopt_nn import optim
+
+    mesh = parallel.make_mesh(data=1, model=2)
+    params = {"row": jnp.ones((4, 256)), "col": jnp.ones((8, 256)), "odd": jnp.ones((6, 6))}
+    rules = [("row", P("model", None)), ("col", P(None, "model")), ("odd", P(None, "model"))]
+    shardings = parallel.param_shardings(params, mesh, rules)
+    quant = optim.BlockQuantization(bits=bits, block_size=128, min_size=16)
+    state = jax.eval_shape(optim.adam(1e-3, state_quantization=quant).init, params)
+    out = parallel.state_shardings(state, params, shardings)
+    for moment in (out[0].mu, out[0].nu):
+        assert moment["row"].codes.spec == P("model", None)
+        assert moment["row"].scales.spec == P("model", None)
+        assert moment["col"].codes.spec == P(None, "model")  # 256 or 128 codes per row
+        assert moment["col"].scales.spec == P(None, "model")  # 2 blocks per row
+        # 6 columns: one block per row, which two devices cannot split.
+        assert moment["odd"].scales.spec == P(None, None)
+    placed = jax.device_put(optim.adam(1e-3, state_quantization=quant).init(params), out)
+    codes = placed[0].mu["col"].codes
+    assert codes.addressable_shards[0].data.shape == (8, codes.shape[1] // 2)

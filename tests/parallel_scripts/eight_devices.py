@@ -262,6 +262,98 @@ def check_prune_with_adam_keeps_exact_zeros_and_sharded_masks():
         np.testing.assert_array_equal(np.asarray(adam.mu[layer]["kernel"])[~mask], 0.0)
 
 
+def _quantized(bits):
+    return optim.BlockQuantization(bits=bits, block_size=128, min_size=1024)
+
+
+def _device_bytes(tree, device):
+    """Bytes of ``tree``'s shards that live on ``device``."""
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == device
+    )
+
+
+def check_quantized_adam_state_bytes_per_device_shrink_with_the_mesh():
+    rng = np.random.default_rng(0)
+    params = {
+        "up": rng.normal(size=(64, 1024)).astype(np.float32),
+        "down": rng.normal(size=(1024, 64)).astype(np.float32),
+    }
+    rules = [("up", P(None, "model")), ("down", P("model", None))]
+    for bits in (8, 4):
+        tx = optim.adam(1e-3, state_quantization=_quantized(bits))
+        per_device = {}
+        for model in (1, 2, 4, 8):
+            mesh = parallel.make_mesh(data=8 // model, model=model)
+            shardings = parallel.param_shardings(params, mesh, rules)
+            state_sh = parallel.state_shardings(jax.eval_shape(tx.init, params), params, shardings)
+            state = jax.device_put(tx.init(params), state_sh)
+
+            def step(p, s, tx=tx):
+                updates, s = tx.update(p, s, p)
+                return optax.apply_updates(p, updates), s
+
+            step = jax.jit(
+                step, in_shardings=(shardings, state_sh), out_shardings=(shardings, state_sh)
+            )
+            _, state = step(jax.device_put(params, shardings), state)
+            mu = state[0].mu
+            assert mu["up"].codes.sharding.spec == P(None, "model"), mu["up"].codes.sharding
+            assert mu["down"].scales.sharding.spec == P("model", None)
+            per_device[model] = _device_bytes(state, jax.devices()[0])
+        count = 4  # the replicated int32 step count
+        for model, size in per_device.items():
+            expected = (per_device[1] - count) / model + count
+            assert size == expected, (bits, per_device)
+
+
+def check_optimizers_run_under_an_explicit_mesh_with_stable_state_types():
+    from jax.sharding import AxisType, NamedSharding
+
+    rng = np.random.default_rng(0)
+    host = {
+        "w": rng.normal(size=(16, 512)).astype(np.float32),
+        "v": rng.normal(size=(512, 8)).astype(np.float32),
+        "b": rng.normal(size=(512,)).astype(np.float32),
+    }
+    specs = {"w": P(None, "model"), "v": P("model", None), "b": P("model")}
+    optimizers = {
+        "adam 8-bit": optim.adam(1e-2, state_quantization=_quantized(8)),
+        "adam 4-bit": optim.adam(1e-2, state_quantization=_quantized(4)),
+        "rmsprop 8-bit": optim.rmsprop(1e-2, state_quantization=_quantized(8)),
+        "adam": optim.adam(1e-2),
+        "adamw": optim.adamw(1e-2),
+        "nadam": optim.nadam(1e-2),
+        "nadamw": optim.nadamw(1e-2),
+        "rmsprop": optim.rmsprop(1e-2, centered=True, bias_correction=True),
+    }
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    for name, tx in optimizers.items():
+
+        def run(params, tx=tx, name=name):
+            state = tx.init(params)
+            types = jax.tree.map(jax.typeof, state)
+            step = jax.jit(lambda p, s: tx.update(p, s, p))
+            for _ in range(3):
+                updates, state = step(params, state)
+                params = optax.apply_updates(params, updates)
+            assert jax.tree.map(jax.typeof, state) == types, name
+            return params, state
+
+        expected, _ = run(host)
+        with jax.set_mesh(mesh):
+            params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in host.items()}
+            result, state = run(params)
+        for k, spec in specs.items():
+            assert result[k].sharding.spec == spec, (name, k, result[k].sharding)
+        if "bit" in name:
+            assert state[0].nu["w"].codes.sharding.spec == P(None, "model"), name
+        _assert_tree_close(result, expected, rtol=1e-5, atol=1e-6)
+
+
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
