@@ -15,6 +15,7 @@ inference of a model with batch norm or dropout.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -34,23 +35,26 @@ class LatencyComparison(NamedTuple):
     speedup: float  # baseline / candidate (> 1: the candidate is faster)
 
 
-def _as_function(fn_or_model: Callable[..., Any] | nnx.Module) -> tuple[Callable[..., Any], tuple]:
-    """``(fn, leading)`` with ``fn(*leading, *args)`` equal to the call; a module's state leads."""
-    if isinstance(fn_or_model, nnx.Module):
-        graphdef, state = nnx.split(fn_or_model)
-        return (lambda s, *args: nnx.merge(graphdef, s)(*args)), (state,)
+@functools.partial(jax.jit, static_argnums=0)
+def _call_module(graphdef: nnx.GraphDef, state: nnx.State, *args: Any) -> Any:
+    """``model(*args)`` with the state as an argument; one compilation per graphdef and shapes."""
+    return nnx.merge(graphdef, state)(*args)
+
+
+def _check_callable(fn_or_model: Any) -> None:
     if not callable(fn_or_model):
         raise TypeError(
             f"fn_or_model must be a callable or an nnx.Module; got {type(fn_or_model).__name__}"
         )
-    return fn_or_model, ()
 
 
 def _jitted(fn_or_model: Callable[..., Any] | nnx.Module) -> Callable[..., Any]:
     """A jitted callable of the call arguments."""
-    fn, leading = _as_function(fn_or_model)
-    call = jax.jit(fn)
-    return lambda *args: call(*leading, *args)
+    if isinstance(fn_or_model, nnx.Module):
+        graphdef, state = nnx.split(fn_or_model)
+        return lambda *args: _call_module(graphdef, state, *args)
+    _check_callable(fn_or_model)
+    return jax.jit(fn_or_model)
 
 
 def count_flops(fn_or_model: Callable[..., Any] | nnx.Module, *args: Any) -> float:
@@ -78,8 +82,12 @@ def count_flops(fn_or_model: Callable[..., Any] | nnx.Module, *args: Any) -> flo
       >>> count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 3)))
       192.0
     """
-    fn, leading = _as_function(fn_or_model)
-    analysis = jax.jit(fn).lower(*leading, *args).compile().cost_analysis()
+    if isinstance(fn_or_model, nnx.Module):
+        lowered = _call_module.lower(*nnx.split(fn_or_model), *args)
+    else:
+        _check_callable(fn_or_model)
+        lowered = jax.jit(fn_or_model).lower(*args)
+    analysis = lowered.compile().cost_analysis()
     if isinstance(analysis, dict):
         analysis = [analysis]
     if not analysis or any(not isinstance(a, dict) for a in analysis):
