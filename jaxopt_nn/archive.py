@@ -788,7 +788,8 @@ def save(
       path: destination file.
       params: a pytree of arrays: nested dicts / lists / tuples, Linen
         ``{'params': ...}`` dicts, or an NNX ``nnx.State`` (stored as its
-        pure dict). Dict keys must be ``str`` or ``int``.
+        pure dict). Dict keys must be ``str`` or ``int`` in
+        ``[-2**31, 2**31)``; ``None`` and empty containers are kept.
       codebooks: mapping from leaf name (as :func:`jaxopt_nn.tree.path_name`,
         e.g. ``'fc1/kernel'``) to its :class:`~jaxopt_nn.quantization.Codebook`.
       where: which leaves without a codebook may be stored sparse (see
@@ -809,7 +810,10 @@ def save(
 
     Raises:
       ValueError: on out-of-range options, codebook names that are not
-        leaves, or codebooks whose shapes or indices do not fit their leaf.
+        leaves, codebooks whose shapes or indices do not fit their leaf or
+        whose used centroids are not finite (in the leaf's dtype and in
+        ``centroid_dtype``), or a tree or metadata beyond the reader's limits
+        (too deep, too many header values, integer keys out of range).
       TypeError: on leaves that are not arrays of a supported dtype.
       OSError: if the file cannot be written (naming ``path``).
     """

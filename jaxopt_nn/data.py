@@ -3,7 +3,10 @@
 Every loader returns a :class:`Dataset` of NHWC ``float32`` images and
 ``int32`` labels, and checks what it reads: a bad file raises ``ValueError``
 (a missing one ``FileNotFoundError``) whose message names the file and the
-problem. :func:`batches` is the seeded shuffling batch iterator.
+problem. Files are untrusted: each header (IDX dimensions, ``.npy`` shape and
+dtype) is checked against the file and against ``max_bytes`` before the data
+is read or inflated, so a small file cannot make a loader allocate or inflate
+more than it declares. :func:`batches` is the seeded shuffling batch iterator.
 """
 
 from __future__ import annotations

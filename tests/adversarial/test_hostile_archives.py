@@ -241,3 +241,22 @@ def test_evaluate_refuses_a_hostile_archive_in_one_line(bounded, builds, case):
     lines = reply["result"]["stderr"].splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxopt-nn evaluate: error: archive"), lines
     assert re.search(HOSTILE[case][1], lines[0]), lines
+
+
+def test_the_max_bytes_option_parses_byte_counts():
+    import argparse
+
+    from jaxopt_nn import cli
+
+    parse = cli._byte_count
+    assert [parse(t) for t in ("none", "1000", "4K", "512M", "16GiB", "2gb")] == [
+        None,
+        1000,
+        4 << 10,
+        512 << 20,
+        16 << 30,
+        2 << 30,
+    ]
+    for bad in ("", "-1", "4x", "1.5G", "G"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be 'none' or a byte count"):
+            parse(bad)
