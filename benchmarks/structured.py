@@ -57,7 +57,7 @@ def _accuracy(model: nnx.Module, dataset: data.Dataset, param_transform=None) ->
 
 def _latency(dense: nnx.Module, model: nnx.Module, dataset: data.Dataset, rounds: int) -> dict:
     out = {}
-    for batch, repeats in ((1, 50), (128, 10)):
+    for batch, repeats in ((1, 40), (128, 10)):
         x = jnp.asarray(dataset.x_test[:batch])
         timing = speed.compare_latency(dense, model, x, repeats=repeats, rounds=rounds)
         out[f"b{batch}"] = {
@@ -112,6 +112,7 @@ def _masked_baseline(dense, dataset, fraction, epochs, rounds) -> list[dict]:
 
 
 DENSE_EPOCHS = {"LeNet-300-100": 20, "LeNet-5": 15, "ResNet-20": 12}
+FINETUNE_EPOCHS = {"LeNet-300-100": 10, "LeNet-5": 6, "ResNet-20": 3}  # per step
 
 
 def run(quick: bool, save: Callable[[dict], None]) -> dict:
@@ -120,7 +121,7 @@ def run(quick: bool, save: Callable[[dict], None]) -> dict:
     results = {}
     for name, (make, fractions, headline) in MODELS.items():
         epochs = 2 if quick else DENSE_EPOCHS[name]
-        finetune = 1 if quick else 3
+        finetune = 1 if quick else FINETUNE_EPOCHS[name]
         fit = train.fit(make(nnx.Rngs(0)), optax.adam(1e-3), dataset, epochs=epochs, progress=False)
         dense = train.to_model(fit.graphdef, fit.state)
         rows = [_row("dense", dense, dense, dataset, rounds)]
@@ -172,7 +173,7 @@ def main() -> None:
                 "backend": jax.default_backend(),
             },
             "dense_epochs": DENSE_EPOCHS,
-            "finetune_epochs_per_step": 3,
+            "finetune_epochs_per_step": FINETUNE_EPOCHS,
             "steps": 3,
             "latency_rounds": 11,
             "complete": len(results) == len(MODELS),

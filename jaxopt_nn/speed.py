@@ -100,14 +100,11 @@ def _check_count(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}; got {name}={value!r}")
 
 
-def _timed(call: Callable[..., Any], args: tuple, repeats: int) -> float:
-    """Seconds per call, averaged over ``repeats`` back-to-back calls."""
+def _timed(call: Callable[..., Any], args: tuple) -> float:
+    """Seconds of one call, until its result is ready."""
     start = time.perf_counter()
-    out = None
-    for _ in range(repeats):
-        out = call(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
+    jax.block_until_ready(call(*args))
+    return time.perf_counter() - start
 
 
 def latency(
@@ -120,16 +117,16 @@ def latency(
     """Median wall-clock seconds per call of the jitted function.
 
     The function is jitted (a module as a function of its state) and called
-    ``warmup`` times (compilation included), then ``rounds`` times
-    ``repeats`` back-to-back calls are timed, each round ending with
-    ``jax.block_until_ready``. The result is the median over the rounds of
-    the mean time per call in a round.
+    ``warmup`` times (compilation included), then ``rounds * repeats`` calls
+    are timed one by one, each until ``jax.block_until_ready`` returns. The
+    result is the median of these times (robust to the spikes of a busy
+    machine).
 
     Args:
       fn_or_model: a function of ``args`` or an NNX module called on ``args``.
       *args: the arguments of each call.
-      repeats: calls per timed round (>= 1).
-      rounds: timed rounds (>= 1).
+      repeats: timed calls per round (>= 1).
+      rounds: rounds (>= 1): ``rounds * repeats`` timed calls in all.
       warmup: untimed calls first (>= 1, the first one compiles).
 
     Returns:
@@ -148,8 +145,9 @@ def latency(
     _check_count("rounds", rounds, 1)
     _check_count("warmup", warmup, 1)
     call = _jitted(fn_or_model)
-    _timed(call, args, warmup)
-    return statistics.median(_timed(call, args, repeats) for _ in range(rounds))
+    for _ in range(warmup):
+        _timed(call, args)
+    return statistics.median(_timed(call, args) for _ in range(rounds * repeats))
 
 
 def compare_latency(
@@ -162,18 +160,18 @@ def compare_latency(
 ) -> LatencyComparison:
     """Latency of a baseline and a candidate measured in interleaved rounds.
 
-    Both are jitted and warmed up, then ``rounds`` times each is timed for
-    ``repeats`` back-to-back calls on the same ``args``; the order alternates
-    every round (baseline first, then candidate first) so that a slow phase of
-    the machine hits both. Reported: the median seconds per call of each and
-    ``speedup = baseline / candidate``.
+    Both are jitted and warmed up, then ``rounds * repeats`` calls of each are
+    timed one by one on the same ``args``, alternating between the two (the
+    order within a pair flips every pair: baseline first, then candidate
+    first) so that a slow phase of the machine hits both alike. Reported: the
+    median seconds per call of each and ``speedup = baseline / candidate``.
 
     Args:
       baseline: the reference function or NNX module.
       candidate: the function or module to compare against it.
       *args: the arguments of each call, shared by both.
-      repeats: calls per timed round (>= 1).
-      rounds: timed rounds per callable (>= 1).
+      repeats: timed calls per round (>= 1).
+      rounds: rounds (>= 1); each callable is timed ``rounds * repeats`` times.
       warmup: untimed calls of each first (>= 1, the first one compiles).
 
     Returns:
@@ -195,11 +193,11 @@ def compare_latency(
     _check_count("warmup", warmup, 1)
     calls = (_jitted(baseline), _jitted(candidate))
     for call in calls:
-        _timed(call, args, warmup)
+        for _ in range(warmup):
+            _timed(call, args)
     times: tuple[list[float], list[float]] = ([], [])
-    for r in range(rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for i in order:
-            times[i].append(_timed(calls[i], args, repeats))
+    for pair in range(rounds * repeats):
+        for i in (0, 1) if pair % 2 == 0 else (1, 0):
+            times[i].append(_timed(calls[i], args))
     base, cand = statistics.median(times[0]), statistics.median(times[1])
     return LatencyComparison(base, cand, base / cand)
