@@ -683,11 +683,16 @@ def _groups_from_graph(g: _Graph, variables: list[tuple[str, Dims]]) -> list[Cha
             for position, e in enumerate(elements.tolist()):
                 entries[g.find(e)][(v, axis)].append(position)
 
+    owners: dict[int, list[int]] = defaultdict(list)  # component root -> product roots
+    for product_root, comps in parts.items():
+        for comp in comps:
+            owners[comp].append(product_root)
+
     def collect(root: int, into: dict[tuple[int, int], list[int]], depth: int) -> None:
         for key, positions in entries.get(root, {}).items():
             into[key].extend(positions)
-        for product_root, comps in parts.items():
-            if root in comps and depth < 8:
+        for product_root in owners.get(root, ()):
+            if depth < 8:  # products of products (a flatten after a channel multiplier)
                 collect(product_root, into, depth + 1)
 
     signatures: dict[tuple, list[dict[tuple[int, int], list[int]]]] = defaultdict(list)
