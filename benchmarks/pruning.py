@@ -6,9 +6,13 @@
     global magnitude), with bool and bit-packed mask state; and the bytes of
     the mask state.
 (b) test accuracy vs sparsity of LeNet-300-100 on digits, pruned during
-    training from scratch: magnitude (layer, global, global normalised),
-    saliency (global normalised), 1x4 blocks, random, and 2:4 (only at 50%).
-    One seed per cell.
+    training from scratch: gradual magnitude (layer, global, global
+    normalised), saliency (global normalised), 4x1 blocks (4 inputs of one
+    unit), random, 2:4 (only at 50%); sparse from the first step: SET and
+    RigL (ERK, drop-and-grow every 10 steps until 3/4 of training) and static
+    masks (the dense run's magnitude masks on the same initial weights, a
+    one-shot lottery ticket). One seed per cell (3 seeds and ResNet-20 would
+    take hours on this CPU).
 (c) dense vs ``to_sparse`` (BCOO) inference time of the LeNet-300-100 kernels.
 
 Run: ``python benchmarks/pruning.py [--quick]``; writes
@@ -101,16 +105,29 @@ def accuracy_vs_sparsity(epochs: int, sparsities: list[float]) -> list[dict]:
 
     lr = optax.cosine_decay_schedule(3e-3, steps)
 
-    def accuracy(tx):
+    def fit(tx):
         result = train.fit(model(), tx, ds, epochs=epochs, progress=False)
         acc = train.evaluate(result.graphdef, result.state, ds.x_test, ds.y_test)["accuracy"]
-        summary = pruning.sparsity_summary(result.state.params)
-        return float(acc), summary.total.sparsity
+        return float(acc), result.state.params
+
+    def accuracy(tx):
+        acc, params = fit(tx)
+        return acc, pruning.sparsity_summary(params).total.sparsity
+
+    def dynamic(method):
+        # sparse from the first step, drop-and-grow every 10 steps until 3/4 of training
+        return lambda s: pruning.prune(
+            pruning.constant(s, frequency=10),
+            method=method,
+            key=jax.random.key(0),
+            update_end=3 * steps // 4,
+            inner=optax.adam(lr),
+        )
 
     def sched(s):
         return pruning.polynomial_schedule(s, steps // 8, steps // 2, frequency=10)
 
-    dense_acc, _ = accuracy(optax.adam(lr))
+    dense_acc, dense_params = fit(optax.adam(lr))
     rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0, "accuracy": dense_acc}]
     methods = {
         "magnitude (layer)": after_adam(),
@@ -122,6 +139,13 @@ def accuracy_vs_sparsity(epochs: int, sparsities: list[float]) -> list[dict]:
         ),
         "magnitude 4x1 blocks (layer)": after_adam(block=(4, 1)),
         "random": after_adam(method="random", key=jax.random.key(0)),
+        "SET (ERK, from scratch)": dynamic("set"),
+        "RigL (ERK, from scratch)": dynamic("rigl"),
+        # a one-shot lottery ticket: the dense run's magnitude masks, same initial weights
+        "static (ticket of the dense run)": lambda s: optax.chain(
+            optax.adam(lr),
+            pruning.prune(None, method="static", masks=pruning.magnitude_masks(dense_params, s)),
+        ),
     }
     for s in sparsities:
         for name, make in methods.items():
@@ -179,14 +203,17 @@ def sparse_inference(repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller, faster run")
+    parser.add_argument("--epochs", type=int, help="epochs per accuracy run (default 40)")
+    parser.add_argument("--sparsities", type=float, nargs="+", help="targets of (b)")
     args = parser.parse_args()
     quick = args.quick
-    sparsities = [0.5, 0.9] if quick else [0.5, 0.8, 0.9, 0.95, 0.98]
+    sparsities = args.sparsities or ([0.5, 0.9] if quick else [0.5, 0.8, 0.9, 0.95, 0.98])
+    epochs = args.epochs or (10 if quick else 40)
     print("(a) train-step overhead", flush=True)
     overhead = step_overhead(rounds=3 if quick else 7, per_round=10 if quick else 30)
     state_bytes = mask_state_bytes()
     print("(b) accuracy vs sparsity", flush=True)
-    accuracy = accuracy_vs_sparsity(10 if quick else 40, sparsities)
+    accuracy = accuracy_vs_sparsity(epochs, sparsities)
     print("(c) BCOO inference", flush=True)
     inference = sparse_inference(10 if quick else 40)
     result = {
@@ -194,6 +221,7 @@ def main() -> None:
         "platform": platform.platform(),
         "jax": jax.__version__,
         "quick": quick,
+        "epochs": epochs,
         "step_overhead": overhead,
         "mask_state_bytes": state_bytes,
         "accuracy_vs_sparsity": accuracy,

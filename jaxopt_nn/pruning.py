@@ -45,7 +45,17 @@ PyTree = Any
 Sparsity = float | jax.Array | Mapping[str, float | jax.Array]
 
 _SCOPES = ("layer", "global")
-_METHODS = ("magnitude", "saliency", "random", "nm", "structured", "static", "set", "rigl")
+_METHODS = (
+    "magnitude",
+    "saliency",
+    "random",
+    "nm",
+    "structured",
+    "static",
+    "set",
+    "rigl",
+    "ste",
+)
 _DYNAMIC = ("set", "rigl")
 _DISTRIBUTIONS = ("uniform", "erk")
 
@@ -1164,6 +1174,46 @@ def _zero_pruned(x: Any, mk: jax.Array | None) -> Any:
     return jnp.where(mk, x, jnp.zeros((), x.dtype))
 
 
+def straight_through(params: PyTree, masks: PyTree) -> PyTree:
+    r"""Masked weights whose gradient is the dense one (straight-through estimator).
+
+    .. math::
+
+      \tilde w = w + \operatorname{stop\_gradient}(w \odot m - w), \qquad
+      \partial L / \partial w = \partial L / \partial \tilde w
+
+    The forward value is exactly ``where(m, w, 0)``. Use it inside the loss
+    with ``prune(..., method='ste')``'s ``state.masks``.
+
+    Args:
+      params: parameter pytree.
+      masks: bool masks (or the bit-packed masks of ``prune(packed=True)``),
+        a tree like ``params`` (``None`` leaves pass through).
+
+    Returns:
+      ``params`` with pruned weights exactly 0.0 in the forward pass.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> w, m = {'w': jnp.array([1., -2.])}, {'w': jnp.array([True, False])}
+      >>> straight_through(w, m)['w'], jax.grad(lambda p: straight_through(p, m)['w'].sum())(w)['w']
+      (Array([1., 0.], dtype=float32), Array([1., 1.], dtype=float32))
+
+    References:
+      Bengio, Leonard, Courville, "Estimating or Propagating Gradients
+      Through Stochastic Neurons", https://arxiv.org/abs/1308.3432, 2013.
+    """
+
+    def forward(p: Any, mk: Any) -> Any:
+        if mk is None:
+            return p
+        mk = _unpack(mk, p) if mk.dtype == jnp.uint8 else mk
+        return p + jax.lax.stop_gradient(jnp.where(mk, p, jnp.zeros((), p.dtype)) - p)
+
+    return jax.tree.map(forward, params, masks)
+
+
 def _pack(mask: jax.Array) -> jax.Array:
     """Bits of ``mask`` packed along its first axis (``uint8``); a scalar stays bool."""
     if mask.ndim == 0:
@@ -1269,6 +1319,14 @@ def prune(
     (e.g. a lottery ticket: masks of a trained model applied to the
     rewound initial weights), applied from the first step on; it takes
     ``schedule=None`` and the selection from ``masks``.
+
+    ``'ste'`` (straight-through estimator, Bengio et al. 2013; as jaxpruner's
+    ``SteMagnitudePruning``) keeps training the dense weights: updates are
+    not masked, the magnitude masks are recomputed on the schedule (a pruned
+    weight can come back), and the forward pass uses
+    :func:`straight_through` ``(params, state.masks)``: exactly zero at pruned
+    positions, with the dense gradient. Export with
+    ``apply_masks(params, state.masks)`` for exact zeros.
 
     Dynamic sparse training, ``'set'`` (Mocanu et al. 2018) and ``'rigl'``
     (Evci et al. 2020), trains sparse from scratch: ``init`` draws random
@@ -1438,9 +1496,10 @@ def prune(
             "got inner=None"
         )
     _check_block(block)
-    if (block is not None or normalize) and method not in ("magnitude", "saliency"):
+    if (block is not None or normalize) and method not in ("magnitude", "saliency", "ste"):
         raise ValueError(
-            f"block and normalize apply to method 'magnitude' or 'saliency'; got method={method!r}"
+            "block and normalize apply to method 'magnitude', 'saliency' or 'ste'; "
+            f"got method={method!r}"
         )
     if distribution == "erk" and (
         scope != "layer" or method not in ("magnitude", "random", *_DYNAMIC)
@@ -1482,7 +1541,7 @@ def prune(
         if distribution == "erk":
             values = _erk_sparsities([np.shape(leaf) for leaf in leaves], sparsity, 1.0)
             sparsities = [values[i] for i in range(len(named))]
-        if method in ("magnitude", "saliency"):
+        if method in ("magnitude", "saliency", "ste"):
             scores = (
                 _saliency(named, grads)
                 if method == "saliency"
@@ -1547,7 +1606,8 @@ def prune(
         inner_state = state.inner_state
         before = jax.tree.map(load, stored, params, is_leaf=_is_none)
         if inner is not None:
-            masked = jax.tree.map(_zero_pruned, updates, before)
+            # STE trains the dense weights: its gradients are not masked.
+            masked = updates if method == "ste" else jax.tree.map(_zero_pruned, updates, before)
             updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
 
         def refresh(carry):
@@ -1557,7 +1617,7 @@ def prune(
             else:
                 new = compute_masks(named, schedule(state.count), grads)
             masks = _unflatten(flags, params, new)
-            if inner is not None:
+            if inner is not None and method != "ste":
                 inner_state = optax.tree_map_params(
                     inner,
                     _zero_pruned,
@@ -1583,9 +1643,10 @@ def prune(
                 before,
                 is_leaf=_is_none,
             )
-        updates = jax.tree.map(
-            lambda u, p, mk: u if mk is None else jnp.where(mk, u, -p), updates, params, active
-        )
+        if method != "ste":
+            updates = jax.tree.map(
+                lambda u, p, mk: u if mk is None else jnp.where(mk, u, -p), updates, params, active
+            )
         masks = jax.tree.map(
             lambda mk, old: old if mk is None else mk, stored, state.masks, is_leaf=_is_none
         )

@@ -959,3 +959,37 @@ def test_dynamic_sparse_training_drops_and_grows_at_exact_sparsity(method, getke
         if any(not np.array_equal(history[t][n], history[t - 1][n]) for n in ("l1", "l2"))
     ]
     assert changed == [3, 6], changed  # no update from update_end on
+
+
+def test_ste_trains_dense_weights_through_a_masked_forward(getkey):
+    sched = pruning.polynomial_schedule(0.75, 0, 6, frequency=2)
+    tx = optax.chain(optax.sgd(0.1), pruning.prune(sched, method="ste"))
+    params = _mlp_params(getkey())
+    x = jax.random.normal(getkey(), (32, 16))
+    y = jnp.sin(x[:, :8])
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        masks = state[1].masks
+        grads = jax.grad(lambda p: _loss(pruning.straight_through(p, masks), x, y))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    history = []
+    for t in range(8):
+        before = params
+        params, state = step(params, state)
+        mk = np.asarray(state[1].masks["l1"]["kernel"])
+        assert (~mk).sum() == _round_f32(_jitted_value(sched, t), mk.size), t
+        forward = pruning.straight_through(params, state[1].masks)["l1"]["kernel"]
+        np.testing.assert_array_equal(np.asarray(forward)[~mk], 0.0)
+        history.append(mk)
+    # Pruned weights keep their dense values and keep training (dense gradients).
+    w, w0 = np.asarray(params["l1"]["kernel"]), np.asarray(before["l1"]["kernel"])
+    assert np.all(w[~mk] != 0) and np.any(w[~mk] != w0[~mk])
+    exported = pruning.apply_masks(params, state[1].masks)
+    assert (np.asarray(exported["l1"]["kernel"]) == 0).sum() == (~mk).sum()
+    assert len(traces) == 1
