@@ -1159,20 +1159,26 @@ def _scan_section(name: str, record: list, payload: bytes) -> _Section:
 
 
 def _positions(symbols: np.ndarray, index_bits: int, size: int, what: str) -> np.ndarray:
-    """Kept positions from relative indices (fillers advance by 2**bits - 1)."""
+    """Kept positions from relative indices (fillers advance by 2**bits - 1).
+
+    The last position is computed first (in int64, without a temporary), so
+    the running sum runs in int32 whenever the tensor allows it.
+    """
     filler = (1 << index_bits) - 1
     if symbols.size and symbols[-1] == filler:
         raise ArchiveError(f"{what}: position stream ends with a filler symbol")
     is_filler = symbols == filler
-    ends = symbols.astype(np.int64)
+    fillers = int(np.count_nonzero(is_filler))
+    end = int(symbols.sum(dtype=np.int64)) + symbols.size - fillers  # last position + 1
+    if symbols.size and end > size:
+        raise ArchiveError(f"{what}: kept position {end - 1} outside a tensor of {size}")
+    ends = symbols.astype(np.int32 if end < 2**31 else np.int64)
     ends += 1
-    ends[is_filler] = filler
+    if fillers:
+        ends[is_filler] = filler
     np.cumsum(ends, out=ends)
     ends -= 1
-    positions = ends[~is_filler]
-    if positions.size and positions[-1] >= size:
-        raise ArchiveError(f"{what}: kept position {positions[-1]} outside a tensor of {size}")
-    return positions
+    return ends[~is_filler] if fillers else ends
 
 
 def _finish_section(

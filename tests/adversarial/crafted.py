@@ -154,11 +154,14 @@ def huge_sparse_tensors(count: int = 8, size: int = 2**31) -> bytes:
 
 def one_bit_stream(symbols: int) -> bytes:
     """``symbols`` copies of symbol 0, coded with one bit each."""
+    chunk = 4096 if symbols <= 2**16 else 1024  # the format's chunk size
+    chunk_bits = np.full(-(-symbols // chunk) - 1, chunk, "<u2")  # every chunk but the last
     return (
         leb128(symbols)
         + leb128(1)  # a table of one symbol
         + bytes([1])  # one bit per code length
         + bytes([0x80])  # code length 1
+        + chunk_bits.tobytes()
         + leb128(symbols)  # payload bits, all zero
         + bytes(-(-symbols // 8))
     )

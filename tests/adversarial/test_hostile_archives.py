@@ -260,3 +260,14 @@ def test_the_max_bytes_option_parses_byte_counts():
     for bad in ("", "-1", "4x", "1.5G", "G"):
         with pytest.raises(argparse.ArgumentTypeError, match="must be 'none' or a byte count"):
             parse(bad)
+
+
+def test_memory_per_file_byte_of_a_long_stream_is_small(bounded):
+    # 2M one-bit symbols per stream (0.5 MB): decoding needs tens of bytes per file byte.
+    blob = crafted.many_one_bit_streams(1, 1 << 21)
+    reply = bounded.run("load", blob)
+    assert reply["ok"], reply
+    assert reply["result"] == {"leaves": 1, "nbytes": 4 << 21, "sum": 1.5 * (1 << 21)}
+    assert_cheap(reply)
+    per_byte = (reply["extra_mib"] * 2**20 - reply["result"]["nbytes"]) / len(blob)
+    assert per_byte < 64, f"{per_byte:.0f} bytes of memory per file byte beyond the output"
