@@ -173,6 +173,41 @@ def _block_max(a: jax.Array, block_size: int) -> jax.Array:
     return jnp.max(a.reshape(*a.shape[:-1], n_blocks, block_size), axis=-1)
 
 
+def block_absmax(x: jax.Array, quantization: BlockQuantization) -> jax.Array:
+    """float32 maximum of ``|x|`` over each block, shaped like the scales.
+
+    Where the blocks tile the last axis exactly it is ``max(max(x), -min(x))``:
+    one reduction that reads ``x`` where it lies, instead of an elementwise
+    ``|x|`` that XLA on CPU would write out before reducing it.
+    """
+    shape = _quantized_shapes(np.shape(x), quantization).scales
+    fn = functools.partial(_block_absmax, quantization=quantization)
+    return _like(x, tuple(shape), fn, x)
+
+
+def stored_absmax(q: BlockQuantizedArray, code: Code, quantization: BlockQuantization) -> jax.Array:
+    """The largest magnitude each block of ``q`` can hold (of the root, for 'sqrt')."""
+    return q.scales * _largest(code, quantization.bits)
+
+
+def _block_absmax(x: jax.Array, quantization: BlockQuantization) -> jax.Array:
+    assert quantization.block_size is not None
+    x = jnp.asarray(x, jnp.float32).reshape(_rows(np.shape(x)))
+    *lead, n = x.shape
+    block_size = quantization.block_size
+    if n % block_size:
+        return _block_max(jnp.abs(x), block_size)
+    blocks = x.reshape(*lead, n // block_size, block_size)
+    # One variadic reduction: the maximum and the minimum in the same loop.
+    high, low = jax.lax.reduce(
+        (blocks, blocks),
+        (jnp.float32(-jnp.inf), jnp.float32(jnp.inf)),
+        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+        (blocks.ndim - 1,),
+    )
+    return jnp.maximum(high, -low)
+
+
 def _pack(c: jax.Array, bits: int) -> jax.Array:
     """uint8 codes: one per byte (8 bits) or two per byte along the last axis (4 bits)."""
     if bits == 8:
@@ -188,16 +223,22 @@ def _unpack(codes: jax.Array, n: int, bits: int) -> jax.Array:
     c = codes.astype(jnp.int32)
     if bits == 8:
         return c
-    pairs = jnp.stack([c & 15, c >> 4], axis=-1)
+    # Broadcast each byte to its two codes and shift by 0 or 4: elementwise
+    # index arithmetic that XLA fuses into the consumer.
+    shape = (*c.shape, 2)
+    wide = jax.lax.broadcast_in_dim(c, shape, tuple(range(c.ndim)))
+    pairs = (wide >> (4 * jax.lax.broadcasted_iota(jnp.int32, shape, c.ndim))) & 15
     return pairs.reshape(*c.shape[:-1], 2 * c.shape[-1])[..., :n]
 
 
-def _quantize(x: jax.Array, code: Code, quantization: BlockQuantization) -> BlockQuantizedArray:
+def _quantize(
+    x: jax.Array, bound: jax.Array | None, code: Code, quantization: BlockQuantization
+) -> BlockQuantizedArray:
     bits, block_size = quantization.bits, quantization.block_size
     assert block_size is not None
     x = x.astype(jnp.float32).reshape(_rows(np.shape(x)))
     magnitude = jnp.sqrt(x) if code == "sqrt" else jnp.abs(x)
-    absmax = _block_max(magnitude, block_size)
+    absmax = _block_max(magnitude, block_size) if bound is None else bound
     largest = _largest(code, bits)
     scales = absmax / largest
     inverse = jnp.where(absmax > 0, largest / jnp.where(absmax > 0, absmax, 1), 0)
@@ -278,10 +319,31 @@ def _like(x: Any, shapes: Any, fn: Any, *args: Any) -> Any:
     return jax.sharding.auto_axes(fn, out_sharding=out)(*args)
 
 
-def quantize(x: jax.Array, code: Code, quantization: BlockQuantization) -> BlockQuantizedArray:
-    """Store ``x`` block-wise with ``code`` ('signed' or 'sqrt') as ``quantization`` says."""
+def quantize(
+    x: jax.Array,
+    code: Code,
+    quantization: BlockQuantization,
+    bound: jax.Array | None = None,
+) -> BlockQuantizedArray:
+    """Store ``x`` block-wise with ``code`` ('signed' or 'sqrt') as ``quantization`` says.
+
+    Args:
+      x: the tensor (``x >= 0`` for the 'sqrt' code).
+      code: 'signed' or 'sqrt'.
+      quantization: bit width and block size.
+      bound: an upper bound of each block's maximum magnitude (of
+        ``sqrt(x)`` for the 'sqrt' code), shaped like the scales, used as the
+        block's scale instead of the maximum itself, which then needs no
+        reduction over ``x``. A bound a few times too large costs the float
+        codes no relative precision, only range at the small end; magnitudes
+        above it are clipped to the largest code.
+
+    Returns:
+      The :class:`BlockQuantizedArray`.
+    """
     shapes = _quantized_shapes(np.shape(x), quantization)
-    return _like(x, shapes, functools.partial(_quantize, code=code, quantization=quantization), x)
+    fn = functools.partial(_quantize, code=code, quantization=quantization)
+    return _like(x, shapes, fn, x, bound)
 
 
 def dequantize(

@@ -31,9 +31,11 @@ from jaxopt_nn._blockwise import (
     BlockQuantization,
     BlockQuantizedArray,
     Code,
+    block_absmax,
     dequantize,
     filled,
     quantize,
+    stored_absmax,
 )
 
 __all__ = [
@@ -228,14 +230,45 @@ def _load(stored: Any, g: jax.Array, code: Code, quantization: BlockQuantization
     return dequantize(stored, code, np.shape(g), quantization).astype(jnp.result_type(g))
 
 
+def _bound(
+    g: jax.Array,
+    stored: BlockQuantizedArray,
+    decay: Any,
+    code: Code,
+    quantization: BlockQuantization,
+) -> jax.Array | None:
+    """An upper bound of the new moment's block maxima (of its root for 'sqrt'), or None.
+
+    From the stored maxima ``M`` and the gradient's block maxima ``G``:
+    ``|m'| <= decay * M + (1 - decay) * G`` and ``sqrt(v') <= sqrt(decay * M**2
+    + (1 - decay) * G**2)``, so the codes are written in the same pass that
+    computes the moments, with no reduction over them. The float codes lose no
+    relative precision to a loose scale; 4-bit codes, with only 8 (first
+    moment) or 128 (root) between their smallest and largest magnitude, take
+    the exact maxima (``None``).
+    """
+    if quantization.bits == 4:
+        return None
+    peak = stored_absmax(stored, code, quantization)
+    grad = block_absmax(g, quantization)
+    if code == "signed":
+        return decay * peak + (1 - decay) * grad
+    return jnp.sqrt(decay * peak * peak + (1 - decay) * grad * grad)
+
+
 def _store(
-    value: jax.Array, stored: Any, code: Code, quantization: BlockQuantization | None
+    value: jax.Array,
+    stored: Any,
+    g: jax.Array,
+    decay: Any,
+    code: Code,
+    quantization: BlockQuantization | None,
 ) -> Any:
     """``value`` in the storage format (dtype, or quantized) of ``stored``."""
     if not isinstance(stored, BlockQuantizedArray):
         return value.astype(stored.dtype)
     assert quantization is not None
-    return quantize(value, code, quantization)
+    return quantize(value, code, quantization, _bound(g, stored, decay, code, quantization))
 
 
 def _ema(
@@ -269,10 +302,11 @@ def _store_tree(
     updates: optax.Updates,
     values: optax.Updates,
     stored: optax.Updates,
+    decay: Any,
     code: Code,
     quantization: BlockQuantization | None,
 ) -> optax.Updates:
-    return _map(lambda _, v, s: _store(v, s, code, quantization), updates, values, stored)
+    return _map(lambda g, v, s: _store(v, s, g, decay, code, quantization), updates, values, stored)
 
 
 # ---------------------------------------------------------------------------
@@ -352,8 +386,8 @@ def scale_by_adam(
         new_updates = _map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
         return new_updates, ScaleByAdamState(
             count=count,
-            mu=_store_tree(updates, mu, state.mu, "signed", quantization),
-            nu=_store_tree(updates, nu, state.nu, "sqrt", quantization),
+            mu=_store_tree(updates, mu, state.mu, b1, "signed", quantization),
+            nu=_store_tree(updates, nu, state.nu, b2, "sqrt", quantization),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -420,7 +454,7 @@ def scale_by_rms(
     ) -> tuple[optax.Updates, ScaleByRmsState | ScaleByRmsWithCountState]:
         del params, extra_args
         nu = _ema(updates, state.nu, decay, 2, "sqrt", quantization)
-        stored = _store_tree(updates, nu, state.nu, "sqrt", quantization)
+        stored = _store_tree(updates, nu, state.nu, decay, "sqrt", quantization)
         if isinstance(state, ScaleByRmsWithCountState):
             count = optax.safe_increment(state.count)
             nu = _bias_correction(nu, decay, count)
@@ -483,8 +517,8 @@ def scale_by_stddev(
         del params, extra_args
         mu = _ema(updates, state.mu, decay, 1, "signed", None)
         nu = _ema(updates, state.nu, decay, 2, "sqrt", None)
-        stored_mu = _store_tree(updates, mu, state.mu, "signed", None)
-        stored_nu = _store_tree(updates, nu, state.nu, "sqrt", None)
+        stored_mu = _store_tree(updates, mu, state.mu, decay, "signed", None)
+        stored_nu = _store_tree(updates, nu, state.nu, decay, "sqrt", None)
         if isinstance(state, ScaleByRStdDevWithCountState):
             count = optax.safe_increment(state.count)
             mu, nu = _bias_correction(mu, decay, count), _bias_correction(nu, decay, count)

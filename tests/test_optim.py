@@ -532,8 +532,10 @@ def test_8bit_keeps_dtypes_and_tracks_float_state(name, dtype):
     moved = np.abs(np.asarray(p32["w"], np.float32) - np.asarray(params["w"], np.float32))
     error = np.abs(np.asarray(p8["w"], np.float32) - np.asarray(p32["w"], np.float32))
     assert np.median(moved) > 0.02
+    # Each step's m and sqrt(v) are rounded by up to 1/16 and 1/32 of their
+    # value; over 50 steps the drift stays well under 1/8 of the movement.
     # bfloat16 spacing near 1 (2**-8) alone is ~7% of the median movement.
-    assert np.mean(error) < (0.05 if dtype == jnp.float32 else 0.1) * np.mean(moved)
+    assert np.mean(error) < (1 / 8 if dtype == jnp.float32 else 1 / 5) * np.mean(moved)
     # Small leaves keep floating-point moments: same steps up to XLA fusion rounding.
     np.testing.assert_allclose(p8["b"], p32["b"], rtol=1e-6)
 
@@ -722,3 +724,35 @@ def test_4bit_adam_trains_lenet_on_digits():
     )
     metrics = train.evaluate(result.graphdef, result.state, digits.x_test, digits.y_test)
     assert metrics["accuracy"] > 0.9
+
+
+def _compiled_step(tx, params):
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    state = jax.eval_shape(tx.init, params)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+
+
+def test_8bit_adam_step_moves_fewer_bytes_than_float32_and_writes_no_float_moments():
+    shape = (256, 1024)
+    params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+    quantized = _compiled_step(optim.adam(1e-3, eight_bit=True), params)
+    reference = _compiled_step(optim.adam(1e-3), params)
+
+    def bytes_accessed(compiled):
+        cost = compiled.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
+
+    # The moments are read and written as bytes, the block maxima come from
+    # the gradient (no pass over decoded moments): below float32 Adam's traffic.
+    assert bytes_accessed(quantized) <= 0.9 * bytes_accessed(reference)
+    # The only float32 tensor of the parameter's size the step writes is the
+    # new parameter: no decoded or new moment goes through memory.
+    full = f"f32[{shape[0]},{shape[1]}]"
+    entry = quantized.as_text().split("ENTRY", 1)[1]
+    written = [
+        line for line in entry.splitlines() if f"= {full}" in line and "parameter(" not in line
+    ]
+    assert len(written) == 1, written
