@@ -1653,3 +1653,87 @@ def prune(
         return updates, PruneState(optax.safe_increment(state.count), masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_SCHEDULES: dict[str, Callable[..., SparsitySchedule]] = {
+    "polynomial": polynomial_schedule,
+    "one_shot": one_shot,
+    "constant": constant,
+}
+_CONFIG_KEYS = (
+    "method",
+    "scope",
+    "distribution",
+    "n",
+    "m",
+    "axis",
+    "norm",
+    "normalize",
+    "packed",
+    "update_fraction",
+    "update_end",
+)
+
+
+def pruner_from_config(
+    config: Mapping[str, Any],
+    *,
+    inner: optax.GradientTransformation | None = None,
+    where: tree_lib.Where = None,
+    masks: PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """A :func:`prune` transform from a plain dict (JSON/YAML sweeps).
+
+    The dict holds ``prune``'s keyword arguments that are plain values
+    (``method``, ``scope``, ``distribution``, ``n``, ``m``, ``axis``,
+    ``norm``, ``normalize``, ``packed``, ``update_fraction``,
+    ``update_end``), ``block`` as a list ``[bh, bw]``, ``seed`` (an int, for
+    the ``key`` of random/set/rigl) and exactly one of ``sparsity`` (a number:
+    :func:`constant`) and ``schedule``: ``{'type': 'polynomial' | 'one_shot'
+    | 'constant', ...}`` with the keyword arguments of that schedule. Objects
+    that are no plain values (``inner``, ``where``, static ``masks``) are
+    keyword arguments here.
+
+    Args:
+      config: the dict.
+      inner: optimizer to wrap (saliency, rigl need one).
+      where: which leaves to prune.
+      masks: fixed masks of ``method='static'``.
+
+    Returns:
+      The transform ``prune(...)`` builds.
+
+    Raises:
+      ValueError: for an unknown key or schedule type, a missing or doubled
+        sparsity, or anything :func:`prune` refuses.
+
+    Example:
+      >>> tx = pruner_from_config({
+      ...     'method': 'magnitude', 'scope': 'global',
+      ...     'schedule': {'type': 'polynomial', 'final_sparsity': 0.9,
+      ...                  'begin_step': 0, 'end_step': 100, 'frequency': 10}})
+      >>> type(tx).__name__
+      'GradientTransformationExtraArgs'
+    """
+    allowed = {*_CONFIG_KEYS, "block", "seed", "sparsity", "schedule"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ValueError(f"config has unknown keys {unknown}; allowed: {sorted(allowed)}")
+    given = ("sparsity" in config) + ("schedule" in config)
+    if given != (config.get("method") != "static"):
+        raise ValueError(
+            "config must hold exactly one of 'sparsity' and 'schedule' (neither with "
+            f"method 'static'); got keys {sorted(config)}"
+        )
+    schedule: Any = config.get("sparsity")
+    if "schedule" in config:
+        spec = dict(config["schedule"])
+        kind = spec.pop("type", None)
+        _check_choice("config['schedule']['type']", kind, list(_SCHEDULES))
+        schedule = _SCHEDULES[kind](**spec)
+    kwargs = {k: config[k] for k in _CONFIG_KEYS if k in config}
+    if "block" in config:
+        kwargs["block"] = tuple(config["block"])
+    if "seed" in config:
+        kwargs["key"] = jax.random.key(config["seed"])
+    return prune(schedule, inner=inner, where=where, masks=masks, **kwargs)

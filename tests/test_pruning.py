@@ -993,3 +993,40 @@ def test_ste_trains_dense_weights_through_a_masked_forward(getkey):
     exported = pruning.apply_masks(params, state[1].masks)
     assert (np.asarray(exported["l1"]["kernel"]) == 0).sum() == (~mk).sum()
     assert len(traces) == 1
+
+
+def test_pruner_from_config_builds_the_same_transform_as_prune(getkey):
+    params = _mlp_params(getkey())
+    config = {
+        "method": "magnitude",
+        "scope": "global",
+        "normalize": True,
+        "block": [2, 4],
+        "schedule": {"type": "polynomial", "final_sparsity": 0.5, "begin_step": 0, "end_step": 2},
+    }
+    direct = pruning.prune(
+        pruning.polynomial_schedule(0.5, 0, 2), scope="global", normalize=True, block=(2, 4)
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def after_three_steps(tx):
+        state, update = tx.init(params), jax.jit(tx.update)
+        for _ in range(3):
+            updates, state = update(grads, state, params)
+        return jax.tree.leaves(optax.apply_updates(params, updates))
+
+    from_config = after_three_steps(pruning.pruner_from_config(config))
+    for a, b in zip(from_config, after_three_steps(direct), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rigl = pruning.pruner_from_config(
+        {"method": "rigl", "sparsity": 0.9, "seed": 0, "update_end": 10}, inner=optax.sgd(0.1)
+    )
+    assert pruning.erk(params, 0.9)["l1/kernel"] == pytest.approx(
+        float((~np.asarray(rigl.init(params).masks["l1"]["kernel"])).mean()), abs=1e-2
+    )
+    with pytest.raises(ValueError, match=r"unknown keys \['sparsty'\]"):
+        pruning.pruner_from_config({"sparsty": 0.5})
+    with pytest.raises(ValueError, match="exactly one of 'sparsity' and 'schedule'"):
+        pruning.pruner_from_config({"sparsity": 0.5, "schedule": {"type": "constant"}})
+    with pytest.raises(ValueError, match="type"):
+        pruning.pruner_from_config({"schedule": {"type": "cubic"}})
