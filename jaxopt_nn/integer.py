@@ -344,7 +344,7 @@ class Int8Conv(nnx.Module):
         bias: jax.Array | None = None,
         *,
         strides: Sequence[int],
-        padding: str | Sequence[tuple[int, int]],
+        padding: str | Sequence[Sequence[int]],
         input_dilation: Sequence[int],
         kernel_dilation: Sequence[int],
         feature_group_count: int = 1,
@@ -465,28 +465,32 @@ class FakeQuant(nnx.Module):
         """The float layer applied to fake-quantized input and kernel."""
         layer = self.layer
         x = jnp.asarray(x).astype(jnp.float32)
-        rank = 0 if isinstance(layer, nnx.Linear) else len(layer.kernel_size)
         batch_shape = None
-        if rank:
+        if isinstance(layer, nnx.Conv):
+            rank = len(layer.kernel_size)
             x, batch_shape = _flatten_batch(x, rank)
             if x.ndim == rank + 1:
                 x, batch_shape = x[None], ()
+            kept: int | tuple[int, ...] = 0
+            kernel = layer.kernel[...]
+            if layer.mask is not None:
+                kernel = kernel * layer.mask
+        else:
+            kept, kernel = tuple(range(x.ndim - 1)), layer.kernel[...]
         if self.input_range is None:
-            kept = tuple(range(x.ndim - 1)) if not rank else 0
             x = fake_quant(x, _BITS, axis=kept, symmetric=True)
         else:
             bound = self.input_range[...]
             x = fake_quant(x, _BITS, symmetric=True, clip=(-bound, bound))
-        kernel = layer.kernel[...]
-        if rank and layer.mask is not None:
-            kernel = kernel * layer.mask
         kernel = fake_quant(kernel, _BITS, axis=kernel.ndim - 1, symmetric=True)
-        if rank:
+        if isinstance(layer, nnx.Conv):
             y = _conv(x, kernel, _ConvSpec(layer, "layer"), None)
+            bias = layer.bias[...] if layer.use_bias and layer.bias is not None else None
         else:
             y = _dense(x, kernel, None)
-        if layer.bias is not None and getattr(layer, "use_bias", True):
-            y = y + _channels_last(layer.bias[...], y.ndim)
+            bias = None if layer.bias is None else layer.bias[...]
+        if bias is not None:
+            y = y + _channels_last(bias, y.ndim)
         return _restore_batch(y, batch_shape)
 
 

@@ -23,7 +23,7 @@ from jaxopt_nn.integer import (
     to_int8,
     to_qat,
 )
-from jaxopt_nn.models import LeNet5, LeNet300100, ResNet
+from jaxopt_nn.models import LeNet5, LeNet300100, ResidualBlock
 from jaxopt_nn.quantization import quantize
 
 _apply = nnx.jit(lambda model, x: model(x))
@@ -190,8 +190,8 @@ def test_qat_gradient_reaches_the_float_weights(images):
     assert float(jnp.abs(grads["fc1"]["layer"]["kernel"][...]).sum()) > 0
 
 
-def _resnet_with_statistics():
-    model = ResNet(8, width=4, in_channels=1, rngs=nnx.Rngs(0))
+def _block_with_statistics():
+    model = ResidualBlock(1, 4, stride=2, rngs=nnx.Rngs(0))
     for i, (_, bn) in enumerate(
         (p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.BatchNorm)
     ):
@@ -204,15 +204,15 @@ def _resnet_with_statistics():
     return model
 
 
-def test_fold_batchnorm_keeps_resnet_outputs_and_converts(images):
-    model = _resnet_with_statistics()
+def test_fold_batchnorm_keeps_residual_outputs_and_converts(images):
+    model = _block_with_statistics()
     folded = fold_batchnorm(model)
-    assert isinstance(folded.stages[1][0].shortcut_bn, Identity)
-    assert isinstance(model.stages[1][0].shortcut_bn, nnx.BatchNorm)
+    assert isinstance(folded.shortcut_bn, Identity) and isinstance(folded.bn2, Identity)
+    assert isinstance(model.shortcut_bn, nnx.BatchNorm)
     expected = _apply(model, images)
     np.testing.assert_allclose(_apply(folded, images), expected, atol=2e-5, rtol=1e-5)
     q = to_int8(folded, fallback=False)
-    assert isinstance(q.stages[2][0].conv2, Int8Conv)
+    assert isinstance(q.conv2, Int8Conv) and isinstance(q.shortcut_conv, Int8Conv)
     np.testing.assert_allclose(
         _apply(q, images), expected, atol=0.1 * float(jnp.abs(expected).max())
     )
