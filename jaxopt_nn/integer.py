@@ -65,7 +65,6 @@ from jax import lax
 from jaxopt_nn.quantization import _affine_params, _codes, fake_quant
 
 _BITS = 8
-_QMAX = 2 ** (_BITS - 1) - 1  # 127: symmetric codes in [-127, 127]
 _METHODS = ("absmax", "percentile")
 # The fallback rule (int8_plan), measured with benchmarks/integer.py: int8
 # when a call multiplies at least _MIN_ROWS rows (batch x output pixels) and
@@ -838,7 +837,7 @@ def to_int8(
 
     Raises:
       TypeError: if ``where`` selects a module that is not an ``nnx.Linear``
-        or ``nnx.Conv``, or ``calibration`` is not a mapping.
+        or ``nnx.Conv``, ``calibration`` is not a mapping or ``fallback`` not a bool.
       ValueError: for a convolution padding other than ``'SAME'``, ``'VALID'``
         or explicit pairs, names the model lacks, or missing / non-positive
         calibration ranges.
@@ -850,6 +849,8 @@ def to_int8(
       >>> type(q.fc1).__name__, type(q.fc3).__name__, q.fc1.kernel.dtype
       ('Int8Linear', 'Linear', dtype('int8'))
     """
+    if not isinstance(fallback, bool):
+        raise TypeError(f"fallback must be a bool; got fallback={fallback!r}")
     chosen = _selected(model, where)
     ranges = _check_calibration(calibration, chosen)
     plan = int8_plan(model, where=where, example=example) if fallback else None

@@ -137,6 +137,8 @@ def test_where_by_name_callable_and_errors():
         to_int8(norm, where=lambda name, m: True)
     with pytest.raises(TypeError, match="where"):
         to_int8(model, where="fc1")
+    with pytest.raises(TypeError, match="fallback"):
+        to_int8(model, fallback=1)
 
 
 def test_fallback_rule_by_weight_depth_and_rows(images):
