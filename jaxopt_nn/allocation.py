@@ -47,6 +47,9 @@ from jaxopt_nn.data import Dataset
 # Candidate grids of the sensitivity analysis.
 SPARSITIES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995)
 BITS = (3, 4, 5, 6, 8)
+# Scaled defaults (see scaled_allocations): kept fractions times SCALES, widths capped.
+SCALES = (1.0, 0.6, 0.4, 0.25)
+CAPS = (5, 4, 3)
 
 
 def _check_fraction(name: str, value: object) -> float:
@@ -192,7 +195,9 @@ def layer_sensitivity(
         for s in sparsities:
             keep = _magnitude_keep(w, s)
             for b in bits:
-                book = quantization.kmeans_codebook(jnp.asarray(w * keep), b, mask=keep)
+                book = quantization.kmeans_codebook(
+                    jnp.asarray(w * keep), b, mask=jnp.asarray(keep)
+                )
                 shared = quantization.codebook_weights(book, leaves[name].dtype)
                 params = tree_lib.map_with_names(
                     lambda n, x, shared=shared, name=name: shared if n == name else x,
@@ -206,7 +211,7 @@ def layer_sensitivity(
 class Allocation(NamedTuple):
     """One candidate of the search: per-layer sparsity and codebook width."""
 
-    multiplier: float  # the Lagrange multiplier lambda that chose it
+    multiplier: float | None  # the Lagrange multiplier that chose it; None: a scaled default
     sparsity: dict[str, float]  # leaf name -> pruned fraction
     bits: dict[str, int]  # leaf name -> codebook width
     estimated_bytes: float  # sum of estimate_bytes over the layers
@@ -231,10 +236,9 @@ def allocations(
       >>> [(a.sparsity['w'], a.bits['w']) for a in allocations(sens, [1.0, 1e6])]
       [(0.9, 2), (0.5, 2)]
     """
-    if multipliers is None:
-        multipliers = np.geomspace(1.0, 1e8, 49).tolist()
+    lams = np.geomspace(1.0, 1e8, 49).tolist() if multipliers is None else list(multipliers)
     found: dict[tuple, Allocation] = {}
-    for lam in sorted(multipliers):
+    for lam in sorted(lams):
         sparsity, bits, total = {}, {}, 0.0
         for sens in sensitivities:
 
@@ -249,3 +253,43 @@ def allocations(
         key = tuple(sorted(sparsity.items())) + tuple(sorted(bits.items()))
         found.setdefault(key, Allocation(float(lam), sparsity, bits, total))
     return sorted(found.values(), key=lambda a: a.estimated_bytes)
+
+
+def scaled_allocations(
+    sparsity: dict[str, float],
+    bits: dict[str, int],
+    sizes: dict[str, int],
+    *,
+    scales: Sequence[float] = SCALES,
+    caps: Sequence[int] = CAPS,
+) -> list[Allocation]:
+    """A hand-set allocation made smaller: kept fractions times ``scales``, widths capped.
+
+    Candidates beside the Lagrangian ones: one-shot sensitivities
+    overestimate what retraining cannot recover, so the search also tries the
+    default per-layer shape (e.g. the output layer pruned least) at higher
+    sparsity and fewer bits, verified like any other candidate.
+
+    Args:
+      sparsity: leaf name -> the default sparsity.
+      bits: leaf name -> the default width.
+      sizes: leaf name -> number of weights.
+      scales: factors of each layer's kept fraction ``1 - sparsity``.
+      caps: upper bounds on every width.
+
+    Returns:
+      One :class:`Allocation` per (scale, cap), sorted by estimated bytes.
+
+    Example:
+      >>> [a.sparsity['w'] for a in scaled_allocations({'w': 0.9}, {'w': 5}, {'w': 100},
+      ...                                              scales=(1.0, 0.5), caps=(5,))]
+      [0.95, 0.9]
+    """
+    out = []
+    for scale in scales:
+        for cap in caps:
+            s = {n: round(1.0 - (1.0 - v) * scale, 6) for n, v in sparsity.items()}
+            b = {n: min(v, cap) for n, v in bits.items()}
+            total = sum(estimate_bytes(sizes[n], s[n], b[n]) for n in s)
+            out.append(Allocation(None, s, b, total))
+    return sorted(out, key=lambda a: a.estimated_bytes)

@@ -265,21 +265,20 @@ def fold_dead_units(
     for a, b in links:
         bias_a, bias_b = _bias_name(a, out), _bias_name(b, out)
         w_a, w_b = out[a], out[b]
-        dead_in = ~np.any(w_a != 0, axis=0)
-        unused = ~np.any(w_b != 0, axis=1)
-        for j in np.flatnonzero(dead_in | unused):
+        dead_in = np.logical_not(np.any(w_a != 0, axis=0))
+        unused = np.logical_not(np.any(w_b != 0, axis=1))
+        for j in np.flatnonzero(np.logical_or(dead_in, unused)):
             if (
                 not np.any(w_b[j])
                 and not np.any(w_a[:, j])
                 and (bias_a is None or out[bias_a][j] == 0)
             ):
                 continue  # already removed
-            if dead_in[j] and bias_a is not None and not unused[j]:
-                constant = max(out[bias_a][j], 0)
-                if constant and bias_b is None:
+            constant = max(out[bias_a][j], 0) if bias_a is not None and dead_in[j] else 0
+            if constant and not unused[j]:
+                if bias_b is None:
                     continue  # nowhere to fold the constant
-                if constant:
-                    out[bias_b] = (out[bias_b] + constant * w_b[j]).astype(out[bias_b].dtype)
+                out[bias_b] = (out[bias_b] + constant * w_b[j]).astype(out[bias_b].dtype)
             w_b[j] = 0
             w_a[:, j] = 0
             if bias_a is not None:
@@ -821,7 +820,7 @@ def _prune_and_share(
 
 def _validation_accuracy(graphdef: nnx.GraphDef, done: _Compressed, fit_data: Dataset) -> float:
     """Accuracy on the validation split of the weights the archive holds (loaded back)."""
-    like = train.TrainState(jax.tree.map(jnp.copy, done.params), done.rest, None)
+    like = train.TrainState(jax.tree.map(jnp.copy, done.params), done.rest, optax.EmptyState())
     restored = restore_state(like, archive.loads(done.blob))
     return train.evaluate(graphdef, restored, fit_data.x_test, fit_data.y_test)["accuracy"]
 
@@ -831,16 +830,17 @@ def _search(
     dense: train.TrainState,
     data: Dataset,
     fit_data: Dataset,
-    names: list[str],
+    defaults: tuple[dict[str, float], dict[str, int]],
     dense_accuracy: float,
     max_drop: float,
     stage_args: dict[str, Any],
 ) -> tuple[_Compressed, dict[str, float], dict[str, int], dict[str, Any]]:
-    """Bisect the Lagrangian allocations for the smallest archive within ``max_drop``.
+    """Bisect the candidate allocations for the smallest archive within ``max_drop``.
 
     Every measurement is on ``fit_data``'s test split (the validation split);
     ``data`` only supplies the reported test accuracies.
     """
+    names = list(defaults[0])
     sensitivities = allocation.layer_sensitivity(
         graphdef,
         dense,
@@ -849,7 +849,14 @@ def _search(
         sparsities=allocation.SPARSITIES,
         bits=allocation.BITS,
     )
-    family = allocation.allocations(sensitivities)
+    sizes = {sens.name: sens.size for sens in sensitivities}
+    candidates = allocation.allocations(sensitivities) + allocation.scaled_allocations(
+        *defaults, sizes, scales=allocation.SCALES, caps=allocation.CAPS
+    )
+    family = sorted(
+        {(tuple(a.sparsity.items()), tuple(a.bits.items())): a for a in candidates}.values(),
+        key=lambda a: a.estimated_bytes,
+    )
     small = [
         name
         for name, leaf in tree_lib.leaves_with_names(dense.params)
@@ -1075,7 +1082,14 @@ def deep_compress(
         done = _prune_and_share(graphdef, dense, data, targets, widths, **stage_args)
     else:
         done, targets, widths, search = _search(
-            graphdef, dense, data, fit_data, names, dense_accuracy, max_drop, stage_args
+            graphdef,
+            dense,
+            data,
+            fit_data,
+            (targets, widths),
+            dense_accuracy,
+            max_drop,
+            stage_args,
         )
         search["validation"] = validation
     weights["pruned"] = done.pruned_weights

@@ -46,9 +46,9 @@ def _selected(tree: PyTree, where: tree_lib.Where) -> list[jax.Array]:
 
 def _log_prior(w: jax.Array, means: jax.Array, log_vars: jax.Array, logits: jax.Array) -> jax.Array:
     """Sum over ``w`` of :math:`\\log \\sum_j \\pi_j N(w; \\mu_j, \\sigma_j^2)`."""
-    log_pi = jax.nn.log_softmax(logits)
-    z = (w[:, None] - means) ** 2 / jnp.exp(log_vars)
-    log_n = -0.5 * (z + log_vars + math.log(2 * math.pi))
+    log_pi = jax.nn.log_softmax(logits)[None, :]
+    z = (w[:, None] - means[None, :]) ** 2 / jnp.exp(log_vars)[None, :]
+    log_n = -0.5 * (z + log_vars[None, :] + math.log(2 * math.pi))
     return jnp.sum(jax.nn.logsumexp(log_pi + log_n, axis=1))
 
 
@@ -142,7 +142,7 @@ def soft_weight_sharing(
         return SoftWeightSharingState(jnp.zeros([], jnp.int32), *mixture, inner.init(mixture))
 
     def update_fn(
-        updates: PyTree, state: SoftWeightSharingState, params: PyTree | None = None
+        updates: PyTree, state: Any, params: PyTree | None = None
     ) -> tuple[PyTree, SoftWeightSharingState]:
         if params is None:
             raise ValueError(
@@ -156,7 +156,7 @@ def soft_weight_sharing(
         grad_w, grad_mix = jax.grad(lambda w, m: -_log_prior(w, *m), argnums=(0, 1))(flat, mixture)
         grad_mix = (grad_mix[0].at[0].set(0.0), *grad_mix[1:])  # the zero component stays at 0
         steps, inner_state = inner.update(grad_mix, state.inner, mixture)
-        mixture = optax.apply_updates(mixture, steps)
+        means, log_vars, logits = jax.tree.map(jnp.add, mixture, steps)
         pieces = iter(jnp.split(tau * grad_w, np.cumsum(sizes)[:-1]))
         out = jax.tree.map(
             lambda flag, u, p: u + next(pieces).reshape(p.shape).astype(u.dtype) if flag else u,
@@ -164,7 +164,8 @@ def soft_weight_sharing(
             updates,
             params,
         )
-        return out, SoftWeightSharingState(optax.safe_increment(state.count), *mixture, inner_state)
+        count = optax.safe_increment(state.count)
+        return out, SoftWeightSharingState(count, means, log_vars, logits, inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -194,8 +195,8 @@ def mixture_codebooks(
         if name not in set(tree_lib.selected_names(params, where)):
             continue
         w = jnp.ravel(jnp.asarray(leaf, jnp.float32))
-        z = (w[:, None] - state.means) ** 2 / jnp.exp(state.log_vars)
-        score = log_pi - 0.5 * (z + state.log_vars)
+        z = (w[:, None] - state.means[None, :]) ** 2 / jnp.exp(state.log_vars)[None, :]
+        score = log_pi[None, :] - 0.5 * (z + state.log_vars[None, :])
         index = jnp.argmax(score, axis=1)
         dtype = jnp.uint8 if state.means.size <= 256 else jnp.uint16
         out[name] = Codebook(

@@ -307,6 +307,8 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(digits, monke
     # A small grid keeps the test short; the search's code paths are the same.
     monkeypatch.setattr(pipeline.allocation, "SPARSITIES", (0.5, 0.95))
     monkeypatch.setattr(pipeline.allocation, "BITS", (4,))
+    monkeypatch.setattr(pipeline.allocation, "SCALES", (0.5,))
+    monkeypatch.setattr(pipeline.allocation, "CAPS", (4,))
     kwargs = {"epochs": 2, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
 
     def run(data):

@@ -36,7 +36,7 @@ def test_prior_clusters_the_kernels_and_leaves_biases_alone():
     assert isinstance(prior, SoftWeightSharingState) and int(prior.count) == 400
     assert float(prior.means[0]) == 0.0  # the zero component never moves
     # Every weight sits near a component mean, much nearer than the initial spread.
-    distance = jnp.min(jnp.abs(params["w"].ravel()[:, None] - prior.means), axis=1)
+    distance = jnp.min(jnp.abs(params["w"].ravel()[:, None] - prior.means[None, :]), axis=1)
     assert float(jnp.max(distance)) < 0.1 * spread0
 
 
@@ -58,7 +58,11 @@ def test_mixture_codebooks_prune_the_zero_component_and_round_trip_through_the_a
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"num_components": 1}, ValueError, r"num_components must lie in \[2, 65536\]; got 1"),
+        (
+            {"num_components": 1},
+            ValueError,
+            r"num_components must lie in \[2, 65536\]; got num_components=1",
+        ),
         ({"num_components": 2.0}, TypeError, "num_components must be an int"),
         ({"tau": -1.0}, ValueError, "tau must be a finite number >= 0; got tau=-1.0"),
         ({"learning_rate": float("nan")}, ValueError, "learning_rate must be a finite number"),
