@@ -35,6 +35,7 @@ from jaxopt_nn.allocation import (
     allocations,
     estimate_bytes,
     layer_sensitivity,
+    scaled_allocations,
     split_validation,
 )
 from jaxopt_nn.archive import (
@@ -343,6 +344,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_rms",
     "scale_by_stddev",
+    "scaled_allocations",
     "select",
     "shard_params",
     "share_weights",
