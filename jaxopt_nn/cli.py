@@ -425,7 +425,7 @@ def _int8_stage(model: Any, dataset: Any, mode: str) -> dict[str, Any]:
     for variant, seconds in zip(accuracy, (timing.baseline, timing.candidate), strict=True):
         ratio = timing.baseline / seconds
         print(f"{variant:14s} {accuracy[variant]:13.2%} {seconds * 1e3:17.3f} ms {ratio:8.2f}x")
-    kept = [f"{name} ({why})" for name, why in plan.items() if why != "int8"]
+    kept = [f"{name} {why.removeprefix('float32 ')}" for name, why in plan.items() if why != "int8"]
     print("int8 layers: " + (", ".join(n for n, why in plan.items() if why == "int8") or "none"))
     if kept:
         print("kept in float32 (int8 would be slower): " + ", ".join(kept))
