@@ -1525,8 +1525,9 @@ def prune(
         if method == "rigl":
             scores = [jnp.abs(jnp.asarray(g)) for g in grads]
         else:
+            step_key = jax.random.fold_in(key, step)  # type: ignore[arg-type]
             scores = [
-                jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, step), i), w.shape)
+                jax.random.uniform(jax.random.fold_in(step_key, i), w.shape)
                 for i, w in enumerate(weights)
             ]
         grow = _select_lowest(scores, ks, [~a for a in after], scope="layer", highest=True)
