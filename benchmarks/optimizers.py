@@ -1,14 +1,19 @@
-"""Step time of jaxopt_nn's Adam/RMSprop vs optax's, memory traffic, and 8-bit Adam.
+"""Step time of jaxopt_nn's Adam/RMSprop vs optax's, memory traffic, 8-bit and 4-bit state.
 
 Each variant is a jitted, donated ``update + apply_updates`` step on a pytree of
 a few large float32 leaves (~10M parameters; ``--quick``: ~2.5M). Variants run
 interleaved, round-robin, with an ``np.copyto`` of a buffer of the same total
 size measured in the same loop, so machine load hits all of them alike. The
-achieved memory traffic of a step counts the bytes it must read and write
-(params, grads, moments, scales) and is reported as a fraction of the copy
-bandwidth (bytes read + written per second).
+memory traffic of a step is the minimum it must read and write (params,
+grads, moments, scales), reported as a fraction of the copy bandwidth (bytes
+read + written per second); XLA's own count (``cost_analysis``) is reported
+next to it. Quantized variants are compared with float32 Adam (RMSprop with
+float32 RMSprop).
 
-    python benchmarks/optimizers.py [--quick] [--repeats N]
+It then trains LeNet-300-100 on digits with float32, 8-bit and 4-bit Adam
+(same seed, epochs and batches) and reports their test accuracies.
+
+    python benchmarks/optimizers.py [--quick] [--repeats N] [--epochs E]
 
 Writes ``benchmarks/results/optimizers.json``.
 """
@@ -62,11 +67,39 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def digits_accuracy(epochs: int) -> dict[str, float]:
+    """Test accuracy of LeNet-300-100 on digits after ``epochs`` with each Adam state."""
+    from flax import nnx
+
+    from jaxopt_nn import data, train
+    from jaxopt_nn.models import LeNet300100
+
+    digits = data.load_digits()
+    accuracy = {}
+    for name, quantization in [
+        ("float32", None),
+        ("8-bit", optim.BlockQuantization(bits=8)),
+        ("4-bit", optim.BlockQuantization(bits=4)),
+    ]:
+        result = train.fit(
+            LeNet300100(64, rngs=nnx.Rngs(0)),
+            optim.adam(1e-3, state_quantization=quantization),
+            digits,
+            epochs=epochs,
+            batch_size=64,
+            progress=False,
+        )
+        metrics = train.evaluate(result.graphdef, result.state, digits.x_test, digits.y_test)
+        accuracy[name] = float(metrics["accuracy"])
+    return accuracy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~2.5M parameters, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per variant")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--epochs", type=int, default=15, help="LeNet-300-100/digits epochs")
     args = parser.parse_args()
     repeats = args.repeats or (7 if args.quick else 15)
 
@@ -80,8 +113,13 @@ def main() -> None:
         "rmsprop (ours)": (optim.rmsprop(1e-3), 5 * f32),
         "rmsprop (optax)": (optax.rmsprop(1e-3), 5 * f32),
         "adam 8-bit (ours)": (optim.adam(1e-3, eight_bit=True), None),
+        "adam 4-bit (ours)": (
+            optim.adam(1e-3, state_quantization=optim.BlockQuantization(bits=4)),
+            None,
+        ),
+        "rmsprop 8-bit (ours)": (optim.rmsprop(1e-3, eight_bit=True), None),
     }
-    carries, steps, traffic, sizes = {}, {}, {}, {}
+    carries, steps, traffic, sizes, xla_bytes = {}, {}, {}, {}, {}
     for name, (tx, moved) in variants.items():
         params = jax.tree.map(jnp.copy, base)
         state = jax.jit(tx.init)(params)
@@ -89,6 +127,8 @@ def main() -> None:
         # read params + grads + state, write params + state
         traffic[name] = moved if moved is not None else 3 * f32 + 2 * sizes[name]
         steps[name] = make_step(tx)
+        cost = steps[name].lower(params, state, grads).compile().cost_analysis()
+        xla_bytes[name] = (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
         params, state = steps[name](params, state, grads)  # compile
         jax.block_until_ready(params)
         carries[name] = (params, state)
@@ -117,8 +157,8 @@ def main() -> None:
     rows, results = [], {}
     for name in variants:
         baseline = name.replace("(ours)", "(optax)")
-        if name.startswith("adam 8-bit"):
-            baseline = "adam (ours)"
+        if "-bit" in name:
+            baseline = name.split()[0] + " (ours)"
         ratio = medians[name] / medians[baseline] if baseline != name else 1.0
         fraction = traffic[name] / medians[name] / copy_bandwidth
         results[name] = {
@@ -127,6 +167,7 @@ def main() -> None:
             "ratio_vs": baseline,
             "ratio": ratio,
             "bytes_per_step": traffic[name],
+            "xla_bytes_accessed": xla_bytes[name],
             "fraction_of_copy_bandwidth": fraction,
             "state_bytes": sizes[name],
         }
@@ -136,22 +177,38 @@ def main() -> None:
                 f"{1e3 * medians[name]:.2f}",
                 f"{ratio:.3f}" if baseline != name else "-",
                 f"{traffic[name] / 2**20:.0f}",
+                f"{xla_bytes[name] / 2**20:.0f}",
                 f"{fraction:.2f}",
                 f"{sizes[name] / 2**20:.1f}",
             ]
         )
     state_ratio = sizes["adam 8-bit (ours)"] / sizes["adam (ours)"]
+    state_ratio_4 = sizes["adam 4-bit (ours)"] / sizes["adam (ours)"]
     print(
         f"{n:,} parameters, {repeats} rounds x {args.steps} steps, "
         f"np.copyto bandwidth {copy_bandwidth / 1e9:.2f} GB/s"
     )
     print(
         format_table(
-            ["variant", "median ms/step", "ratio", "MiB moved/step", "of copy bw", "state MiB"],
+            [
+                "variant",
+                "median ms/step",
+                "ratio",
+                "MiB moved/step",
+                "XLA MiB/step",
+                "of copy bw",
+                "state MiB",
+            ],
             rows,
         )
     )
     print(f"8-bit Adam state / float32 Adam state = {state_ratio:.3f}")
+    print(f"4-bit Adam state / float32 Adam state = {state_ratio_4:.3f}")
+    accuracy = digits_accuracy(args.epochs)
+    print(
+        f"LeNet-300-100/digits test accuracy after {args.epochs} epochs: "
+        + ", ".join(f"{name} {value:.4f}" for name, value in accuracy.items())
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -163,6 +220,9 @@ def main() -> None:
                 "copy_bandwidth_gb_s": copy_bandwidth / 1e9,
                 "copy_ms": [1e3 * t for t in copy_times],
                 "eight_bit_state_ratio": state_ratio,
+                "four_bit_state_ratio": state_ratio_4,
+                "digits_epochs": args.epochs,
+                "digits_accuracy": accuracy,
                 "variants": results,
                 "jax": jax.__version__,
                 "optax": optax.__version__,

@@ -458,7 +458,7 @@ def test_eight_device_data_tensor_pmap_and_pruning_checks():
     """
     proc = subprocess.run(
         [sys.executable, "-W", "error", str(SCRIPTS / "eight_devices.py")],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240,
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=420,
     )  # fmt: skip
     report = proc.stdout + proc.stderr
     passed = re.findall(r"^PASS (\w+)", proc.stdout, re.M)
