@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,11 +74,12 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     from sklearn.datasets import load_digits as _sklearn_digits
     from sklearn.model_selection import train_test_split
 
-    bunch = _sklearn_digits()
+    bunch: Any = _sklearn_digits()
     x = (bunch.images / 16.0).astype(np.float32)[..., None]
     y = bunch.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    x_train, x_test, y_train, y_test = (
+        np.asarray(part)
+        for part in train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     )
     return Dataset(x_train, y_train, x_test, y_test)
 

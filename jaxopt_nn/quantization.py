@@ -194,7 +194,7 @@ jax.tree_util.register_pytree_with_keys(
         tuple((jax.tree_util.GetAttrKey(f), getattr(q, f)) for f in QuantizedArray._fields[:3]),
         (q.bits, q.dtype),
     ),
-    lambda static, children: QuantizedArray(*children, *static),
+    lambda static, children: QuantizedArray._make((*children, *static)),
 )
 
 
@@ -552,6 +552,7 @@ def _kmeans(
         rank = jnp.round(jnp.linspace(0.0, 1.0, k) * (n - 1).astype(jnp.float32))
         centroids = ordered[jnp.clip(rank.astype(jnp.int32), 0, values.size - 1)]
     else:
+        assert key is not None  # kmeans_codebook refuses init='random' without a key
         weights = jnp.where(n > 0, flags / jnp.maximum(n, 1), 1.0 / values.size)
         centroids = jax.random.choice(key, values, (k,), replace=True, p=weights)
     centroids = jnp.sort(jnp.where(n > 0, centroids, 0.0))
