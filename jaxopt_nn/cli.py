@@ -12,6 +12,7 @@ Example::
     jaxopt-nn inspect model.jnz
     jaxopt-nn evaluate model.jnz --data digits
     jaxopt-nn train --model resnet20 --epochs 5 --data ./mnist
+    jaxopt-nn slim --model resnet20 --fraction 0.5 --out slim.jnz   # remove half the channels
 """
 
 from __future__ import annotations
