@@ -1228,7 +1228,7 @@ def _unpack(bits: jax.Array | None, leaf: Any) -> jax.Array | None:
     """Inverse of :func:`_pack` for a leaf like ``leaf``."""
     if bits is None or bits.ndim == 0:
         return bits
-    return jnp.unpackbits(bits, axis=0, count=np.shape(leaf)[0]).astype(bool)
+    return _like(jnp.unpackbits(bits, axis=0, count=np.shape(leaf)[0]).astype(bool), leaf)
 
 
 def _identity(x: Any) -> Any:
