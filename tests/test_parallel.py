@@ -463,7 +463,7 @@ def test_eight_device_data_tensor_pmap_and_pruning_checks():
     report = proc.stdout + proc.stderr
     passed = re.findall(r"^PASS (\w+)", proc.stdout, re.M)
     assert proc.returncode == 0, report
-    assert len(passed) == 6, report
+    assert len(passed) == 8, report
 
 
 def _free_port():
