@@ -258,7 +258,7 @@ class _ShortcutMixin:
         return self.shortcut_conv is not None
 
     def _shortcut(self, x: jax.Array) -> jax.Array:
-        if self.shortcut_conv is None:
+        if self.shortcut_conv is None or self.shortcut_bn is None:
             return x
         return self.shortcut_bn(self.shortcut_conv(x))
 

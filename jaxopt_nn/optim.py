@@ -373,7 +373,7 @@ def scale_by_adam(
         del params, extra_args
         mu = _ema(updates, state.mu, b1, 1, "signed", quantization)
         nu = _ema(updates, state.nu, b2, 2, "sqrt", quantization)
-        count = optax.safe_increment(state.count)
+        count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
         if nesterov:
             mu_hat = _map(
                 lambda m, g: b1 * m + (1 - b1) * g,
@@ -390,7 +390,8 @@ def scale_by_adam(
             nu=_store_tree(updates, nu, state.nu, b2, "sqrt", quantization),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # update_fn takes this transform's own state type, narrower than optax.OptState.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def _rms_scaling(eps: Any, eps_in_sqrt: bool) -> Callable[[jax.Array], jax.Array]:
@@ -456,14 +457,15 @@ def scale_by_rms(
         nu = _ema(updates, state.nu, decay, 2, "sqrt", quantization)
         stored = _store_tree(updates, nu, state.nu, decay, "sqrt", quantization)
         if isinstance(state, ScaleByRmsWithCountState):
-            count = optax.safe_increment(state.count)
+            count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
             nu = _bias_correction(nu, decay, count)
             new_state: Any = ScaleByRmsWithCountState(count=count, nu=stored)
         else:
             new_state = ScaleByRmsState(nu=stored)
         return _map(lambda g, v: scaling(v) * g, updates, nu), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # update_fn takes this transform's own state type, narrower than optax.OptState.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def scale_by_stddev(
@@ -520,7 +522,7 @@ def scale_by_stddev(
         stored_mu = _store_tree(updates, mu, state.mu, decay, "signed", None)
         stored_nu = _store_tree(updates, nu, state.nu, decay, "sqrt", None)
         if isinstance(state, ScaleByRStdDevWithCountState):
-            count = optax.safe_increment(state.count)
+            count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
             mu, nu = _bias_correction(mu, decay, count), _bias_correction(nu, decay, count)
             new_state: Any = ScaleByRStdDevWithCountState(count=count, mu=stored_mu, nu=stored_nu)
         else:
@@ -528,7 +530,8 @@ def scale_by_stddev(
         new_updates = _map(lambda g, m, v: scaling(v - _abs_sq(m)) * g, updates, mu, nu)
         return new_updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # update_fn takes this transform's own state type, narrower than optax.OptState.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 # ---------------------------------------------------------------------------

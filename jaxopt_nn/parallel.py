@@ -62,7 +62,7 @@ def make_mesh(
     data: int = -1,
     model: int = 1,
     *,
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
     axis_names: tuple[str, str] = (DATA, MODEL),
 ) -> Mesh:
     """A ``data x model`` device mesh with ``Auto`` axes (sharding propagated by XLA).
@@ -525,7 +525,7 @@ def initialize(
     if all(v is None for v in configured):
         if not auto_detect:
             return False
-    elif any(v is None for v in configured):
+    elif coordinator_address is None or num_processes is None or process_id is None:
         raise ValueError(
             "coordinator_address, num_processes and process_id must be given together; "
             f"got coordinator_address={coordinator_address!r}, "
@@ -600,7 +600,7 @@ def pmap_train_step(
     loss_fn: Callable[..., Any] | None = None,
     param_transform: Callable[[PyTree], PyTree] | None = None,
     axis_name: str = DATA,
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
     donate: bool = True,
 ) -> StepFn:
     """``jax.pmap`` data-parallel train step with ``lax.pmean`` of the gradients.
@@ -668,7 +668,7 @@ def pmap_train_step(
     )
 
 
-def replicate(tree: PyTree, *, devices: Sequence[jax.Device] | None = None) -> PyTree:
+def replicate(tree: PyTree, *, devices: Sequence[jax.Device] | None = None) -> PyTree:  # pyright: ignore[reportInvalidTypeForm]
     """Copy every leaf onto each device along a new leading axis (``pmap`` input).
 
     Example:
@@ -681,7 +681,7 @@ def replicate(tree: PyTree, *, devices: Sequence[jax.Device] | None = None) -> P
     n = len(devices)
 
     def copies(x: Any) -> jax.Array:
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             stacked = jnp.broadcast_to(x[None], (n, *x.shape))  # typed keys have no NumPy form
         else:
             stacked = np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x)))

@@ -77,7 +77,7 @@ def leaves_with_names(tree: PyTree) -> list[tuple[str, Any]]:
     return [(path_name(p), leaf) for p, leaf in flat]
 
 
-def map_with_names(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
+def map_with_names(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """``jax.tree.map`` whose function also receives the leaf's readable name."""
     return jax.tree_util.tree_map_with_path(lambda p, *xs: fn(path_name(p), *xs), tree, *rest)
 
