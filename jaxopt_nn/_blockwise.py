@@ -379,7 +379,7 @@ def filled(
     if sharding is None:
         return q
     shapes = _quantized_shapes(np.shape(like), quantization)
-    specs = [_fit(sharding.spec, tuple(shape), sharding.mesh.shape) for shape in shapes]
+    specs = [_fit(sharding.spec, tuple(map(int, shape)), sharding.mesh.shape) for shape in shapes]
     return BlockQuantizedArray(*jax.sharding.reshard(tuple(q), tuple(specs)))
 
 

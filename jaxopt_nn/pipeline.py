@@ -1104,7 +1104,7 @@ def deep_compress(
     start = time.perf_counter()
     if path is not None:
         archive.write_atomic(path, blob)
-    like = train.TrainState(params, rest, None)
+    like = train.TrainState(params, rest, optax.EmptyState())  # restore_state keeps opt_state
     # Read back from disk when written, so the file itself is what gets verified.
     stored = archive.loads(blob) if path is None else archive.load(path)
     restored = restore_state(like, stored)
@@ -1177,7 +1177,7 @@ def plot_report(report: CompressionReport, path: str | os.PathLike) -> None:
         values = report.weights[stage]
         if stage != "dense":
             values = values[values != 0]
-        ax.hist(values, bins=bins, color=f"C{column}")
+        ax.hist(values, bins=bins.tolist(), color=f"C{column}")
         ax.set_title(f"{title}\n{values.size:,} weights")
         ax.set_xlabel("weight value")
         ax.set_ylabel("count")

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,7 @@ _DISTRIBUTIONS = ("uniform", "erk")
 # ---------------------------------------------------------------- validation
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float | np.integer | np.floating]:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
@@ -1167,8 +1167,8 @@ def _zero_pruned(x: Any, mk: jax.Array | None) -> Any:
     positions: zero for first moments, the smallest representable root for
     second moments (whose gradients are masked to zero from then on).
     """
-    if isinstance(x, BlockQuantizedArray) and mk is not None:
-        return zero_where(x, mk)
+    if isinstance(x, BlockQuantizedArray):
+        return x if mk is None else zero_where(x, mk)
     if mk is None or np.shape(x) != mk.shape:
         return x
     return jnp.where(mk, x, jnp.zeros((), x.dtype))
@@ -1458,6 +1458,7 @@ def prune(
         _check_static_int("n", n)
         _check_static_int("m", m)
         _check_nm(n, m)
+        assert isinstance(n, int) and isinstance(m, int)  # checked just above
         final = schedule.final_sparsity
         if not math.isnan(final) and not math.isclose(final, (m - n) / m, abs_tol=1e-6):
             raise ValueError(
@@ -1651,7 +1652,8 @@ def prune(
         masks = jax.tree.map(
             lambda mk, old: old if mk is None else mk, stored, state.masks, is_leaf=_is_none
         )
-        return updates, PruneState(optax.safe_increment(state.count), masks, inner_state)
+        count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
+        return updates, PruneState(count, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -57,7 +57,7 @@ class Codebook(NamedTuple):
     mask: jax.Array  # bool, shape of the weight; True where the weight is kept
 
 
-def codebook_weights(codebook: Codebook, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+def codebook_weights(codebook: Codebook, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """The dense weight a codebook stands for: ``where(mask, centroids[indices], 0)``."""
     values = jnp.take(codebook.centroids, codebook.indices.astype(jnp.int32))
     return jnp.where(codebook.mask, values, 0).astype(dtype)
@@ -120,7 +120,7 @@ def _code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _code_dtype(bits: int, symmetric: bool) -> jnp.dtype:
+def _code_dtype(bits: int, symmetric: bool) -> jax.typing.DTypeLike:
     if symmetric:
         return jnp.int8 if bits <= 8 else jnp.int16
     return jnp.uint8 if bits <= 8 else jnp.uint16
@@ -525,7 +525,7 @@ def fake_quant_tree(
 # --------------------------------------------------------------------------- k-means sharing
 
 
-def _index_dtype(bits: int) -> jnp.dtype:
+def _index_dtype(bits: int) -> jax.typing.DTypeLike:
     return jnp.uint8 if bits <= 8 else jnp.uint16
 
 

@@ -164,7 +164,7 @@ def soft_weight_sharing(
             updates,
             params,
         )
-        count = optax.safe_increment(state.count)
+        count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
         return out, SoftWeightSharingState(count, means, log_vars, logits, inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -204,7 +204,7 @@ def make_train_step(
 
         (loss, (logits, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params: nnx.State = optax.apply_updates(state.params, updates)  # pyright: ignore[reportAssignmentType]
         metrics = {"loss": loss, "accuracy": _accuracy(logits, y)}
         return TrainState(params, rest, opt_state), metrics
 
@@ -465,7 +465,7 @@ def fit_state(
             for xb, yb in batches(
                 data.x_train, data.y_train, batch_size, seed=(seed, epoch), drop_remainder=True
             ):
-                state, m = step(state, xb, yb)
+                state, m = step(state, jnp.asarray(xb), jnp.asarray(yb))
                 metrics.append(m)
                 advance()
             train = _weighted_means(metrics, [batch_size] * len(metrics))
