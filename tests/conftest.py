@@ -10,6 +10,9 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Scripts run in their own processes (they configure JAX's devices at import).
+collect_ignore = ["parallel_scripts"]
+
 
 @pytest.fixture
 def getkey():

@@ -1,7 +1,8 @@
 """The session's bounded runner for crafted files (see ``bounds.py`` and ``worker.py``)."""
 
 import pytest
-from bounds import Bounded
+
+from .bounds import Bounded
 
 
 @pytest.fixture(scope="session")

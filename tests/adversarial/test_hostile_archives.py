@@ -7,12 +7,13 @@ Each file is read in a forked child of a warm worker (``worker.py``): by
 
 import re
 
-import crafted
 import numpy as np
 import pytest
-from bounds import assert_cheap, assert_refused
 
 from jaxopt_nn import archive
+
+from . import crafted
+from .bounds import assert_cheap, assert_refused
 
 READERS = ["load", "inspect", "cli"]
 

@@ -6,12 +6,13 @@ loaders and by ``jaxopt-nn train --data``; bounds as in ``bounds.py``.
 
 import gzip
 
-import crafted
 import numpy as np
 import pytest
-from bounds import assert_cheap, assert_refused
 
 from jaxopt_nn import data
+
+from . import crafted
+from .bounds import assert_cheap, assert_refused
 
 IMAGES = "train-images-idx3-ubyte.gz"
 

@@ -1,0 +1,1 @@
+"""Crafted-file tests: each hostile input is read in a bounded child process."""
