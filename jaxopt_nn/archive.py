@@ -2,8 +2,9 @@
 
 A tensor given a :class:`~jaxopt_nn.quantization.Codebook` is stored as the
 positions of its kept weights (relative indices: gaps, with a filler symbol
-when a gap is too long for the index width), the codebook index of each kept
-weight, both Huffman-coded, and the used centroids. Other selected tensors are
+when a gap is too long for the index width; or a bitmap), the codebook index
+of each kept weight, and the used centroids. Each symbol stream is
+Huffman-coded or packed at a fixed width, whichever is smaller. Other selected tensors are
 stored sparse (positions + raw nonzero values) or raw, whichever is smaller;
 unselected leaves (biases, norm scales) are stored raw, optionally in a
 narrower float type. Everything but that optional cast is lossless: ``load``
@@ -53,7 +54,8 @@ from jaxopt_nn.quantization import Codebook
 PyTree = Any
 
 MAGIC = b"JNZ"
-VERSION = 1
+VERSION = 2  # 2 adds bitmap positions and fixed-width streams; version 1 files still load
+_VERSIONS = (1, 2)
 _MAX_LENGTH = 15  # code length limit while <= 2**15 symbols are used (4-bit table entries)
 _MAX_INDEX_BITS = 16
 # Reader limits (docs/archive-format.md, "What a reader accepts"); the writer keeps to them too.
@@ -123,6 +125,8 @@ class TensorInfo(NamedTuple):
     value_bytes: int  # bytes of the values (codebook-index stream or raw values)
     codebook_bytes: int  # bytes of the centroids and their dtype tag
     nbytes: int  # bytes of the whole section, CRC32 included
+    position_coding: str = ""  # 'huffman', 'fixed' or 'bitmap'; '' for raw
+    value_coding: str = "raw"  # 'huffman' or 'fixed' for a codebook; 'raw' otherwise
 
 
 class ArchiveInfo(NamedTuple):
@@ -256,9 +260,18 @@ def _pack_bits(values: np.ndarray, width: int) -> bytes:
 
 
 def _unpack_bits(data: bytes, count: int, width: int) -> np.ndarray:
-    """``count`` unsigned ``width``-bit fields (``width <= 8``), most significant bit first."""
-    bits = np.unpackbits(np.frombuffer(data, np.uint8))[: count * width].reshape(count, width)
-    return np.packbits(bits, axis=1).reshape(count) >> (8 - width)
+    """``count`` unsigned ``width``-bit fields (``width <= 16``), most significant bit first."""
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=count * width).reshape(count, width)
+    packed = np.packbits(bits, axis=1)  # ceil(width / 8) bytes per field, left-aligned
+    if width <= 8:
+        return packed.reshape(count) >> (8 - width)
+    return (packed[:, 0].astype(np.uint16) << 8 | packed[:, 1]) >> (16 - width)
+
+
+def _check_padding(data: bytes, bits: int, what: str) -> None:
+    """The bits of ``data`` after the first ``bits`` are zero (as the writer pads)."""
+    if bits % 8 and data[-1] & ((1 << (-bits % 8)) - 1):
+        raise ArchiveError(f"{what}: padding bits must be zero")
 
 
 # ----------------------------------------------------------------------------- streams
@@ -285,8 +298,25 @@ def _chunk_dtype(lengths: np.ndarray) -> str:
     return "<u2" if int(lengths.max()) <= _MAX_LENGTH else "<u4"
 
 
+def _fixed_width(counts: np.ndarray) -> int:
+    """Bits per symbol of the fixed-width form: the width of the largest symbol (at least 1)."""
+    return max(1, (int(np.flatnonzero(counts)[-1]) if counts.any() else 0).bit_length())
+
+
+def _fixed_bytes(counts: np.ndarray) -> int:
+    """Size of the fixed-width form: count, a zero table size, the width, the packed symbols."""
+    count = int(counts.sum())
+    return len(_varint_bytes(count)) + 2 + -(-count * _fixed_width(counts) // 8)
+
+
 def _stream_bytes(counts: np.ndarray) -> int:
     """Exact size of the stream :func:`_write_stream` makes for symbols with these counts."""
+    count = int(counts.sum())
+    return min(_huffman_bytes(counts), _fixed_bytes(counts)) if count else 1
+
+
+def _huffman_bytes(counts: np.ndarray) -> int:
+    """Size of the Huffman form of a stream with these symbol counts."""
     count = int(counts.sum())
     size = len(_varint_bytes(count))
     if count:
@@ -311,11 +341,17 @@ def _varint_bytes(value: int) -> bytearray:
 
 
 def _write_stream(out: bytearray, symbols: np.ndarray, num_symbols: int) -> None:
-    """count, code-length table, chunk bit lengths, bit count, packed codewords."""
+    """Huffman (count, code-length table, chunk bit lengths, bit count, codewords) or,
+    when smaller, fixed width (count, a zero table size, the width, the packed symbols)."""
     _put_varint(out, symbols.size)
     if not symbols.size:
         return
-    lengths = _stream_lengths(np.bincount(symbols, minlength=num_symbols))
+    counts = np.bincount(symbols, minlength=num_symbols)
+    if _fixed_bytes(counts) < _huffman_bytes(counts):
+        width = _fixed_width(counts)
+        out += b"\x00" + bytes([width]) + _pack_bits(symbols, width)
+        return
+    lengths = _stream_lengths(counts)
     width = int(lengths.max()).bit_length()
     _put_varint(out, lengths.size)
     out.append(width)
@@ -327,7 +363,11 @@ def _write_stream(out: bytearray, symbols: np.ndarray, num_symbols: int) -> None
 
 
 class _Stream(NamedTuple):
-    """A Huffman stream located and checked in a section, not yet decoded."""
+    """A Huffman stream located and checked in a section, not yet decoded.
+
+    Fixed-width streams and bitmaps are decoded as they are read: a section's
+    ``streams`` holds their symbols (an array) in place of a ``_Stream``.
+    """
 
     encoded: huffman.EncodedStream
     lengths: np.ndarray  # code lengths, shape (T,)
@@ -335,19 +375,24 @@ class _Stream(NamedTuple):
     what: str  # names the stream in error messages
 
 
-def _read_stream(reader: _Reader, num_symbols: int | None, what: str) -> _Stream:
-    """Locate and check a stream written by :func:`_write_stream` (decoded later).
+def _read_stream(
+    reader: _Reader, num_symbols: int | None, what: str, version: int
+) -> tuple[_Stream | np.ndarray, int]:
+    """Locate and check a stream written by :func:`_write_stream`, and its payload bits.
 
-    ``num_symbols`` is the alphabet size; ``None`` for a value stream, whose
-    alphabet (the used centroids) is at most its symbol count.
+    A Huffman stream is decoded later; a fixed-width one now (its symbols are
+    returned). ``num_symbols`` is the alphabet size; ``None`` for a value
+    stream, whose alphabet (the used centroids) is at most its symbol count.
     """
     what = f"{reader.what}: {what}"
     count = reader.varint()
     if not count:
         empty = huffman.EncodedStream(b"", 0, np.zeros(0, np.int64), 1)
-        return _Stream(empty, np.zeros(0, np.uint8), 0, what)
+        return _Stream(empty, np.zeros(0, np.uint8), 0, what), 0
     num_symbols = count if num_symbols is None else num_symbols
     table_size = reader.varint()
+    if not table_size and version >= 2:
+        return _read_fixed(reader, count, num_symbols, what)
     if not 1 <= table_size <= num_symbols:
         raise ArchiveError(
             f"{what}: code table of {table_size} symbols, alphabet has {num_symbols}"
@@ -368,7 +413,38 @@ def _read_stream(reader: _Reader, num_symbols: int | None, what: str) -> _Stream
         raise ArchiveError(f"{what}: {count} symbols cannot fit {num_bits} bits")
     data = reader.read((num_bits + 7) // 8)
     offsets = np.concatenate([[0], np.cumsum(chunk_bits, dtype=np.int64)])
-    return _Stream(huffman.EncodedStream(data, num_bits, offsets, chunk_size), lengths, count, what)
+    encoded = huffman.EncodedStream(data, num_bits, offsets, chunk_size)
+    return _Stream(encoded, lengths, count, what), num_bits
+
+
+def _read_fixed(reader: _Reader, count: int, num_symbols: int, what: str) -> tuple[np.ndarray, int]:
+    """Symbols and payload bits of a fixed-width stream (after its zero table size): the
+    width byte, then the packed fields.
+
+    Its bytes are read before anything is allocated, so a declared ``count``
+    costs what the file holds.
+    """
+    width = reader.read(1)[0]
+    if not 1 <= width <= _MAX_INDEX_BITS:
+        raise ArchiveError(f"{what}: fixed width {width} not in [1, {_MAX_INDEX_BITS}]")
+    data = reader.read(-(-count * width // 8))
+    _check_padding(data, count * width, what)
+    symbols = _unpack_bits(data, count, width)
+    top = int(symbols.max())
+    if max(1, top.bit_length()) != width:
+        raise ArchiveError(
+            f"{what}: fixed width {width} is not the width of its largest symbol {top}"
+        )
+    if top >= num_symbols:
+        raise ArchiveError(f"{what}: symbol {top} outside an alphabet of {num_symbols}")
+    return symbols, count * width
+
+
+def _read_bitmap(reader: _Reader, size: int) -> np.ndarray:
+    """Keep-mask of a bitmap position stream: ``ceil(size / 8)`` bytes, zero padding."""
+    data = reader.read(-(-size // 8))
+    _check_padding(data, size, f"{reader.what}: position bitmap")
+    return np.unpackbits(np.frombuffer(data, np.uint8), count=size).view(np.bool_)
 
 
 def _check_code(lengths: np.ndarray, table: bytes, width: int, what: str) -> None:
@@ -426,12 +502,14 @@ def _gap_counts(gaps: np.ndarray, index_bits: int) -> np.ndarray:
     return counts
 
 
-def _best_index_bits(positions: np.ndarray) -> int:
-    """Index width whose coded position stream is smallest (ties: the narrower)."""
+def _best_index_bits(positions: np.ndarray, size: int) -> int:
+    """Position coding whose stream is smallest: an index width, or 0 for a bitmap of
+    ``size`` bits (ties: relative indices, then the narrower width)."""
     gaps = np.diff(positions, prepend=-1) - 1
     widest = min(_MAX_INDEX_BITS, int(gaps.max(initial=0) + 1).bit_length())
     sizes = [_stream_bytes(_gap_counts(gaps, bits)) for bits in range(1, widest + 1)]
-    return 1 + int(np.argmin(sizes))
+    best = int(np.argmin(sizes))
+    return 0 if -(-size // 8) < sizes[best] else 1 + best
 
 
 # ----------------------------------------------------------------------------- leaves
@@ -457,10 +535,17 @@ def _nonzero_bits(flat: np.ndarray) -> np.ndarray:
     return np.flatnonzero(flat.view(f"u{flat.dtype.itemsize}"))
 
 
-def _encode_positions(out: bytearray, positions: np.ndarray, index_bits: int | None) -> None:
-    bits = _best_index_bits(positions) if index_bits is None else index_bits
+def _encode_positions(
+    out: bytearray, positions: np.ndarray, size: int, index_bits: int | None
+) -> None:
+    bits = _best_index_bits(positions, size) if index_bits is None else index_bits
     out.append(bits)
-    _write_stream(out, _gap_symbols(positions, bits), 1 << bits)
+    if bits:
+        _write_stream(out, _gap_symbols(positions, bits), 1 << bits)
+        return
+    bitmap = np.zeros(size, np.uint8)
+    bitmap[positions] = 1
+    out += np.packbits(bitmap).tobytes()
 
 
 def _encode_codebook(
@@ -508,7 +593,7 @@ def _encode_codebook(
             f"codebook for {name!r} has centroids that overflow centroid_dtype={centroid_dtype}"
         )
     out = bytearray()
-    _encode_positions(out, positions, index_bits)
+    _encode_positions(out, positions, leaf.size, index_bits)
     _write_stream(out, np.searchsorted(used, kept), used.size)
     out += _CENTROID_TAGS[centroid_dtype]
     out += stored.tobytes()
@@ -518,7 +603,7 @@ def _encode_codebook(
 def _encode_sparse(flat: np.ndarray, index_bits: int | None) -> bytes:
     positions = _nonzero_bits(flat)
     out = bytearray()
-    _encode_positions(out, positions, index_bits)
+    _encode_positions(out, positions, flat.size, index_bits)
     out += flat[positions].astype(flat.dtype.newbyteorder("<")).tobytes()
     return bytes(out)
 
@@ -1090,8 +1175,9 @@ class _Section(NamedTuple):
 
     name: str
     record: list
-    index_bits: int  # width of a relative index; 0 for raw
-    streams: list[_Stream]  # the position stream, then a codebook's value stream
+    index_bits: int  # width of a relative index; 0 for raw and bitmap positions
+    streams: list[_Stream | np.ndarray]  # positions, then a codebook's values (see _Stream)
+    stream_bits: list[int]  # payload bits of each stream
     values: bytes  # raw: every value; sparse: the kept values; codebook: the centroids
     centroid_dtype: np.dtype | None
     index_bytes: int
@@ -1099,26 +1185,34 @@ class _Section(NamedTuple):
     codebook_bytes: int
 
 
-def _scan_section(name: str, record: list, payload: bytes) -> _Section:
+def _scan_section(name: str, record: list, payload: bytes, version: int) -> _Section:
     method, shape = record[0], record[1]
     dtype, stored = _record_dtypes(record)
     reader = _Reader(payload, f"tensor {name!r:.80}")
     index_bits = index_bytes = value_bytes = codebook_bytes = 0
-    streams, centroid_dtype = [], None
+    streams, stream_bits, centroid_dtype = [], [], None
     if method == "r":
         values = reader.read(math.prod(shape) * stored.itemsize)
         value_bytes = reader.pos
     else:
         index_bits = reader.read(1)[0]
-        if not 1 <= index_bits <= _MAX_INDEX_BITS:
+        lowest = 0 if version >= 2 else 1  # 0, a bitmap, since version 2
+        if not lowest <= index_bits <= _MAX_INDEX_BITS:
             raise ArchiveError(
-                f"{reader.what}: index width {index_bits} not in [1, {_MAX_INDEX_BITS}]"
+                f"{reader.what}: index width {index_bits} not in [{lowest}, {_MAX_INDEX_BITS}]"
             )
-        streams.append(_read_stream(reader, 1 << index_bits, "position stream"))
+        if index_bits:
+            stream, bits = _read_stream(reader, 1 << index_bits, "position stream", version)
+        else:
+            stream, bits = _read_bitmap(reader, math.prod(shape)), math.prod(shape)
+        streams.append(stream)
+        stream_bits.append(bits)
         index_bytes = reader.pos
         item = dtype
         if method == "q":
-            streams.append(_read_stream(reader, None, "value stream"))
+            stream, bits = _read_stream(reader, None, "value stream", version)
+            streams.append(stream)
+            stream_bits.append(bits)
             value_bytes = reader.pos - index_bytes
             tag = reader.read(1)
             if tag not in _CENTROID_DTYPES:
@@ -1132,7 +1226,8 @@ def _scan_section(name: str, record: list, payload: bytes) -> _Section:
         values = reader.read(rest)
         if method == "q":
             codebook_bytes = len(payload) - index_bytes - value_bytes
-            table = streams[1].lengths.size
+            ranks = streams[1]
+            table = ranks.lengths.size if isinstance(ranks, _Stream) else int(ranks.max()) + 1
             if rest // item.itemsize != table:
                 raise ArchiveError(
                     f"{reader.what}: {rest // item.itemsize} centroids for a value code "
@@ -1150,6 +1245,7 @@ def _scan_section(name: str, record: list, payload: bytes) -> _Section:
         record,
         index_bits,
         streams,
+        stream_bits,
         values,
         centroid_dtype,
         index_bytes,
@@ -1181,6 +1277,16 @@ def _positions(symbols: np.ndarray, index_bits: int, size: int, what: str) -> np
     return ends[~is_filler] if fillers else ends
 
 
+def _codings(section: _Section) -> tuple[str, str]:
+    """(position coding, value coding) of a section, as :class:`TensorInfo` names them."""
+    if not section.streams:
+        return "", "raw"
+    names = ["huffman" if isinstance(s, _Stream) else "fixed" for s in section.streams]
+    if not section.index_bits:
+        names[0] = "bitmap"
+    return names[0], names[1] if len(names) > 1 else "raw"
+
+
 def _finish_section(
     section: _Section, symbols: list[np.ndarray], *, materialize: bool
 ) -> tuple[np.ndarray | None, TensorInfo]:
@@ -1198,9 +1304,13 @@ def _finish_section(
         if dtype == np.bool_ and values.view(np.uint8).max(initial=0) > 1:
             raise ArchiveError(f"{what}: a bool byte other than 0 or 1")
     else:
-        positions = _positions(symbols[0], section.index_bits, size, what)
-        kept = positions.size
-        index_bits = section.streams[0].encoded.num_bits / max(kept, 1)
+        if section.index_bits:
+            positions = _positions(symbols[0], section.index_bits, size, what)
+            kept = positions.size
+        else:  # a bitmap: the keep-mask itself indexes the leaf
+            positions = symbols[0]
+            kept = int(np.count_nonzero(positions))
+        index_bits = section.stream_bits[0] / max(kept, 1)
         if method == "q":
             ranks = symbols[1]
             if ranks.size != kept:
@@ -1217,7 +1327,7 @@ def _finish_section(
             if kept and np.bincount(ranks, minlength=centroids.size).min() == 0:
                 raise ArchiveError(f"{what}: a stored centroid is used by no weight")
             values = cast[ranks]
-            weight_bits = section.streams[1].encoded.num_bits / max(kept, 1)
+            weight_bits = section.stream_bits[1] / max(kept, 1)
         else:
             values = np.frombuffer(section.values, dtype.newbyteorder("<"))
             if values.size != kept:
@@ -1244,6 +1354,7 @@ def _finish_section(
         section.value_bytes,
         section.codebook_bytes,
         record[2],
+        *_codings(section),
     )
     if not materialize:
         return None, info
@@ -1265,10 +1376,11 @@ def _parse(
         raise ArchiveError(
             f"not a jaxopt_nn archive: expected magic {MAGIC!r}, got {data[: len(MAGIC)]!r}"
         )
-    if data[len(MAGIC)] != VERSION:
+    version = data[len(MAGIC)]
+    if version not in _VERSIONS:
         raise ArchiveError(
-            f"unsupported archive format version {data[len(MAGIC)]}; "
-            f"this reader supports version {VERSION}"
+            f"unsupported archive format version {version}; this reader supports "
+            f"versions {', '.join(map(str, _VERSIONS))}"
         )
     reader = _Reader(data, "archive header", len(MAGIC) + 1)
     try:
@@ -1301,11 +1413,12 @@ def _parse(
         start += record[2]
         if zlib.crc32(payload) != int.from_bytes(data[start - 4 : start], "little"):
             raise ArchiveError(f"tensor {name!r:.80}: section CRC32 does not match")
-        sections.append(_scan_section(name, record, payload))
-    decoded = iter(_decode_streams([s for section in sections for s in section.streams]))
+        sections.append(_scan_section(name, record, payload, version))
+    pending = [s for section in sections for s in section.streams if isinstance(s, _Stream)]
+    decoded = iter(_decode_streams(pending))
     arrays, infos = [], []
     for section in sections:
-        symbols = [next(decoded) for _ in section.streams]
+        symbols = [next(decoded) if isinstance(s, _Stream) else s for s in section.streams]
         try:
             array, info = _finish_section(section, symbols, materialize=materialize)
         except (MemoryError, OverflowError) as err:

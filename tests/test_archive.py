@@ -248,6 +248,76 @@ def test_automatic_index_bits_is_no_larger_than_any_fixed_width():
     assert all(auto <= index_bytes(bits) for bits in range(1, 11))
 
 
+def with_version(data: bytes, version: int) -> bytes:
+    """``data`` relabelled as another format version, file CRC32 recomputed."""
+    body = data[:3] + bytes([version]) + data[4:-4]
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0), size=st.integers(1, 300))
+def test_each_stream_takes_its_smallest_coding(seed, keep, size):
+    rng = np.random.default_rng(seed)
+    codebook = random_codebook(rng, (size,), keep, 2)
+    leaf = {"w": np.zeros(size, np.float32)}
+    data = archive.dumps(leaf, codebooks={"w": codebook})
+    assert_bit_exact(archive.loads(data)["w"], np.asarray(codebook_weights(codebook)))
+    info = archive.inspect(data).tensors[0]
+    # No fixed index width, bitmap or not, gives a smaller position stream.
+    for bits in range(1, 17):
+        forced = archive.inspect(archive.dumps(leaf, codebooks={"w": codebook}, index_bits=bits))
+        assert info.index_bytes <= forced.tensors[0].index_bytes
+    assert info.index_bytes <= 1 + -(-size // 8)
+    kept = int(np.asarray(codebook.mask).sum())
+    used = np.unique(np.asarray(codebook.indices)[np.asarray(codebook.mask)]).size
+    if info.value_coding == "fixed":  # ranks packed at the width of the largest
+        assert info.weight_bits == max(1, (used - 1).bit_length())
+    assert info.value_bytes <= len(archive._varint_bytes(kept)) + 2 + -(-kept * 2 // 8)
+
+
+def test_bitmap_positions_and_fixed_width_values_round_trip():
+    mask = np.ones(40, bool)
+    mask[::3] = False  # two thirds kept: a bitmap beats relative indices
+    codebook = Codebook(
+        jnp.asarray([-1.0, 0.5, 2.0], jnp.float32),
+        jnp.asarray(np.arange(40) % 3, jnp.uint8),
+        jnp.asarray(mask),
+    )
+    data = archive.dumps({"w": np.zeros(40, np.float32)}, codebooks={"w": codebook})
+    info = archive.inspect(data).tensors[0]
+    assert (info.position_coding, info.index_bytes) == ("bitmap", 1 + 5)
+    assert_bit_exact(archive.loads(data)["w"], np.asarray(codebook_weights(codebook)))
+    few = codebook._replace(mask=jnp.asarray(np.arange(40) < 3))  # three weights
+    data = archive.dumps({"w": np.zeros(40, np.float32)}, codebooks={"w": few})
+    info = archive.inspect(data).tensors[0]
+    assert info.value_coding == "fixed" and info.weight_bits == 2.0
+    assert_bit_exact(archive.loads(data)["w"], np.asarray(codebook_weights(few)))
+
+
+def test_version_1_archives_load_and_new_codings_need_version_2():
+    rng = np.random.default_rng(0)
+    skewed = rng.choice(8, size=(64, 300), p=0.5 ** np.arange(1, 9) / (1 - 0.5**8))
+    mask = jnp.asarray(rng.random((64, 300)) < 0.05)
+    codebook = Codebook(jnp.linspace(-1.0, 1.0, 8), jnp.asarray(skewed, jnp.uint8), mask)
+    params = {"w": np.zeros((64, 300), np.float32), "b": np.ones(3, np.float32)}
+    data = archive.dumps(params, codebooks={"w": codebook})  # only version-1 codings
+    codings = [(t.position_coding, t.value_coding) for t in archive.inspect(data).tensors]
+    assert codings == [("", "raw"), ("huffman", "huffman")]
+    assert data[3] == archive.VERSION == 2
+    assert_trees_bit_exact(archive.loads(with_version(data, 1)), archive.loads(data))
+    few = codebook._replace(mask=jnp.asarray(np.arange(64 * 300).reshape(64, 300) < 3))
+    data = archive.dumps({"w": params["w"]}, codebooks={"w": few})
+    assert archive.inspect(data).tensors[0].value_coding == "fixed"
+    with pytest.raises(ArchiveError, match="code table of 0 symbols"):
+        archive.loads(with_version(data, 1))
+    mask = np.arange(16) % 4 != 0
+    bitmap = Codebook(jnp.ones(1), jnp.zeros(16, jnp.uint8), jnp.asarray(mask))
+    data = archive.dumps({"w": np.zeros(16, np.float32)}, codebooks={"w": bitmap})
+    assert archive.inspect(data).tensors[0].position_coding == "bitmap"
+    with pytest.raises(ArchiveError, match=r"index width 0 not in \[1, 16\]"):
+        archive.loads(with_version(data, 1))
+
+
 def test_fillers_encode_gaps_longer_than_the_index_width():
     weight = np.zeros(1000, np.float32)
     weight[[0, 1, 300, 301, 999]] = [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -322,8 +392,8 @@ def test_wrong_magic_and_unknown_version():
     data = small_archive()
     with pytest.raises(ArchiveError, match="not a jaxopt_nn archive"):
         archive.loads(b"PK\x03\x04" + data[4:])
-    with pytest.raises(ArchiveError, match="unsupported archive format version 2"):
-        archive.loads(data[:3] + b"\x02" + data[4:])
+    with pytest.raises(ArchiveError, match="unsupported archive format version 3"):
+        archive.loads(data[:3] + b"\x03" + data[4:])
     with pytest.raises(ArchiveError, match="truncated archive"):
         archive.loads(data[:2])
 

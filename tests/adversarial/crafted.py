@@ -34,12 +34,12 @@ def deflate_header(text: bytes) -> bytes:
     return packer.compress(text) + packer.flush()
 
 
-def forge(header, payloads=(), *, compressed: bytes | None = None) -> bytes:
+def forge(header, payloads=(), *, compressed: bytes | None = None, version: int = 1) -> bytes:
     """An archive with this header (JSON object or text) and section payloads, valid CRCs."""
     if compressed is None:
         text = header if isinstance(header, (str, bytes)) else json.dumps(header)
         compressed = deflate_header(text.encode() if isinstance(text, str) else text)
-    body = b"JNZ\x01" + leb128(len(compressed)) + compressed
+    body = b"JNZ" + bytes([version]) + leb128(len(compressed)) + compressed
     for payload in payloads:
         body += payload + zlib.crc32(payload).to_bytes(4, "little")
     return body + zlib.crc32(body).to_bytes(4, "little")
@@ -183,10 +183,53 @@ def long_code_tables(tensors: int) -> bytes:
     return forge(header, [payload] * tensors)
 
 
-def one_tensor(record, payload: bytes, name: str = "w") -> bytes:
+def one_tensor(record, payload: bytes, name: str = "w", version: int = 1) -> bytes:
     """One tensor: ``record`` (method, shape, then any dtype fields) with its nbytes filled in."""
     method, shape, *codes = record
-    return forge({name: [method, shape, len(payload) + 4, *codes]}, [payload])
+    return forge({name: [method, shape, len(payload) + 4, *codes]}, [payload], version=version)
+
+
+def fixed(symbols, width: int, *, count: int | None = None) -> bytes:
+    """A fixed-width stream (version 2): count, table size 0, the width, packed fields."""
+    bits = "".join(format(int(v), f"0{width}b") for v in symbols)
+    n = len(symbols) if count is None else count
+    return leb128(n) + leb128(0) + bytes([width]) + _pack(bits)
+
+
+def bitmap_codebook(bitmap: bytes, size: int, values: bytes, *, version: int = 2) -> bytes:
+    """A codebook tensor of ``size`` weights whose positions are a bitmap, one centroid 1.5."""
+    payload = bytes([0]) + bitmap + values + b"f" + np.float32(1.5).tobytes()
+    return one_tensor(["q", [size]], payload, version=version)
+
+
+def bitmap_padding() -> bytes:
+    """Four weights, all kept, but a padding bit of the bitmap set."""
+    return bitmap_codebook(bytes([0xF1]), 4, fixed([0] * 4, 1))
+
+
+def bitmap_in_version_1() -> bytes:
+    return bitmap_codebook(bytes([0xF0]), 4, fixed([0] * 4, 1), version=1)
+
+
+def fixed_too_wide() -> bytes:
+    """Ranks 0 and 1 packed at 3 bits: the writer packs at the width of the largest (1)."""
+    return bitmap_codebook(bytes([0xC0]), 2, fixed([0, 1], 3))
+
+
+def fixed_past_its_section() -> bytes:
+    """A fixed-width stream declaring 2**62 16-bit symbols in a few bytes."""
+    return bitmap_codebook(bytes([0xC0]), 2, fixed([0, 0], 16, count=2**62))
+
+
+def bitmap_past_its_section() -> bytes:
+    """A 2**30-element bool tensor whose bitmap would need 2**27 bytes; the file has one."""
+    return one_tensor(["s", [2**30], "b1"], bytes([0, 0x80, 1]), version=2)
+
+
+def long_bitmap(size: int) -> bytes:
+    """A codebook tensor keeping all ``size`` weights: a bitmap of ones, 1-bit ranks."""
+    ones = bytes([0xFF]) * (size // 8)
+    return bitmap_codebook(ones, size, fixed(np.zeros(0), 1, count=size) + bytes(size // 8))
 
 
 def raw_bool(byte: int) -> bytes:

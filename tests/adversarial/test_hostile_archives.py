@@ -114,6 +114,20 @@ HOSTILE = {
         r"not those of an optimal \(complete\) prefix code",
     ),
     "10-byte varint": (crafted.huge_varint, r"malformed variable-length integer"),
+    "bitmap with a padding bit set": (crafted.bitmap_padding, r"padding bits must be zero"),
+    "bitmap positions in a version 1 file": (
+        crafted.bitmap_in_version_1,
+        r"index width 0 not in \[1, 16\]",
+    ),
+    "fixed-width stream wider than its largest symbol": (
+        crafted.fixed_too_wide,
+        r"fixed width 3 is not the width of its largest symbol 1",
+    ),
+    "fixed-width stream of 2**62 symbols in 2 bytes": (
+        crafted.fixed_past_its_section,
+        r"needs \d+ more bytes",
+    ),
+    "bitmap of 2**30 bits in 1 byte": (crafted.bitmap_past_its_section, r"needs \d+ more bytes"),
     "overlong varint": (crafted.overlong_varint, r"not in its shortest form"),
 }
 
@@ -178,6 +192,16 @@ def test_many_one_bit_streams_load_correctly_and_cheaply(bounded):
         assert reply["ok"], reply
         assert_cheap(reply)
     assert reply["result"]["table"].count("codebook") == 100
+
+
+def test_a_long_bitmap_loads_correctly_and_cheaply(bounded):
+    blob = crafted.long_bitmap(2**23)  # 2 MiB: 8M weights, every one kept
+    tree = archive.loads(blob)
+    np.testing.assert_array_equal(np.unique(tree["w"]), [1.5])
+    for reader in ("load", "inspect"):
+        reply = bounded.run(reader, blob)
+        assert reply["ok"], reply
+        assert_cheap(reply)
 
 
 def test_thousands_of_15_bit_code_tables_load_cheaply(bounded):
