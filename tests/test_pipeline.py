@@ -4,6 +4,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxopt_nn import archive, pipeline, quantization, train
 from jaxopt_nn.cli import _MAX_BITS as CLI_MAX_BITS
@@ -303,16 +304,39 @@ def test_table_groups_raw_leaves_and_its_bytes_sum_to_the_file():
     assert "params/fc1/bias" in small and "other" not in small
 
 
-def test_budget_search_is_identical_when_the_test_split_is_garbage(digits, monkeypatch):
-    # A small grid keeps the test short; the search's code paths are the same.
-    monkeypatch.setattr(pipeline.allocation, "SPARSITIES", (0.5, 0.95))
+@pytest.fixture
+def compile_cache(tmp_path):
+    """A fresh persistent compilation cache for one test: a second identical run of the
+    pipeline reuses the first run's executables (the same code, so the same numbers)."""
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {key: getattr(jax.config, key) for key in keys}
+    for key, value in zip(keys, (str(tmp_path / "xla"), 0.0, 0), strict=True):
+        jax.config.update(key, value)
+    compilation_cache.reset_cache()
+    yield
+    for key, value in saved.items():
+        jax.config.update(key, value)
+    compilation_cache.reset_cache()
+
+
+def test_budget_search_is_identical_when_the_test_split_is_garbage(
+    digits, monkeypatch, compile_cache
+):
+    # One candidate per source keeps the test short (compilation dominates its
+    # time); the search's code paths are the same as with the full grids.
+    monkeypatch.setattr(pipeline.allocation, "SPARSITIES", (0.9,))
     monkeypatch.setattr(pipeline.allocation, "BITS", (4,))
     monkeypatch.setattr(pipeline.allocation, "SCALES", (0.5,))
     monkeypatch.setattr(pipeline.allocation, "CAPS", (4,))
-    kwargs = {"epochs": 2, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
+    kwargs = {"epochs": 1, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
+
+    model = LeNet300100(64, hidden=(16, 16), rngs=nnx.Rngs(0))  # deep_compress copies it
 
     def run(data):
-        model = LeNet300100(64, hidden=(32, 16), rngs=nnx.Rngs(0))
         return pipeline.deep_compress(model, data, max_drop=0.5, **kwargs)
 
     report = run(digits)
