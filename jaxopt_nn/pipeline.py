@@ -723,6 +723,7 @@ def _prune_and_share(
     fit_kwargs: dict[str, Any],
     test: Dataset | None = None,
     links: list[tuple[str, str]] | None = None,
+    centroid_dtype: str | None = None,
 ) -> _Compressed:
     """Gradual pruning with retraining, k-means sharing, fine-tuning, the archive bytes.
 
@@ -731,7 +732,8 @@ def _prune_and_share(
     on ``data``'s test split, or on ``test``'s if given (then ``data``'s test
     split is a validation split). With ``links``, dead units are removed
     after pruning (:func:`fold_dead_units`) if the logits on ``data``'s test
-    split stay the same.
+    split stay the same. ``centroid_dtype`` is the archive's (``None``:
+    lossless).
     """
 
     def accuracy(state: train.TrainState, history: list[dict[str, float]], **kw: Any) -> float:
@@ -802,6 +804,7 @@ def _prune_and_share(
         codebooks={f"params/{n}": book for n, book in codebooks.items()},
         where=lambda n, _: n.removeprefix("params/") in set(names),
         raw_dtype=small_dtype,
+        centroid_dtype=centroid_dtype,
         metadata=metadata,
     )
     return _Compressed(
@@ -857,10 +860,15 @@ def _search(
         {(tuple(a.sparsity.items()), tuple(a.bits.items())): a for a in candidates}.values(),
         key=lambda a: a.estimated_bytes,
     )
+    # Small float leaves (biases) are shared when a codebook is estimated
+    # smaller than their raw bytes (a 10-value bias is cheaper raw).
+    itemsize = np.dtype(stage_args["small_dtype"] or np.float32).itemsize
     small = [
         name
         for name, leaf in tree_lib.leaves_with_names(dense.params)
-        if name not in names and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
+        if name not in names
+        and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
+        and allocation.estimate_bytes(np.size(leaf), 0.0, BIAS_BITS) < itemsize * np.size(leaf)
     ]
     links = dense_links(train.to_model(graphdef, dense), jnp.asarray(fit_data.x_train[:1]))
     probes, results = [], {}
@@ -877,6 +885,7 @@ def _search(
             widths,
             test=data,
             links=links,
+            centroid_dtype=stage_args["small_dtype"],  # verified on the loaded archive
             **stage_args,
         )
         accuracy = _validation_accuracy(graphdef, done, fit_data)
@@ -967,7 +976,10 @@ def deep_compress(
     runs the pruning and sharing stages from the dense weights for each
     candidate, verifies the loaded archive on the validation split, and backs
     off to larger allocations when the budget is broken. Biases and other
-    small float parameters are shared too (:data:`BIAS_BITS`-bit codebooks).
+    small float parameters are shared too (:data:`BIAS_BITS`-bit codebooks)
+    where that is estimated smaller than storing them raw, and centroids
+    are stored in ``small_dtype`` (the verification loads the archive, so
+    this rounding is part of what is measured).
     The test split is only reported: no choice reads it. The search is in
     ``report.search``.
 

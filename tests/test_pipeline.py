@@ -7,6 +7,7 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from jaxopt_nn import archive, pipeline, quantization, train
+from jaxopt_nn import tree as tree_lib
 from jaxopt_nn.cli import _MAX_BITS as CLI_MAX_BITS
 from jaxopt_nn.cli import MODELS
 from jaxopt_nn.data import load_digits
@@ -324,7 +325,7 @@ def compile_cache(tmp_path):
 
 
 def test_budget_search_is_identical_when_the_test_split_is_garbage(
-    digits, monkeypatch, compile_cache
+    digits, monkeypatch, compile_cache, tmp_path
 ):
     # One candidate per source keeps the test short (compilation dominates its
     # time); the search's code paths are the same as with the full grids.
@@ -334,10 +335,12 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     monkeypatch.setattr(pipeline.allocation, "CAPS", (4,))
     kwargs = {"epochs": 1, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
 
-    model = LeNet300100(64, hidden=(16, 16), rngs=nnx.Rngs(0))  # deep_compress copies it
+    model = LeNet300100(64, hidden=(100, 16), rngs=nnx.Rngs(0))  # deep_compress copies it
 
     def run(data):
-        return pipeline.deep_compress(model, data, max_drop=0.5, **kwargs)
+        return pipeline.deep_compress(
+            model, data, max_drop=0.5, path=tmp_path / "model.jnz", **kwargs
+        )
 
     report = run(digits)
     rng = np.random.default_rng(0)
@@ -360,6 +363,13 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     if search["budget_met"]:  # the smallest passing probe was chosen
         passing = [p["bytes"] for p in search["probes"] if p["passed"]]
         assert chosen["bytes"] == min(passing)
-    # The biases are shared too; the table reports the chosen widths.
-    assert {t.method for t in report.info.tensors} == {"codebook"}
+    # Kernels are shared, and biases where a codebook is estimated smaller than
+    # float16: the 100-value bias is, the 16- and 10-value ones stay raw.
+    shared = {t.name for t in report.info.tensors if t.method == "codebook"}
+    assert shared == {f"params/{n}" for n in report.bits}
+    assert "params/fc1/bias" in shared and "params/fc2/bias" not in shared
+    # Centroids are stored in float16 (the archive is what the budget verifies).
+    stored = dict(tree_lib.leaves_with_names(archive.load(tmp_path / "model.jnz")))
+    for name in shared:
+        np.testing.assert_array_equal(stored[name], stored[name].astype(np.float16))
     assert "budget: validation accuracy" in report.search_summary()
