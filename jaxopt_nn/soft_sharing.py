@@ -3,8 +3,9 @@
 During retraining, the weights chosen by ``where`` are pulled towards the
 components of a Gaussian mixture whose means, variances and mixing
 proportions are learned together with them (Ullrich, Meeds & Welling 2017).
-One component is fixed at zero with a large proportion, so weights collapse
-onto it (pruning) or onto a few shared values (weight sharing) at once.
+One component is fixed at zero with a large proportion and a fixed narrow
+variance, so weights collapse onto it (pruning) or onto a few shared values
+(weight sharing) at once.
 :func:`mixture_codebooks` then turns every weight into its most responsible
 component's mean: weights of the zero component are pruned, the others share
 the means, ready for :func:`jaxopt_nn.archive.dumps`.
@@ -52,7 +53,13 @@ def _log_prior(w: jax.Array, means: jax.Array, log_vars: jax.Array, logits: jax.
     return jnp.sum(jax.nn.logsumexp(log_pi + log_n, axis=1))
 
 
-def _check(num_components: object, tau: object, learning_rate: object, zero_weight: object) -> None:
+def _check(
+    num_components: object,
+    tau: object,
+    learning_rate: object,
+    zero_weight: object,
+    warmup_steps: object,
+) -> None:
     if isinstance(num_components, bool) or not isinstance(num_components, int):
         raise TypeError(f"num_components must be an int; got num_components={num_components!r}")
     if not 2 <= num_components <= 2**16:
@@ -64,6 +71,8 @@ def _check(num_components: object, tau: object, learning_rate: object, zero_weig
             raise ValueError(f"{name} must be a finite number >= 0; got {name}={value!r}")
     if isinstance(zero_weight, (int, float)) and not 0 < zero_weight < 1:
         raise ValueError(f"zero_weight must lie in (0, 1); got zero_weight={zero_weight!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0; got warmup_steps={warmup_steps!r}")
 
 
 def soft_weight_sharing(
@@ -72,6 +81,7 @@ def soft_weight_sharing(
     tau: float = 5e-3,
     learning_rate: float = 5e-4,
     zero_weight: float = 0.99,
+    warmup_steps: int = 0,
     where: tree_lib.Where = None,
 ) -> optax.GradientTransformation:
     r"""Add the gradient of a learned Gaussian-mixture prior to the selected weights.
@@ -86,15 +96,24 @@ def soft_weight_sharing(
 
     to the gradient of every selected weight, and moves the mixture
     parameters one Adam step (``learning_rate``) down the same negative log
-    prior (Ullrich et al., equation 3, without the hyper-priors). Means are
-    initialised evenly over ``[-max|w|, max|w|]``, variances to the squared
-    spacing, and the zero component's proportion to ``zero_weight``.
+    prior (Ullrich et al., equation 3). Means are initialised evenly over
+    ``[-max|w|, max|w|]``, variances to the squared spacing :math:`\Delta^2`,
+    and the zero component's proportion to ``zero_weight``.
+
+    In place of the paper's Gamma hyper-priors on the precisions, the zero
+    component's variance stays :math:`\Delta^2` (the limit of an infinitely
+    strong hyper-prior) and the others' never exceed it: without this, maximum
+    likelihood widens the zero component, whose proportion is near 1, until
+    it covers every weight, and the hard assignment then prunes the whole
+    network. :math:`\tau` ramps up linearly over ``warmup_steps`` updates, so
+    the data term shapes the weights before the prior pulls them in.
 
     Args:
       num_components: :math:`J`, including the zero component.
       tau: weight :math:`\tau` of the prior per weight.
       learning_rate: Adam step size of the mixture parameters.
       zero_weight: initial proportion of the zero component, in ``(0, 1)``.
+      warmup_steps: updates over which :math:`\tau` ramps from 0 (0: none).
       where: the weights under the prior (default: kernels).
 
     Returns:
@@ -123,7 +142,7 @@ def soft_weight_sharing(
       Nowlan, Hinton, "Simplifying Neural Networks by Soft Weight-Sharing",
       Neural Computation, 1992.
     """
-    _check(num_components, tau, learning_rate, zero_weight)
+    _check(num_components, tau, learning_rate, zero_weight, warmup_steps)
     inner = optax.adam(learning_rate)
 
     def init_fn(params: PyTree) -> SoftWeightSharingState:
@@ -154,10 +173,13 @@ def soft_weight_sharing(
         flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
         mixture = (state.means, state.log_vars, state.logits)
         grad_w, grad_mix = jax.grad(lambda w, m: -_log_prior(w, *m), argnums=(0, 1))(flat, mixture)
-        grad_mix = (grad_mix[0].at[0].set(0.0), *grad_mix[1:])  # the zero component stays at 0
+        # The zero component's mean and variance stay put; no variance exceeds its.
+        grad_mix = (grad_mix[0].at[0].set(0.0), grad_mix[1].at[0].set(0.0), grad_mix[2])
         steps, inner_state = inner.update(grad_mix, state.inner, mixture)
         means, log_vars, logits = jax.tree.map(jnp.add, mixture, steps)
-        pieces = iter(jnp.split(tau * grad_w, np.cumsum(sizes)[:-1]))
+        log_vars = jnp.minimum(log_vars, state.log_vars[0])
+        ramp = jnp.minimum(1.0, (state.count + 1) / warmup_steps) if warmup_steps else 1.0
+        pieces = iter(jnp.split(tau * ramp * grad_w, np.cumsum(sizes)[:-1]))
         out = jax.tree.map(
             lambda flag, u, p: u + next(pieces).reshape(p.shape).astype(u.dtype) if flag else u,
             flags,

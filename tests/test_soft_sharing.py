@@ -35,6 +35,9 @@ def test_prior_clusters_the_kernels_and_leaves_biases_alone():
     prior = state[0]
     assert isinstance(prior, SoftWeightSharingState) and int(prior.count) == 400
     assert float(prior.means[0]) == 0.0  # the zero component never moves
+    initial = tx.init(_params())[0]
+    assert float(prior.log_vars[0]) == float(initial.log_vars[0])  # nor widens
+    assert float(jnp.max(prior.log_vars)) <= float(initial.log_vars[0])
     # Every weight sits near a component mean, much nearer than the initial spread.
     distance = jnp.min(jnp.abs(params["w"].ravel()[:, None] - prior.means[None, :]), axis=1)
     assert float(jnp.max(distance)) < 0.1 * spread0
@@ -71,11 +74,26 @@ def test_mixture_codebooks_prune_the_zero_component_and_round_trip_through_the_a
             ValueError,
             r"zero_weight must lie in \(0, 1\); got zero_weight=1.0",
         ),
+        ({"warmup_steps": -1}, ValueError, "warmup_steps must be an int >= 0; got warmup_steps=-1"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         soft_weight_sharing(**kwargs)
+
+
+def test_warmup_ramps_the_prior_linearly():
+    params = _params()
+    zero = jax.tree.map(jnp.zeros_like, params)
+    full = soft_weight_sharing(5, tau=0.1, learning_rate=0.0)
+    ramped = soft_weight_sharing(5, tau=0.1, learning_rate=0.0, warmup_steps=4)
+    state = ramped.init(params)
+    expected = full.update(zero, full.init(params), params)[0]["w"]
+    for step in range(6):
+        updates, state = ramped.update(zero, state, params)
+        np.testing.assert_allclose(
+            updates["w"], expected * min(1.0, (step + 1) / 4), rtol=1e-5, atol=1e-8
+        )
 
 
 def test_init_refuses_a_selection_of_nothing_and_update_needs_params():
