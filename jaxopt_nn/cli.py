@@ -56,6 +56,7 @@ _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positi
 _sparsity = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 _non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 _open_fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+_unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 # Codebook widths: pipeline.MAX_BITS (kept here to spare jax's import at parse time).
 _MAX_BITS = 16
 _bits = _number(int, lambda v: 1 <= v <= _MAX_BITS, f"an integer in [1, {_MAX_BITS}]")
@@ -287,6 +288,19 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         default=0.1,
         help="share of the training data held out for --max-drop; default: 0.1",
     )
+    parser.add_argument(
+        "--slim",
+        type=_sparsity,
+        default=None,
+        help="first remove this fraction of the channels of every group (as 'slim' does, "
+        "with --slim-epochs of fine-tuning per step), then compress the smaller model",
+    )
+    parser.add_argument(
+        "--slim-epochs",
+        type=_positive_int,
+        default=5,
+        help="fine-tuning epochs after each of the 3 channel-removal steps; default: 5",
+    )
     _add_int8(parser)
     parser.set_defaults(func=_compress)
 
@@ -310,12 +324,17 @@ def _compress(args: argparse.Namespace) -> None:
         "in_shape": list(dataset.in_shape),
         "num_classes": dataset.num_classes,
     }
+    epochs = args.epochs
+    if args.slim:
+        model = _slim_first(args, dataset)
+        metadata.update(structured=True, fraction=args.slim)
+        epochs = 1  # the smaller model is trained; its 'dense' stage only re-measures it
     report = pipeline.deep_compress(
         model,
         dataset,
         sparsity=args.sparsity,
         bits=args.bits,
-        epochs=args.epochs,
+        epochs=epochs,
         prune_epochs=args.prune_epochs,
         finetune_epochs=args.finetune_epochs,
         batch_size=args.batch_size,
@@ -355,8 +374,11 @@ def _archived_model(args: argparse.Namespace, dataset: Any) -> Any:
     from jaxopt_nn import train as train_lib
 
     model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
+    stored = archive.load(args.out)
+    if args.slim:
+        model = _slimmed(model, stored)
     graphdef, like = train_lib.init_train_state(model, optax.identity())
-    state = pipeline.restore_state(like, archive.load(args.out))
+    state = pipeline.restore_state(like, stored)
     return nnx.merge(graphdef, state.params, state.rest)
 
 
@@ -534,6 +556,13 @@ def _add_slim(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="kept channel counts are multiples of this; default: 1",
     )
+    parser.add_argument(
+        "--distill",
+        type=_unit_float,
+        default=0.5,
+        help="weight in [0, 1] of the distillation from the trained model in the fine-tuning "
+        "loss (the rest: the labels); default: 0.5",
+    )
     parser.add_argument("--out", default="slim.jnz", help="archive path; default: slim.jnz")
     parser.set_defaults(func=_slim)
 
@@ -579,17 +608,26 @@ def _slim_rows(dense: Any, stages: list[tuple[str, Any]], dataset: Any) -> list[
     return rows
 
 
-def _slim(args: argparse.Namespace) -> None:
-    from flax import nnx
+def _slim_stages(
+    args: argparse.Namespace,
+    dataset: Any,
+    fraction: float,
+    *,
+    epochs: int,
+    steps: int = 3,
+    criterion: str = "l2",
+    round_to: int = 1,
+    distill: float = 0.5,
+) -> Any:
+    """Train ``args.model``, remove ``fraction`` of its channels in ``steps``.
 
-    from jaxopt_nn import archive, pipeline, structured
-    from jaxopt_nn import data as data_lib
+    Prints the table of the stages and returns the smallest model.
+    """
+    from jaxopt_nn import structured
     from jaxopt_nn import train as train_lib
     from jaxopt_nn.optim import adam
     from jaxopt_nn.tree import format_table
 
-    pipeline.check_output_path("--out", args.out)
-    dataset = data_lib.load(args.data)
     model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
     result = train_lib.fit(
         model,
@@ -604,12 +642,13 @@ def _slim(args: argparse.Namespace) -> None:
     stages = structured.gradual_prune(
         dense,
         dataset,
-        args.fraction,
-        steps=args.steps,
-        epochs=args.finetune_epochs,
-        tx=adam(args.lr),
-        criterion=args.criterion,
-        round_to=args.round_to,
+        fraction,
+        steps=steps,
+        epochs=epochs,
+        learning_rate=args.lr,
+        criterion=criterion,
+        round_to=round_to,
+        distill=distill,
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.quiet,
@@ -620,7 +659,35 @@ def _slim(args: argparse.Namespace) -> None:
     headers = ["stage", "params", "FLOPs/example", "ms b1", "speed-up b1", "ms b128"]
     headers.append("speed-up b128")
     print(format_table([*headers, "accuracy"], _slim_rows(dense, named, dataset)))
-    small = stages[-1].model
+    return stages[-1].model
+
+
+def _slim_first(args: argparse.Namespace, dataset: Any) -> Any:
+    """``compress --slim``: the trained model with ``args.slim`` of its channels removed."""
+    print(f"structured pruning: {args.slim:.0%} of the channels of every group")
+    small = _slim_stages(args, dataset, args.slim, epochs=args.slim_epochs)
+    print()
+    return small
+
+
+def _slim(args: argparse.Namespace) -> None:
+    from flax import nnx
+
+    from jaxopt_nn import archive, pipeline
+    from jaxopt_nn import data as data_lib
+
+    pipeline.check_output_path("--out", args.out)
+    dataset = data_lib.load(args.data)
+    small = _slim_stages(
+        args,
+        dataset,
+        args.fraction,
+        epochs=args.finetune_epochs,
+        steps=args.steps,
+        criterion=args.criterion,
+        round_to=args.round_to,
+        distill=args.distill,
+    )
     tree = {"params": nnx.to_pure_dict(nnx.state(small, nnx.Param))}
     rest = nnx.to_pure_dict(nnx.state(small, nnx.BatchStat))
     if rest:

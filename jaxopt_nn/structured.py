@@ -73,6 +73,7 @@ __all__ = [
     "Member",
     "channel_masks",
     "dependency_groups",
+    "distillation_loss_fn",
     "gradual_prune",
     "group_importance",
     "keep_top",
@@ -1265,6 +1266,56 @@ def _group_key(group: ChannelGroup) -> tuple[str, int]:
     return group.members[0].path, group.members[0].axis
 
 
+def distillation_loss_fn(teacher: nnx.Module, *, weight: float, temperature: float = 4.0):
+    r"""A ``loss_fn`` that mixes the labels with the softened outputs of a teacher.
+
+    .. math::
+
+      L = (1 - w)\, \mathrm{CE}(z, y)
+          + w\, T^2\, \mathrm{CE}\left(\mathrm{softmax}(z_t / T), z / T\right)
+
+    with the student's logits :math:`z`, the teacher's :math:`z_t` (evaluation
+    mode, no gradient) and the temperature :math:`T`; the :math:`T^2` keeps
+    the gradient scale of the soft term independent of :math:`T`. The
+    teacher's weights are constants of the compiled step.
+
+    Args:
+      teacher: the NNX module to imitate (not modified; a copy is set to
+        evaluation mode).
+      weight: :math:`w \in [0, 1]`, the share of the soft term.
+      temperature: :math:`T > 0`.
+
+    Returns:
+      ``loss_fn(model, x, y) -> (loss, logits)`` for :func:`jaxopt_nn.train.fit`.
+
+    Raises:
+      ValueError: if ``weight`` or ``temperature`` is out of range.
+
+    References:
+      Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
+      https://arxiv.org/abs/1503.02531, 2015.
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise ValueError(f"weight must be a number in [0, 1]; got weight={weight!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+    ):
+        raise ValueError(f"temperature must be a number > 0; got temperature={temperature!r}")
+    copy = nnx.clone(teacher)
+    copy.eval()
+    graphdef, state = nnx.split(copy)
+
+    def loss_fn(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = model(x)
+        soft = jax.nn.softmax(jax.lax.stop_gradient(nnx.merge(graphdef, state)(x)) / temperature)
+        kd = optax.softmax_cross_entropy(logits / temperature, soft).mean() * temperature**2
+        return (1 - weight) * train_lib.cross_entropy_loss(logits, y) + weight * kd, logits
+
+    return loss_fn
+
+
 def gradual_prune(
     model: nnx.Module,
     data: Dataset,
@@ -1273,6 +1324,8 @@ def gradual_prune(
     steps: int = 3,
     epochs: int = 2,
     tx: optax.GradientTransformation | None = None,
+    learning_rate: float = 1e-3,
+    distill: float = 0.0,
     criterion: str = "l2",
     round_to: int = 1,
     batch_size: int = 128,
@@ -1292,8 +1345,12 @@ def gradual_prune(
     of its original channels (the cubic schedule of Zhu & Gupta: large steps
     first, small ones at the end), ranking the current channels by
     :func:`group_importance`, then fine-tunes the shrunk model for
-    ``epochs`` epochs with :func:`jaxopt_nn.train.fit`. Every step works on
-    a physically smaller model, so fine-tuning gets faster as it goes.
+    ``epochs`` epochs with :func:`jaxopt_nn.train.fit` (by default Adam
+    whose learning rate decays from ``learning_rate`` to 0 along a cosine
+    over each step's fine-tuning; with ``distill > 0`` the loss also follows
+    the given model's outputs, :func:`distillation_loss_fn`). Every step
+    works on a physically smaller model, so fine-tuning gets faster as it
+    goes.
 
     Args:
       model: the trained NNX module.
@@ -1302,7 +1359,10 @@ def gradual_prune(
       steps: number of prune/fine-tune steps (>= 1).
       epochs: fine-tuning epochs per step (>= 1).
       tx: the optimizer of the fine-tuning (fresh state every step); default
-        ``optax.adam(1e-3)``.
+        ``optax.adam`` with the cosine decay from ``learning_rate``.
+      learning_rate: peak learning rate of the default ``tx``.
+      distill: weight in ``[0, 1]`` of the distillation from ``model`` (the
+        original, unpruned one) in the fine-tuning loss; 0: labels only.
       criterion: see :func:`group_importance` (``'taylor'`` uses the first
         256 training examples).
       round_to: kept channel counts are multiples of this.
@@ -1337,7 +1397,10 @@ def gradual_prune(
             raise ValueError(f"{name} must be an int >= 1; got {name}={value!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}; got criterion={criterion!r}")
-    tx = optax.adam(1e-3) if tx is None else tx
+    if tx is None:
+        updates = epochs * max(1, len(data.x_train) // batch_size)
+        tx = optax.adam(optax.cosine_decay_schedule(learning_rate, updates))
+    loss_fn = distillation_loss_fn(model, weight=distill) if distill else None
     x = jnp.asarray(data.x_train[:2])
     batch = (jnp.asarray(data.x_train[:256]), jnp.asarray(data.y_train[:256]))
     original = {_group_key(g): g.size for g in dependency_groups(model, x)}
@@ -1360,6 +1423,7 @@ def gradual_prune(
             batch_size=batch_size,
             seed=seed + i,
             progress=progress,
+            loss_fn=loss_fn,
         )
         model = train_lib.to_model(result.graphdef, result.state)
         stages.append(SlimStage(f_i, model, result.history))

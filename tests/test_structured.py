@@ -438,3 +438,70 @@ def test_cli_slim_writes_an_archive_that_evaluate_and_inspect_read(tmp_path, cap
     assert shapes["params/fc1/kernel"] == (64, 150) and shapes["params/fc2/kernel"] == (150, 50)
     assert cli.main(["evaluate", str(out)]) == 0
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_cli_compress_slim_chains_structured_pruning_and_the_archive_evaluates(tmp_path, capsys):
+    from jaxopt_nn import archive, cli
+
+    out = tmp_path / "slim.jnz"
+    argv = ["compress", "--model", "lenet300", "--epochs", "1", "--prune-epochs", "2"]
+    argv += ["--finetune-epochs", "0", "--slim", "0.5", "--slim-epochs", "1", "--quiet"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "step 3 (50% removed)" in printed and "compression " in printed
+    info = archive.inspect(out)
+    assert info.metadata["structured"] is True and info.metadata["fraction"] == 0.5
+    shapes = {t.name: t.shape for t in info.tensors}
+    assert shapes["params/fc1/kernel"] == (64, 150) and shapes["params/fc2/kernel"] == (150, 50)
+    assert cli.main(["evaluate", str(out)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_distillation_loss_mixes_cross_entropy_and_the_softened_teacher():
+    teacher = _materialize(lambda: LeNet300100(6, hidden=(5, 4), rngs=nnx.Rngs(0)))
+    student = _materialize(lambda: LeNet300100(6, hidden=(5, 4), rngs=nnx.Rngs(0)), seed=1)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 6)), jnp.float32)
+    y = jnp.arange(7) % 3
+    z, zt = np.asarray(student(x), np.float64), np.asarray(teacher(x), np.float64)
+
+    def log_softmax(a):
+        return (
+            a
+            - a.max(-1, keepdims=True)
+            - np.log(np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        )
+
+    ce = -log_softmax(z)[np.arange(7), np.asarray(y)].mean()
+    t = 2.0
+    soft = np.exp(log_softmax(zt / t))
+    kd = -(soft * log_softmax(z / t)).sum(-1).mean() * t**2
+    for weight in (0.0, 0.3, 1.0):
+        loss, logits = structured.distillation_loss_fn(teacher, weight=weight, temperature=t)(
+            student, x, y
+        )
+        np.testing.assert_allclose(float(loss), (1 - weight) * ce + weight * kd, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(logits), z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"weight": 1.5}, "weight"), ({"weight": 0.5, "temperature": 0.0}, "temperature")],
+)
+def test_distillation_arguments_are_checked(kwargs, match):
+    teacher = LeNet300100(6, hidden=(5, 4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=match):
+        structured.distillation_loss_fn(teacher, **kwargs)
+
+
+def test_gradual_prune_with_distillation_shrinks_in_steps():
+    from jaxopt_nn.data import load_digits
+
+    data = load_digits()
+    data = data._replace(x_train=data.x_train[:256].reshape(256, -1), y_train=data.y_train[:256])
+    data = data._replace(x_test=data.x_test[:64].reshape(64, -1), y_test=data.y_test[:64])
+    model = LeNet300100(64, hidden=(40, 20), rngs=nnx.Rngs(0))
+    stages = structured.gradual_prune(model, data, 0.5, steps=2, epochs=1, distill=0.5)
+    sizes = [(s.model.fc1.out_features, s.model.fc2.out_features) for s in stages]
+    assert sizes[-1] == (20, 10) and 20 < sizes[0][0] < 40 and 10 < sizes[0][1] < 20
+    assert stages[0].fraction < stages[1].fraction == 0.5
+    assert model.fc1.out_features == 40  # the original is untouched
