@@ -10,24 +10,35 @@ digits, at batch 128. Variants of each model:
   baseline has no batch-norm cost either);
 * ``int8-dynamic``: ``to_int8(model)``: per-row / per-example activation scales;
 * ``int8-static``: ``to_int8(model, calibrate(model, train batches))``;
+* ``int8-dynamic-measured`` / ``int8-static-measured``: the same with
+  ``fallback='measure'``: each layer timed float32 vs int8 on the batch at
+  conversion, int8 kept only where it measured at least 1.05x faster;
 * ``int8-all``: ``to_int8(model, fallback=False)``: every layer int8, to show
-  what the fallback rule avoids.
+  what the fallback avoids;
+* ``float32-im2col`` (models with convolutions): every ``nnx.Conv`` computed
+  as the int8 layers compute it (im2col patches and one matrix product), in
+  float32: the baseline that separates the gain of the algorithm from the
+  gain of int8 (``speedup_vs_im2col``).
 
 Latency: every variant is jitted and warmed up, then ``--rounds`` rounds each
-time ``--repeats`` back-to-back calls of every variant, in an order that
-rotates every round (so a slow phase of the shared machine hits all); the
-median seconds per call is reported and ``speedup = float32 / variant``.
-Accuracy: test accuracy on digits (for the MLP: the largest relative logit
-error against float32). The CPU's flags (AVX-512, VNNI, AMX) are recorded.
+time a batch of back-to-back calls of every variant (about 0.1 s of float32
+work), in an order that rotates every round (so a slow phase of the shared
+machine hits all); the median seconds per call is reported and
+``speedup = float32 / variant``. The load average is recorded before and
+after each model. Accuracy: test accuracy on digits (for the MLP: the largest
+relative logit error against float32). The CPU's flags (AVX-512, VNNI, AMX)
+are recorded.
 
-Run: ``python benchmarks/integer.py [--quick]``; writes
-``benchmarks/results/integer.json``.
+Run: ``python benchmarks/integer.py [--quick] [--out FILE]``; writes
+``benchmarks/results/integer.json`` (the README quotes one file per jax
+version: ``integer.json`` for jax 0.12, ``integer_jax010.json`` for 0.10).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -39,7 +50,17 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_nn import data, models, train
-from jaxopt_nn.integer import calibrate, fold_batchnorm, int8_plan, to_int8
+from jaxopt_nn.integer import (
+    _ConvSpec,
+    _get,
+    _modules,
+    _patch_conv,
+    _set,
+    calibrate,
+    fold_batchnorm,
+    int8_plan,
+    to_int8,
+)
 from jaxopt_nn.optim import adam
 
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_tile")
@@ -68,12 +89,19 @@ def _forward(model: nnx.Module):
     return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
 
 
-def interleaved_latency(models_: dict, x: jax.Array, *, rounds: int, repeats: int) -> dict:
-    """Median seconds per call of each model, timed in rotating order."""
+def interleaved_latency(models_: dict, x: jax.Array, *, rounds: int, budget: float) -> dict:
+    """Median seconds per call of each model, timed in rotating order.
+
+    Each timed batch has as many calls as take about ``budget`` seconds of float32.
+    """
     calls = {name: _forward(model) for name, model in models_.items()}
     for fn, state in calls.values():
         for _ in range(2):
             jax.block_until_ready(fn(state, x))
+    fn, state = calls["float32"]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(state, x))
+    repeats = max(1, round(budget / (time.perf_counter() - start)))
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
@@ -116,13 +144,52 @@ class MLP(nnx.Module):
         return self.fc3(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
 
 
+class Im2colConv(nnx.Module):
+    """A float32 ``nnx.Conv`` (ungrouped, no input dilation) as one im2col matrix product."""
+
+    def __init__(self, layer: nnx.Conv):
+        spec = _ConvSpec(layer, "conv")
+        assert spec.groups == 1 and all(d == 1 for d in spec.input_dilation)
+        kernel = layer.kernel[...]
+        self.kernel = nnx.Param(kernel if layer.mask is None else kernel * layer.mask)
+        self.bias = nnx.Param(layer.bias[...]) if layer.use_bias and layer.bias else None
+        self.strides, self.padding = spec.strides, spec.padding
+        self.kernel_dilation = spec.kernel_dilation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _patch_conv(x, self.kernel[...], self, jnp.float32)
+        return y if self.bias is None else y + self.bias[...]
+
+
+def im2col_model(model: nnx.Module) -> nnx.Module | None:
+    """A copy of ``model`` with every ``nnx.Conv`` an :class:`Im2colConv` (None: no conv)."""
+    out = nnx.clone(model)
+    convs = [path for _, path, m in _modules(out) if isinstance(m, nnx.Conv)]
+    for path in convs:
+        _set(out, path, Im2colConv(_get(out, path)))
+    return out if convs else None
+
+
 def _variants(model: nnx.Module, calibration_batches: list, example: jax.Array) -> dict:
     ranges = calibrate(model, calibration_batches)
-    return {
+    variants = {
         "float32": model,
+        "float32-im2col": im2col_model(model),
         "int8-dynamic": to_int8(model, example=example),
         "int8-static": to_int8(model, ranges, example=example),
+        "int8-dynamic-measured": to_int8(model, fallback="measure", example=example),
+        "int8-static-measured": to_int8(model, ranges, fallback="measure", example=example),
         "int8-all": to_int8(model, fallback=False),
+    }
+    return {name: m for name, m in variants.items() if m is not None}
+
+
+def _layers(model: nnx.Module) -> dict:
+    """``{layer name: 'int8' or 'float32'}`` of a converted model (what it actually runs)."""
+    return {
+        name: "int8" if type(m).__name__.startswith("Int8") else "float32"
+        for name, _, m in _modules(model)
+        if isinstance(m, (nnx.Linear, nnx.Conv)) or type(m).__name__.startswith("Int8")
     }
 
 
@@ -130,11 +197,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few epochs and rounds")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of float32 work per timed batch"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "integer.json"))
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 15)
-    repeats = args.repeats or (3 if args.quick else 10)
+    budget = args.budget or (0.02 if args.quick else 0.1)
     epochs = 3 if args.quick else 30
     digits = data.load("digits")
     x_train, x_test, y_test = digits.x_train, digits.x_test, digits.y_test
@@ -145,14 +214,17 @@ def main() -> None:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "rounds": rounds,
-        "repeats": repeats,
+        "budget_s": budget,
+        "loadavg_start": os.getloadavg(),
         "epochs": epochs,
         "rows": [],
     }
     print(json.dumps(report["cpu"]))
 
     def record(name: str, batch: int, variants: dict, x: jax.Array, quality: dict) -> None:
-        seconds = interleaved_latency(variants, x, rounds=rounds, repeats=repeats)
+        load_before = os.getloadavg()
+        seconds = interleaved_latency(variants, x, rounds=rounds, budget=budget)
+        load_after = os.getloadavg()
         plan = int8_plan(variants["float32"], example=x)
         for variant, s in seconds.items():
             row = {
@@ -162,7 +234,13 @@ def main() -> None:
                 "seconds": s,
                 "speedup": seconds["float32"] / s,
                 **quality[variant],
+                "loadavg_before": load_before,
+                "loadavg_after": load_after,
             }
+            if "float32-im2col" in seconds:
+                row["speedup_vs_im2col"] = seconds["float32-im2col"] / s
+            if variant.startswith("int8"):
+                row["layers"] = _layers(variants[variant])
             report["rows"].append(row)
             extra = ", ".join(f"{k}={v:.4f}" for k, v in quality[variant].items())
             print(
@@ -214,6 +292,7 @@ def main() -> None:
         }
         record(name, 128, variants, x, quality)
 
+    report["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

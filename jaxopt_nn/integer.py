@@ -46,13 +46,16 @@ When int8 loses: quantizing the input, the int32 product and the rescale cost
 more than a float32 product for small layers and small batches. With
 ``fallback=True`` (default) :func:`to_int8` keeps a layer in float32 unless
 its product is large enough (see :func:`int8_plan`, which says why for each
-layer).
+layer); ``fallback='measure'`` times each layer both ways on the serving batch
+instead and keeps the faster.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -73,6 +76,12 @@ _METHODS = ("absmax", "percentile")
 _MIN_ROWS = 16
 _MIN_WEIGHT = 16_384
 _MIN_DEPTH = 64
+# fallback='measure': int8 only where its median time per call beats float32's
+# by this factor, so that timing noise does not pick a slower int8 layer.
+_MEASURE_MARGIN = 1.05
+_MEASURE_ROUNDS = 15
+_MEASURE_SECONDS = 3e-3  # time per timed batch of calls
+_FALLBACKS = (True, False, "measure")
 _SUPPORTED = (nnx.Linear, nnx.Conv)
 _LAX_PADDING = ("SAME", "VALID")
 
@@ -183,7 +192,9 @@ def _conv(x: jax.Array, kernel: jax.Array, spec: Any, preferred: Any) -> jax.Arr
     )
 
 
-def _patch_conv(x: jax.Array, kernel: jax.Array, spec: Any) -> jax.Array:
+def _patch_conv(
+    x: jax.Array, kernel: jax.Array, spec: Any, preferred: Any = jnp.int32
+) -> jax.Array:
     """``int8 x int8 -> int32`` convolution as one ``dot_general`` over im2col patches.
 
     XLA's CPU convolution of int8 operands is slow for few channels (0.2x
@@ -193,6 +204,9 @@ def _patch_conv(x: jax.Array, kernel: jax.Array, spec: Any) -> jax.Array:
     integer matrix product is what makes int8 convolutions pay off. Used for
     ungrouped convolutions without input dilation (others go through
     :func:`_conv`); the sums are exact integers, so both give the same result.
+    With float operands and ``preferred=jnp.float32`` it is the same algorithm
+    in float32 (the baseline that separates im2col's gain from int8's in
+    ``benchmarks/integer.py``).
     """
     window = kernel.shape[:-2]
     dilated = [(k - 1) * d + 1 for k, d in zip(window, spec.kernel_dilation, strict=True)]
@@ -211,7 +225,7 @@ def _patch_conv(x: jax.Array, kernel: jax.Array, spec: Any) -> jax.Array:
         )
         views.append(lax.slice(x, start, limit, (1, *spec.strides, 1)))
     patches = jnp.concatenate(views, axis=-1)
-    return _dense(patches, kernel.reshape(-1, kernel.shape[-1]), jnp.int32)
+    return _dense(patches, kernel.reshape(-1, kernel.shape[-1]), preferred)
 
 
 def _dense(x: jax.Array, kernel: jax.Array, preferred: Any) -> jax.Array:
@@ -694,8 +708,60 @@ def _plan_one(layer: Any, rows: int | None) -> str:
     return "int8"
 
 
+def _repeats(call: Callable[[], Any]) -> int:
+    """Calls per timed batch so that one batch takes about ``_MEASURE_SECONDS`` (warms up)."""
+    jax.block_until_ready(call())
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return max(1, int(_MEASURE_SECONDS / max(time.perf_counter() - start, 1e-7)))
+
+
+def _timed(call: Callable[[], Any], repeats: int) -> float:
+    start = time.perf_counter()
+    out = None
+    for _ in range(repeats):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def _paired_speedup(baseline: Callable[[], Any], candidate: Callable[[], Any]) -> float:
+    """Median over rounds of ``time(baseline) / time(candidate)``, timed back to back.
+
+    The order alternates every round and each ratio compares two batches of
+    calls run one right after the other, so a slow phase of a shared machine
+    hits both sides of a ratio.
+    """
+    calls = (baseline, candidate)
+    repeats = [_repeats(call) for call in calls]
+    ratios = []
+    for r in range(_MEASURE_ROUNDS + 1):  # round 0 warms up both sides and is dropped
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        seconds = {i: _timed(calls[i], repeats[i]) for i in order}
+        ratios.append(seconds[0] / seconds[1])
+    return statistics.median(ratios[1:])
+
+
+def _bound_call(module: nnx.Module, x: jax.Array) -> Callable[[], Any]:
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return functools.partial(fn, state, x)
+
+
+def _measure_one(layer: Any, twin: nnx.Module, x: jax.Array) -> str:
+    speedup = _paired_speedup(_bound_call(layer, x), _bound_call(twin, x))
+    if speedup >= _MEASURE_MARGIN:
+        return "int8"
+    return f"float32 (int8 measured {speedup:.2f}x float32 < {_MEASURE_MARGIN})"
+
+
 def int8_plan(
-    model: nnx.Module, *, where: Where = None, example: jax.Array | None = None
+    model: nnx.Module,
+    *,
+    where: Where = None,
+    example: jax.Array | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    measure: bool = False,
 ) -> dict[str, str]:
     """Which chosen layers :func:`to_int8` makes int8 and which stay float32, and why.
 
@@ -711,13 +777,28 @@ def int8_plan(
     inference). Without ``example`` the row count is unknown and only the
     weight counts.
 
+    With ``measure=True`` the rule is replaced by a measurement on this
+    machine: each layer is jitted alone, float32 and int8 (with its static
+    range from ``calibration`` if given), and run on the input it receives
+    when the model is applied to ``example``; both are timed back to back in
+    alternating order and the layer becomes int8 only if the median over 15
+    rounds of the time ratio says int8 is at least 1.05x faster. Measuring
+    costs two compilations and a fraction of a second per layer, and the
+    decision depends on the machine, the XLA version and the load.
+
     Args:
       model: the float model.
       where: the layers (as :func:`to_int8`).
-      example: an input batch of the size you will serve (optional).
+      example: an input batch of the size you will serve (optional; required
+        with ``measure``).
+      calibration: static ranges (from :func:`calibrate`) used by ``measure``.
+      measure: time each layer instead of applying the rule.
 
     Returns:
       ``{layer name: 'int8' or 'float32 (reason)'}`` for every chosen layer.
+
+    Raises:
+      ValueError: if ``measure`` is set without ``example``.
 
     Example:
       >>> from jaxopt_nn.models import LeNet300100
@@ -725,6 +806,19 @@ def int8_plan(
       {'fc1': 'int8', 'fc2': 'int8', 'fc3': 'float32 (weight 1,000 < 16,384 elements)'}
     """
     chosen = _selected(model, where)
+    if measure:
+        if example is None:
+            raise ValueError("measure=True needs an example input batch to time the layers on")
+        ranges = _check_calibration(calibration, chosen)
+        inputs = jax.jit(_layer_probe(model, chosen, lambda x: x))(jnp.asarray(example))
+        return {
+            name: _measure_one(
+                _float_layer(module),
+                _int8_twin(module, ranges, name),
+                inputs[name],
+            )
+            for name, _, module in chosen
+        }
     rows: dict[str, int | None] = {name: None for name, _, _ in chosen}
     if example is not None:
         shapes = jax.eval_shape(_layer_probe(model, chosen, lambda x: x), example)
@@ -808,7 +902,7 @@ def to_int8(
     calibration: Mapping[str, Any] | None = None,
     where: Where = None,
     *,
-    fallback: bool = True,
+    fallback: bool | str = True,
     example: jax.Array | None = None,
 ) -> nnx.Module:
     """A new model whose chosen ``nnx.Linear``/``nnx.Conv`` layers compute in int8.
@@ -828,19 +922,23 @@ def to_int8(
       where: ``None`` (every ``nnx.Linear``/``nnx.Conv``), a callable
         ``(name, module) -> bool`` with names such as ``'fc1'`` or
         ``'stages/0/1/conv1'``, or a collection of layer names.
-      fallback: keep a layer in float32 where int8 would be slower (the rule
-        of :func:`int8_plan`); ``False`` converts every chosen layer.
-      example: an input batch of the serving size, for the fallback rule.
+      fallback: ``True``: keep a layer in float32 where int8 would be slower
+        by the rule of :func:`int8_plan`; ``'measure'``: where int8 is timed
+        slower on ``example`` (``int8_plan(..., measure=True)``); ``False``:
+        convert every chosen layer.
+      example: an input batch of the serving size, for the fallback rule
+        (required by ``'measure'``).
 
     Returns:
       The converted model (in eval mode if it has batch norms).
 
     Raises:
       TypeError: if ``where`` selects a module that is not an ``nnx.Linear``
-        or ``nnx.Conv``, ``calibration`` is not a mapping or ``fallback`` not a bool.
+        or ``nnx.Conv``, ``calibration`` is not a mapping or ``fallback`` is
+        not ``True``, ``False`` or ``'measure'``.
       ValueError: for a convolution padding other than ``'SAME'``, ``'VALID'``
         or explicit pairs, names the model lacks, or missing / non-positive
-        calibration ranges.
+        calibration ranges, or ``'measure'`` without ``example``.
 
     Example:
       >>> from jaxopt_nn.models import LeNet300100
@@ -849,28 +947,35 @@ def to_int8(
       >>> type(q.fc1).__name__, type(q.fc3).__name__, q.fc1.kernel.dtype
       ('Int8Linear', 'Linear', dtype('int8'))
     """
-    if not isinstance(fallback, bool):
-        raise TypeError(f"fallback must be a bool; got fallback={fallback!r}")
+    if fallback not in _FALLBACKS or not isinstance(fallback, (bool, str)):
+        raise TypeError(f"fallback must be one of {_FALLBACKS}; got fallback={fallback!r}")
     chosen = _selected(model, where)
     ranges = _check_calibration(calibration, chosen)
-    plan = int8_plan(model, where=where, example=example) if fallback else None
+    plan = None
+    if fallback:
+        measure = fallback == "measure"
+        plan = int8_plan(
+            model, where=where, example=example, calibration=calibration, measure=measure
+        )
     out = nnx.clone(model)
     for name, path, _ in chosen:
         module = _get(out, path)
-        layer, bound = module, None if ranges is None else ranges[name]
-        if isinstance(module, FakeQuant):
-            layer = module.layer
-            if bound is None and module.input_range is not None:
-                bound = module.input_range[...]
         if plan is not None and plan[name] != "int8":
-            _set(out, path, layer)
-            continue
-        if isinstance(layer, nnx.Linear):
-            _set(out, path, Int8Linear.from_linear(layer, input_range=bound))
+            _set(out, path, _float_layer(module))
         else:
-            _set(out, path, Int8Conv.from_conv(layer, input_range=bound, name=name))
+            _set(out, path, _int8_twin(module, ranges, name))
     _eval_mode(out)
     return out
+
+
+def _int8_twin(module: Any, ranges: Mapping[str, Any] | None, name: str) -> nnx.Module:
+    """The int8 layer of a float layer or :class:`FakeQuant` (``ranges`` first, then its own)."""
+    layer, bound = _float_layer(module), None if ranges is None else ranges[name]
+    if bound is None and isinstance(module, FakeQuant) and module.input_range is not None:
+        bound = module.input_range[...]
+    if isinstance(layer, nnx.Linear):
+        return Int8Linear.from_linear(layer, input_range=bound)
+    return Int8Conv.from_conv(layer, input_range=bound, name=name)
 
 
 # --------------------------------------------------------------------------- batch-norm folding

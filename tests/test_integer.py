@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxopt_nn import archive
+from jaxopt_nn import archive, integer
 from jaxopt_nn.integer import (
     FakeQuant,
     Identity,
@@ -93,6 +93,11 @@ def test_patch_convolution_equals_integer_convolution_exactly(kwargs):
     patches = jax.jit(lambda c: _patch_conv(c, q.kernel[...], q))(codes)
     assert patches.dtype == jnp.int32
     np.testing.assert_array_equal(patches, exact)
+    x = jax.random.normal(jax.random.key(3), (2, 7, 6, 3))
+    kernel = conv.kernel[...]
+    as_float = jax.jit(lambda x: _patch_conv(x, kernel, q, jnp.float32))(x)
+    reference = jax.jit(lambda x: _conv(x, kernel, q, None))(x)
+    np.testing.assert_allclose(as_float, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_conv_close_to_float_with_groups_and_unbatched_input():
@@ -148,6 +153,39 @@ def test_fallback_rule_by_weight_depth_and_rows(images):
     assert plan["fc2"].startswith("float32 (weight 5,000")
     one = int8_plan(LeNet300100(64, rngs=nnx.Rngs(0)), example=images[:1])
     assert one["fc1"] == "float32 (1 rows per call < 16)"
+
+
+@pytest.mark.parametrize("speedup", [1.0, 2.0])
+def test_measured_fallback_keeps_int8_only_where_it_measures_faster(monkeypatch, images, speedup):
+    model = LeNet300100(64, rngs=nnx.Rngs(0))
+    ranges = calibrate(model, [images])
+
+    def fake_speedup(baseline, candidate):  # the thunks run each layer on its own input
+        np.testing.assert_allclose(candidate(), baseline(), atol=0.05)
+        return speedup
+
+    monkeypatch.setattr(integer, "_paired_speedup", fake_speedup)
+    plan = int8_plan(model, example=images, calibration=ranges, measure=True)
+    q = to_int8(model, ranges, fallback="measure", example=images)
+    for name in ("fc1", "fc2", "fc3"):
+        if speedup >= 1.05:
+            assert plan[name] == "int8" and isinstance(getattr(q, name), Int8Linear)
+        else:
+            assert plan[name] == "float32 (int8 measured 1.00x float32 < 1.05)"
+            assert type(getattr(q, name)) is nnx.Linear
+
+
+def test_measured_fallback_times_every_layer_and_needs_an_example(images):
+    model = LeNet300100(64, rngs=nnx.Rngs(0))
+    plan = int8_plan(model, example=images, measure=True)
+    assert set(plan) == {"fc1", "fc2", "fc3"}
+    assert all(why == "int8" or why.startswith("float32 (int8 measured") for why in plan.values())
+    with pytest.raises(ValueError, match="example"):
+        int8_plan(model, measure=True)
+    with pytest.raises(ValueError, match="example"):
+        to_int8(model, fallback="measure")
+    with pytest.raises(TypeError, match="fallback"):
+        to_int8(model, fallback="fast")
 
 
 def test_calibrate_records_absmax_and_percentile_of_layer_inputs(images):
