@@ -1065,6 +1065,27 @@ def _copy(leaf: Any) -> Any:
     return leaf
 
 
+def _check_not_linen(model: nnx.Module, names: list[str], new: list[Any], old: list[Any]) -> None:
+    """TypeError if a variable of a Linen module (``nnx.bridge.ToNNX``) changes shape."""
+    linen = [
+        "/".join(map(str, path))
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.bridge.ToNNX)
+    ]
+    if not linen:
+        return
+    for name, a, b in zip(names, new, old, strict=True):
+        if np.shape(a) != np.shape(b) and any(name.startswith(p) for p in linen):
+            where = f"at {linen[0]!r}" if linen[0] else "as the model"
+            raise TypeError(
+                f"{name} belongs to a Linen module (nnx.bridge.ToNNX {where}), whose "
+                "layer sizes are fixed in its code: it cannot be resized. dependency_groups, "
+                "group_importance and channel_masks work on it (pruning without shrinking); "
+                "for a smaller model, write it in NNX (flax.nnx) or build the Linen module "
+                "with the kept widths and load the sliced arrays"
+            )
+
+
 def resized(model: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
     """A copy of ``model`` whose variables are ``arrays``, of any shapes.
 
@@ -1086,6 +1107,12 @@ def resized(model: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
 
     Raises:
       ValueError: if a name is not a variable of ``model``.
+      TypeError: if a new shape belongs to a Linen module wrapped by
+        ``nnx.bridge.ToNNX``: Linen layers take their sizes from the code
+        (``nn.Dense(16)`` in a compact ``__call__``), which cannot be changed
+        from outside. Analysis, importance and :func:`channel_masks` work on
+        such a model; for a smaller one, write the model in NNX or build the
+        Linen module with the kept widths and load the sliced arrays.
 
     Example:
       >>> small = resized(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), {'kernel': jnp.ones((4, 2)),
@@ -1104,6 +1131,7 @@ def resized(model: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
         jnp.asarray(arrays[n]) if n in arrays else _copy(v)
         for n, (_, v) in zip(names, flat, strict=True)
     ]
+    _check_not_linen(model, names, leaves, [v for _, v in flat])
     module = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
     for _, node in nnx.iter_graph(module):
         fix = _SIZE_ATTRIBUTES.get(type(node))

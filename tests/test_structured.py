@@ -227,6 +227,11 @@ def test_linen_model_through_the_bridge():
     assert _summary(groups) == [
         (16, {("Dense_0/kernel", 1, 1), ("Dense_0/bias", 0, 1), ("Dense_1/kernel", 0, 1)})
     ]
+    keep = [np.arange(8)]
+    masks = structured.channel_masks(model, groups, keep)
+    assert float(np.asarray(masks["Dense_0"]["kernel"]).sum()) == 5 * 8
+    with pytest.raises(TypeError, match="Linen module.*write it in NNX"):
+        structured.shrink(model, groups, keep)
 
 
 def _masked(model, groups, keep):
