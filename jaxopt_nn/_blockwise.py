@@ -7,8 +7,15 @@ element: a byte (8 bits) or half a byte (4 bits, two codes per byte along the
 last axis). Codes keep the tensor's shape (4 bits: the last axis halved,
 rounded up) and scales its leading axes, so both shard like the tensor, and
 nothing is flattened, padded or copied: decoding and encoding are elementwise
-bit operations that XLA fuses with the optimizer's update, and the block
-maxima one reduction over the new moments.
+bit operations that XLA fuses with the optimizer's update.
+
+An optimizer step is compute-bound once the moments are bytes, so
+:func:`quantize_alongside` keeps the passes over memory and the work per
+element low: the block maxima come from one variadic reduction (XLA on CPU
+emits it as one vectorized loop with the decoding fused in), and one loop
+writes every moment's codes and the update (XLA on CPU gives an elementwise
+fusion one output, so the arrays go through a variadic reduction that
+returns them unchanged and has several; see :func:`_in_one_loop`).
 
 The codes are small floating-point numbers, so the relative error stays
 roughly constant over many orders of magnitude inside a block, like the
@@ -161,61 +168,80 @@ def _per_element(scales: jax.Array, n: int, block_size: int) -> jax.Array:
     return wide.reshape(*lead, n_blocks * block_size)[..., :n]
 
 
-def _block_max(a: jax.Array, block_size: int) -> jax.Array:
-    """Maximum of ``a >= 0`` over blocks of ``block_size`` along the last axis."""
-    n = a.shape[-1]
-    n_blocks = _n_blocks(n, block_size)
-    if n_blocks == 1:
-        return jnp.max(a, axis=-1, keepdims=True)
-    tail = n_blocks * block_size - n
-    if tail:  # the last block is shorter: zeros do not change a maximum of a >= 0
-        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tail)])
-    return jnp.max(a.reshape(*a.shape[:-1], n_blocks, block_size), axis=-1)
+def _block_extrema(xs: list[jax.Array], block_size: int) -> list[jax.Array]:
+    """Maximum and minimum of each of ``xs`` (float32, one shape) over blocks of the last axis.
 
-
-def block_absmax(x: jax.Array, quantization: BlockQuantization) -> jax.Array:
-    """float32 maximum of ``|x|`` over each block, shaped like the scales.
-
-    Where the blocks tile the last axis exactly it is ``max(max(x), -min(x))``:
-    one reduction that reads ``x`` where it lies, instead of an elementwise
-    ``|x|`` that XLA on CPU would write out before reducing it.
+    One variadic reduction, which XLA on CPU emits as one vectorized loop with
+    the producers of ``xs`` fused in: they are computed once and never
+    written out (a lone ``max`` would go to a library kernel that needs its
+    input in memory). Each block is reduced as ``(width / 2, 2)`` pairs, so a
+    byte of 4-bit codes is unpacked once for its two elements, not through
+    a division of each element's index. Rows that the blocks do not tile are
+    padded with zeros inside that loop, which moves neither extremum past zero.
     """
-    shape = _quantized_shapes(np.shape(x), quantization).scales
-    fn = functools.partial(_block_absmax, quantization=quantization)
-    return _like(x, tuple(shape), fn, x)
+    *lead, n = xs[0].shape
+    n_blocks = _n_blocks(n, block_size)
+    width = n if n_blocks == 1 else block_size
+    if n_blocks * width != n:
+        xs = [jnp.pad(x, [(0, 0)] * len(lead) + [(0, n_blocks * width - n)]) for x in xs]
+    pairs = 2 if width % 2 == 0 else 1
+    blocks = [x.reshape(*lead, n_blocks, width // pairs, pairs) for x in xs]
+    inf = jnp.float32(jnp.inf)
 
+    def reducer(a: Any, b: Any) -> tuple[jax.Array, ...]:
+        return tuple(
+            (jnp.maximum if i % 2 == 0 else jnp.minimum)(x, y)
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+        )
 
-def stored_absmax(q: BlockQuantizedArray, code: Code, quantization: BlockQuantization) -> jax.Array:
-    """The largest magnitude each block of ``q`` can hold (of the root, for 'sqrt')."""
-    return q.scales * _largest(code, quantization.bits)
-
-
-def _block_absmax(x: jax.Array, quantization: BlockQuantization) -> jax.Array:
-    assert quantization.block_size is not None
-    x = jnp.asarray(x, jnp.float32).reshape(_rows(np.shape(x)))
-    *lead, n = x.shape
-    block_size = quantization.block_size
-    if n % block_size:
-        return _block_max(jnp.abs(x), block_size)
-    blocks = x.reshape(*lead, n // block_size, block_size)
-    # One variadic reduction: the maximum and the minimum in the same loop.
-    high, low = jax.lax.reduce(
-        (blocks, blocks),
-        (jnp.float32(-jnp.inf), jnp.float32(jnp.inf)),
-        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
-        (blocks.ndim - 1,),
+    extrema = jax.lax.reduce(
+        tuple(b for b in blocks for _ in range(2)),
+        tuple(init for _ in blocks for init in (-inf, inf)),
+        reducer,
+        (len(lead) + 1, len(lead) + 2),
     )
-    return jnp.maximum(high, -low)
+    return list(extrema)
+
+
+def _block_maxima(xs: list[jax.Array], codes: list[Code], block_size: int) -> list[jax.Array]:
+    xs = [jnp.asarray(x, jnp.float32).reshape(_rows(np.shape(x))) for x in xs]
+    extrema = _block_extrema(xs, block_size)
+    maxima = []
+    for i, code in enumerate(codes):
+        high, low = extrema[2 * i], extrema[2 * i + 1]
+        # sqrt is monotone and correctly rounded: the largest root is the root
+        # of the largest value, one square root per block instead of per element.
+        maxima.append(jnp.sqrt(high) if code == "sqrt" else jnp.maximum(high, -low))
+    return maxima
+
+
+def block_maxima(
+    xs: list[jax.Array], codes: list[Code], quantization: BlockQuantization
+) -> list[jax.Array]:
+    """Each block's largest magnitude of each of ``xs`` (one shape), in one reduction.
+
+    The magnitude is ``|x|`` for the 'signed' code and ``sqrt(x)`` for the
+    'sqrt' code (``x >= 0``); the results are float32, shaped like the
+    scales, for :func:`quantize`'s ``absmax``. Several tensors of one shape
+    (Adam's two moments) share one pass, in which XLA computes them from
+    their producers (the decoded old moments and the gradient) without
+    writing them out.
+    """
+    assert quantization.block_size is not None
+    shape = tuple(_quantized_shapes(np.shape(xs[0]), quantization).scales)
+    fn = functools.partial(_block_maxima, codes=list(codes), block_size=quantization.block_size)
+    return _like(xs[0], [shape] * len(xs), fn, list(xs))
 
 
 def _pack(c: jax.Array, bits: int) -> jax.Array:
     """uint8 codes: one per byte (8 bits) or two per byte along the last axis (4 bits)."""
+    c = c.astype(jnp.uint8)
     if bits == 8:
-        return c.astype(jnp.uint8)
+        return c
     if c.shape[-1] % 2:
         c = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, 1)])
     pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(jnp.uint8)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def _unpack(codes: jax.Array, n: int, bits: int) -> jax.Array:
@@ -231,25 +257,91 @@ def _unpack(codes: jax.Array, n: int, bits: int) -> jax.Array:
     return pairs.reshape(*c.shape[:-1], 2 * c.shape[-1])[..., :n]
 
 
-def _quantize(
-    x: jax.Array, bound: jax.Array | None, code: Code, quantization: BlockQuantization
-) -> BlockQuantizedArray:
+def _encode(
+    x: jax.Array, absmax: jax.Array | None, code: Code, quantization: BlockQuantization
+) -> tuple[jax.Array, jax.Array]:
+    """One uint8 code per element of ``x`` (rows, float32) and the block scales."""
     bits, block_size = quantization.bits, quantization.block_size
     assert block_size is not None
-    x = x.astype(jnp.float32).reshape(_rows(np.shape(x)))
+    if absmax is None:
+        (absmax,) = _block_maxima([x], [code], block_size)
     magnitude = jnp.sqrt(x) if code == "sqrt" else jnp.abs(x)
-    absmax = _block_max(magnitude, block_size) if bound is None else bound
     largest = _largest(code, bits)
     scales = absmax / largest
     inverse = jnp.where(absmax > 0, largest / jnp.where(absmax > 0, absmax, 1), 0)
+    # Computed once per block: XLA would otherwise fuse this into the
+    # elementwise loop and redo it (a division and selects) every 8 elements.
+    inverse = jax.lax.optimization_barrier(inverse)
     c = _magnitude_code(magnitude * _per_element(inverse, x.shape[-1], block_size), code, bits)
     top = _top_code(code, bits)
-    if code == "sqrt":
-        c = jnp.clip(c, 0, top)
-    else:
-        c = jnp.where(c < 1, 0, jnp.minimum(c, top))
+    c = jnp.clip(c, 0, top)  # magnitudes below half the smallest code: 0
+    if code == "signed":
         c = jnp.where(x < 0, c | (top + 1), c)
-    return BlockQuantizedArray(_pack(c, bits), scales)
+    return c.astype(jnp.uint8), scales
+
+
+def _quantize(
+    x: jax.Array, absmax: jax.Array | None, code: Code, quantization: BlockQuantization
+) -> BlockQuantizedArray:
+    x = x.astype(jnp.float32).reshape(_rows(np.shape(x)))
+    c, scales = _encode(x, absmax, code, quantization)
+    return BlockQuantizedArray(_pack(c, quantization.bits), scales)
+
+
+def stored_absmax(q: BlockQuantizedArray, code: Code, quantization: BlockQuantization) -> jax.Array:
+    """The largest magnitude each block of ``q`` can hold (of the root, for 'sqrt')."""
+    return q.scales * _largest(code, quantization.bits)
+
+
+def _in_one_loop(xs: list[jax.Array]) -> list[jax.Array]:
+    """``xs`` (one shape, any dtypes), which XLA on CPU then computes in one loop.
+
+    XLA on CPU gives each elementwise fusion one output, so arrays computed
+    from the same inputs would each re-read and re-decode them. A variadic
+    reduction has several outputs: each array is padded along a new leading
+    axis with the identity of ``max`` and reduced over it with ``max``, which
+    returns it unchanged (NaNs included) and which LLVM folds away, leaving
+    one vectorized loop that reads the shared inputs once and writes every
+    array.
+    """
+    identities = [
+        jnp.array(
+            -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype
+        )
+        for x in xs
+    ]
+    padded = [
+        jax.lax.pad(x[None], low, [(0, 1, 0)] + [(0, 0, 0)] * x.ndim)
+        for x, low in zip(xs, identities, strict=True)
+    ]
+    out = jax.lax.reduce(
+        tuple(padded),
+        tuple(identities),
+        lambda a, b: tuple(jnp.maximum(u, v) for u, v in zip(a, b, strict=True)),
+        (0,),
+    )
+    return list(out)
+
+
+def _quantize_alongside(
+    values: list[jax.Array],
+    extras: list[jax.Array],
+    absmax: list[jax.Array] | None,
+    codes: list[Code],
+    quantization: BlockQuantization,
+) -> tuple[list[BlockQuantizedArray], list[jax.Array]]:
+    assert quantization.block_size is not None
+    shape = np.shape(values[0])
+    rows = [jnp.asarray(v, jnp.float32).reshape(_rows(shape)) for v in values]
+    maxima = _block_maxima(rows, codes, quantization.block_size) if absmax is None else absmax
+    encoded = [_encode(v, a, c, quantization) for v, a, c in zip(rows, maxima, codes, strict=True)]
+    n = len(extras)
+    flat = _in_one_loop([e.reshape(_rows(shape)) for e in extras] + [c for c, _ in encoded])
+    stored = [
+        BlockQuantizedArray(_pack(c, quantization.bits), scales)
+        for c, (_, scales) in zip(flat[n:], encoded, strict=True)
+    ]
+    return stored, [x.reshape(np.shape(e)) for x, e in zip(flat[:n], extras, strict=True)]
 
 
 def _dequantize(
@@ -323,7 +415,7 @@ def quantize(
     x: jax.Array,
     code: Code,
     quantization: BlockQuantization,
-    bound: jax.Array | None = None,
+    absmax: jax.Array | None = None,
 ) -> BlockQuantizedArray:
     """Store ``x`` block-wise with ``code`` ('signed' or 'sqrt') as ``quantization`` says.
 
@@ -331,19 +423,57 @@ def quantize(
       x: the tensor (``x >= 0`` for the 'sqrt' code).
       code: 'signed' or 'sqrt'.
       quantization: bit width and block size.
-      bound: an upper bound of each block's maximum magnitude (of
-        ``sqrt(x)`` for the 'sqrt' code), shaped like the scales, used as the
-        block's scale instead of the maximum itself, which then needs no
-        reduction over ``x``. A bound a few times too large costs the float
-        codes no relative precision, only range at the small end; magnitudes
-        above it are clipped to the largest code.
+      absmax: each block's largest magnitude (of ``sqrt(x)`` for the 'sqrt'
+        code), shaped like the scales, from :func:`block_maxima`, or an
+        upper bound of it; ``None`` computes it here. Magnitudes above it are
+        clipped to the largest code.
 
     Returns:
       The :class:`BlockQuantizedArray`.
     """
     shapes = _quantized_shapes(np.shape(x), quantization)
     fn = functools.partial(_quantize, code=code, quantization=quantization)
-    return _like(x, shapes, fn, x, bound)
+    return _like(x, shapes, fn, x, absmax)
+
+
+def quantize_alongside(
+    values: list[jax.Array],
+    codes: list[Code],
+    quantization: BlockQuantization,
+    extras: list[jax.Array],
+    absmax: list[jax.Array] | None = None,
+) -> tuple[list[BlockQuantizedArray], list[jax.Array]]:
+    """:func:`quantize` each of ``values`` (one shape) and compute ``extras`` alongside.
+
+    At most two passes over memory: one reduction for every block maximum of
+    every value (none if ``absmax`` is given), then one loop that writes all
+    the codes and the ``extras`` (an optimizer's updates, computed from the
+    same unrounded values). The values themselves, typically the new
+    moments computed from the decoded old ones and the gradient, are never
+    written out.
+
+    Args:
+      values: tensors of one shape (``>= 0`` where the code is 'sqrt').
+      codes: the code of each value, 'signed' or 'sqrt'.
+      quantization: bit width and block size.
+      extras: arrays of the values' shape, returned unchanged in value.
+      absmax: for each value, each block's largest magnitude or an upper
+        bound of it (as :func:`quantize`'s ``absmax``); ``None`` computes
+        the maxima in one reduction over all values.
+
+    Returns:
+      The :class:`BlockQuantizedArray` of each value, and the ``extras``.
+    """
+    shapes = _quantized_shapes(np.shape(values[0]), quantization)
+    fn = functools.partial(_quantize_alongside, codes=list(codes), quantization=quantization)
+    return _like(
+        values[0],
+        ([shapes] * len(values), [np.shape(e) for e in extras]),
+        fn,
+        values,
+        extras,
+        absmax,
+    )
 
 
 def dequantize(

@@ -31,10 +31,10 @@ from jaxopt_nn._blockwise import (
     BlockQuantization,
     BlockQuantizedArray,
     Code,
-    block_absmax,
+    block_maxima,
     dequantize,
     filled,
-    quantize,
+    quantize_alongside,
     stored_absmax,
 )
 
@@ -165,22 +165,33 @@ def _wrap_like(variable: nnx.Variable, x: Any) -> Any:
     return jax.tree.map(lambda _: x, variable)
 
 
-def _map(fn: Callable[..., Any], updates: optax.Updates, *rest: Any) -> Any:
-    """``jax.tree.map`` over ``updates``' leaves; ``None`` leaves stay ``None``.
+def _map_many(
+    fn: Callable[..., tuple[Any, ...]], outputs: int, updates: optax.Updates, *rest: Any
+) -> tuple[Any, ...]:
+    """``outputs`` trees from ``fn``, which maps a leaf of ``updates`` (and ``rest``) to a tuple.
 
-    Subtrees of ``rest`` at a leaf of ``updates`` (a :class:`BlockQuantizedArray`)
-    reach ``fn`` whole. Trees of ``nnx.Variable`` s (``nnx.State``) reach
-    ``fn`` as arrays and the result is wrapped like the update's variable.
+    ``None`` leaves of ``updates`` stay ``None`` in every output. Subtrees of
+    ``rest`` at a leaf of ``updates`` (a :class:`BlockQuantizedArray`) reach
+    ``fn`` whole. Trees of ``nnx.Variable`` s (``nnx.State``) reach ``fn`` as
+    arrays and each result is wrapped like the update's variable.
     """
+    treedef = jax.tree.structure(updates, is_leaf=lambda x: x is None or _is_variable(x))
 
-    def apply(g: Any, *xs: Any) -> Any:
+    def apply(g: Any, *xs: Any) -> tuple[Any, ...]:
         if g is None:
-            return None
+            return (None,) * outputs
         if _is_variable(g):
-            return _wrap_like(g, fn(_unwrap(g), *map(_unwrap, xs)))
+            return tuple(_wrap_like(g, y) for y in fn(_unwrap(g), *map(_unwrap, xs)))
         return fn(g, *xs)
 
-    return jax.tree.map(apply, updates, *rest, is_leaf=lambda x: x is None or _is_variable(x))
+    columns = [treedef.flatten_up_to(t) for t in (updates, *rest)]
+    rows = [apply(*row) for row in zip(*columns, strict=True)]
+    return tuple(treedef.unflatten([row[i] for row in rows]) for i in range(outputs))
+
+
+def _map(fn: Callable[..., Any], updates: optax.Updates, *rest: Any) -> Any:
+    """``fn`` over the leaves of ``updates`` and ``rest`` (see :func:`_map_many`), one tree."""
+    return _map_many(lambda *xs: (fn(*xs),), 1, updates, *rest)[0]
 
 
 def _abs_sq(x: jax.Array) -> jax.Array:
@@ -230,45 +241,94 @@ def _load(stored: Any, g: jax.Array, code: Code, quantization: BlockQuantization
     return dequantize(stored, code, np.shape(g), quantization).astype(jnp.result_type(g))
 
 
-def _bound(
+def _bounds(
     g: jax.Array,
-    stored: BlockQuantizedArray,
-    decay: Any,
-    code: Code,
+    stored: list[BlockQuantizedArray],
+    decays: list[Any],
+    codes: list[Code],
     quantization: BlockQuantization,
-) -> jax.Array | None:
-    """An upper bound of the new moment's block maxima (of its root for 'sqrt'), or None.
+) -> list[jax.Array] | None:
+    """Upper bounds of the new moments' block maxima (of the root for 'sqrt'), or None.
 
     From the stored maxima ``M`` and the gradient's block maxima ``G``:
     ``|m'| <= decay * M + (1 - decay) * G`` and ``sqrt(v') <= sqrt(decay * M**2
-    + (1 - decay) * G**2)``, so the codes are written in the same pass that
-    computes the moments, with no reduction over them. The float codes lose no
-    relative precision to a loose scale; 4-bit codes, with only 8 (first
-    moment) or 128 (root) between their smallest and largest magnitude, take
-    the exact maxima (``None``).
+    + (1 - decay) * G**2)``, so the block scales need one reduction over the
+    gradient only, not over the decoded moments. The 8-bit codes lose no
+    relative precision to a loose scale (their range is ``2**15``); 4-bit
+    codes, with only 8 (first moment) or 128 (root) between their smallest
+    and largest magnitude, take the exact maxima of the new moments (``None``).
     """
     if quantization.bits == 4:
         return None
-    peak = stored_absmax(stored, code, quantization)
-    grad = block_absmax(g, quantization)
-    if code == "signed":
-        return decay * peak + (1 - decay) * grad
-    return jnp.sqrt(decay * peak * peak + (1 - decay) * grad * grad)
+    (grad,) = block_maxima([g], ["signed"], quantization)
+    bounds = []
+    for q, decay, code in zip(stored, decays, codes, strict=True):
+        peak = stored_absmax(q, code, quantization)
+        if code == "signed":
+            bounds.append(decay * peak + (1 - decay) * grad)
+        else:
+            bounds.append(jnp.sqrt(decay * peak * peak + (1 - decay) * grad * grad))
+    return bounds
+
+
+def _store_leaf(
+    g: jax.Array,
+    update: jax.Array,
+    values: tuple[jax.Array, ...],
+    stored: tuple[Any, ...],
+    decays: tuple[Any, ...],
+    codes: tuple[Code, ...],
+    quantization: BlockQuantization | None,
+) -> tuple[Any, ...]:
+    """``update`` and one leaf's new moments in the storage formats of ``stored``.
+
+    Quantized moments are encoded together with the update
+    (:func:`quantize_alongside`): one reduction for the block scales, one
+    loop that writes their codes and the update, neither writing the new
+    moments out.
+    """
+    quantized = [i for i, s in enumerate(stored) if isinstance(s, BlockQuantizedArray)]
+    out: list[Any] = [
+        v.astype(s.dtype) if i not in quantized else None
+        for i, (v, s) in enumerate(zip(values, stored, strict=True))
+    ]
+    if quantized:
+        assert quantization is not None
+        pick: list[Code] = [codes[i] for i in quantized]
+        bounds = _bounds(
+            g, [stored[i] for i in quantized], [decays[i] for i in quantized], pick, quantization
+        )
+        moments, (update,) = quantize_alongside(
+            [values[i] for i in quantized], pick, quantization, [update], bounds
+        )
+        for i, q in zip(quantized, moments, strict=True):
+            out[i] = q
+    return (update, *out)
 
 
 def _store(
-    value: jax.Array,
-    stored: Any,
-    g: jax.Array,
-    decay: Any,
-    code: Code,
+    updates: optax.Updates,
+    new_updates: optax.Updates,
+    values: tuple[optax.Updates, ...],
+    stored: tuple[optax.Updates, ...],
+    decays: tuple[Any, ...],
+    codes: tuple[Code, ...],
     quantization: BlockQuantization | None,
-) -> Any:
-    """``value`` in the storage format (dtype, or quantized) of ``stored``."""
-    if not isinstance(stored, BlockQuantizedArray):
-        return value.astype(stored.dtype)
-    assert quantization is not None
-    return quantize(value, code, quantization, _bound(g, stored, decay, code, quantization))
+) -> tuple[optax.Updates, ...]:
+    """``new_updates`` and the new moments (trees) in the storage formats of ``stored``.
+
+    ``values`` are the moments' new values, ``decays`` and ``codes`` their
+    EMA decays and codes.
+    """
+    k = len(values)
+    return _map_many(
+        lambda g, u, *xs: _store_leaf(g, u, xs[:k], xs[k:], decays, codes, quantization),
+        k + 1,
+        updates,
+        new_updates,
+        *values,
+        *stored,
+    )
 
 
 def _ema(
@@ -298,15 +358,31 @@ def _bias_correction(
     return _map(lambda t: t / correction.astype(t.dtype), moment)
 
 
-def _store_tree(
-    updates: optax.Updates,
-    values: optax.Updates,
-    stored: optax.Updates,
-    decay: Any,
-    code: Code,
-    quantization: BlockQuantization | None,
-) -> optax.Updates:
-    return _map(lambda g, v, s: _store(v, s, g, decay, code, quantization), updates, values, stored)
+def _adam_direction(
+    mu_hat: jax.Array,
+    nu: jax.Array,
+    stored: Any,
+    b2: Any,
+    count: jax.Array,
+    eps: Any,
+    eps_root: Any,
+) -> jax.Array:
+    """``mu_hat / (sqrt(nu / c + eps_root) + eps)`` with ``c = 1 - b2**count`` (optax's order).
+
+    For a quantized second moment the same value is computed as
+    ``mu_hat * k / (sqrt(nu + eps_root * c) + eps * k)`` with ``k = sqrt(c)``:
+    with ``eps_root = 0`` its square root is the one the encoding of
+    ``sqrt(nu)`` takes, so each element costs one square root and one
+    division instead of two and three (the step is compute-bound once the
+    moments are bytes); the results differ by float32 rounding.
+    """
+    correction = jnp.asarray(1 - b2**count)
+    if not isinstance(stored, BlockQuantizedArray):
+        return mu_hat / (jnp.sqrt(nu / correction.astype(nu.dtype) + eps_root) + eps)
+    c = correction.astype(nu.dtype)
+    k = jnp.sqrt(c)
+    shifted = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root * c
+    return mu_hat * k / (jnp.sqrt(shifted) + eps * k)
 
 
 # ---------------------------------------------------------------------------
@@ -382,12 +458,25 @@ def scale_by_adam(
             )
         else:
             mu_hat = _bias_correction(mu, b1, count)
-        nu_hat = _bias_correction(nu, b2, count)
-        new_updates = _map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
+        new_updates = _map(
+            lambda m, v, stored: _adam_direction(m, v, stored, b2, count, eps, eps_root),
+            mu_hat,
+            nu,
+            state.nu,
+        )
+        new_updates, stored_mu, stored_nu = _store(
+            updates,
+            new_updates,
+            (mu, nu),
+            (state.mu, state.nu),
+            (b1, b2),
+            ("signed", "sqrt"),
+            quantization,
+        )
         return new_updates, ScaleByAdamState(
             count=count,
-            mu=_store_tree(updates, mu, state.mu, b1, "signed", quantization),
-            nu=_store_tree(updates, nu, state.nu, b2, "sqrt", quantization),
+            mu=stored_mu,
+            nu=stored_nu,
         )
 
     # update_fn takes this transform's own state type, narrower than optax.OptState.
@@ -455,14 +544,19 @@ def scale_by_rms(
     ) -> tuple[optax.Updates, ScaleByRmsState | ScaleByRmsWithCountState]:
         del params, extra_args
         nu = _ema(updates, state.nu, decay, 2, "sqrt", quantization)
-        stored = _store_tree(updates, nu, state.nu, decay, "sqrt", quantization)
-        if isinstance(state, ScaleByRmsWithCountState):
-            count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
-            nu = _bias_correction(nu, decay, count)
-            new_state: Any = ScaleByRmsWithCountState(count=count, nu=stored)
-        else:
-            new_state = ScaleByRmsState(nu=stored)
-        return _map(lambda g, v: scaling(v) * g, updates, nu), new_state
+        with_count = isinstance(state, ScaleByRmsWithCountState)
+        count: jax.Array | None = None
+        nu_hat = nu
+        if with_count:
+            count = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
+            nu_hat = _bias_correction(nu, decay, count)  # pyright: ignore[reportArgumentType]
+        new_updates = _map(lambda g, v: scaling(v) * g, updates, nu_hat)
+        new_updates, stored = _store(
+            updates, new_updates, (nu,), (state.nu,), (decay,), ("sqrt",), quantization
+        )
+        if with_count:
+            return new_updates, ScaleByRmsWithCountState(count=count, nu=stored)  # pyright: ignore[reportArgumentType]
+        return new_updates, ScaleByRmsState(nu=stored)
 
     # update_fn takes this transform's own state type, narrower than optax.OptState.
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
@@ -519,8 +613,15 @@ def scale_by_stddev(
         del params, extra_args
         mu = _ema(updates, state.mu, decay, 1, "signed", None)
         nu = _ema(updates, state.nu, decay, 2, "sqrt", None)
-        stored_mu = _store_tree(updates, mu, state.mu, decay, "signed", None)
-        stored_nu = _store_tree(updates, nu, state.nu, decay, "sqrt", None)
+        _, stored_mu, stored_nu = _store(
+            updates,
+            updates,
+            (mu, nu),
+            (state.mu, state.nu),
+            (decay, decay),
+            ("signed", "sqrt"),
+            None,
+        )
         if isinstance(state, ScaleByRStdDevWithCountState):
             count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
             mu, nu = _bias_correction(mu, decay, count), _bias_correction(nu, decay, count)
@@ -579,15 +680,22 @@ def adam(
     element plus one float32 scale per block of ``block_size`` (256) elements
     along the last axis: :math:`m` with a signed 8-bit float code (4 exponent,
     3 mantissa bits), :math:`\sqrt{v}` with an unsigned one (4 exponent, 4
-    mantissa bits), each scaled by the block's absolute maximum: about 2.03
-    bytes per element instead of 8 (0.254x). ``BlockQuantization(bits=4)``
-    packs two codes per byte, blocks of 128 (Li et al. 2023): :math:`m` with
-    (2, 1) bits, :math:`\sqrt{v}` with (3, 1) bits and no zero code, about
+    mantissa bits), each scaled by a bound of the block's absolute maximum
+    (``b * M + (1 - b) * G`` from the stored maximum ``M`` and the gradient's
+    block maximum ``G``; a loose scale costs these codes no relative
+    precision): about 2.03 bytes per element instead of 8 (0.254x).
+    ``BlockQuantization(bits=4)`` packs two codes per byte, blocks of 128 (Li
+    et al. 2023): :math:`m` with (2, 1) bits, :math:`\sqrt{v}` with (3, 1)
+    bits and no zero code, each scaled by the block's exact maximum, about
     1.06 bytes per element (0.133x). The moments are decoded, updated as
-    above, and encoded again inside the update; the update itself uses the
-    unrounded new moments. Smaller tensors keep floating-point moments;
-    complex tensors large enough to be quantized raise ``TypeError`` in
-    ``init``.
+    above, and encoded again inside the update, in two passes over each
+    tensor (one reduction for the scales, one loop writing the codes and the
+    update); the update uses the unrounded new moments, computed as
+    :math:`\hat m_t \sqrt{c} / (\sqrt{v_t + \bar\varepsilon c} + \varepsilon \sqrt{c})`
+    with :math:`c = 1 - \beta_2^t` (the same value up to float32 rounding,
+    with one square root, shared with the encoding, and one division).
+    Smaller tensors keep floating-point moments; complex tensors large
+    enough to be quantized raise ``TypeError`` in ``init``.
 
     Args:
       learning_rate: a number or a schedule ``step -> learning rate``.
