@@ -1,84 +1,168 @@
-"""Pruning benchmark: step-time overhead, accuracy vs sparsity, BCOO inference.
+"""Pruning benchmark: step-time overhead, mask-state bytes, accuracy vs sparsity, BCOO inference.
 
 (a) train-step time of LeNet-300-100 (784 inputs, batch 128) with adam vs
-    adam + prune, interleaved; prune measured on non-update steps (the common
-    case of a schedule) and with a mask update on every step (layer and
-    global magnitude), with bool and bit-packed mask state; and the bytes of
-    the mask state.
-(b) test accuracy vs sparsity of LeNet-300-100 on digits, pruned during
-    training from scratch: gradual magnitude (layer, global, global
-    normalised), saliency (global normalised), 4x1 blocks (4 inputs of one
-    unit), random, 2:4 (only at 50%); sparse from the first step: SET and
-    RigL (ERK, drop-and-grow every 10 steps until 3/4 of training) and static
-    masks (the dense run's magnitude masks on the same initial weights, a
-    one-shot lottery ticket). One seed per cell (3 seeds and ResNet-20 would
-    take hours on this CPU).
+    ``prune(..., inner=adam)`` for every method, interleaved, on non-update
+    steps (the common case: masks are recomputed every 10 steps or fewer),
+    and with a mask update on every step (magnitude and RigL, bool and
+    bit-packed mask state); and the bytes of the mask state.
+(b) test accuracy vs sparsity (80/90/95/98%) on digits, trained from
+    scratch, of LeNet-300-100 and ResNet-20, over several seeds (model init,
+    batch order and mask key): dense-to-sparse gradual magnitude pruning
+    (Zhu & Gupta cubic ramp from 1/8 to 1/2 of training, masks every
+    max(2, steps // 40) steps: 10 for LeNet), gradual saliency and STE on
+    the same ramp, sparse from the first step SET and RigL (ERK,
+    drop-and-grow as often until 3/4 of training, cosine-decayed update
+    fraction 0.3) and static masks (the same
+    seed's dense run's magnitude masks on the same initial weights, a one-shot
+    lottery ticket). All wrap adam (cosine-decayed learning rate); the
+    target sparsity is a traced argument, so one compilation serves every
+    sparsity and seed of a method.
 (c) dense vs ``to_sparse`` (BCOO) inference time of the LeNet-300-100 kernels.
 
-Run: ``python benchmarks/pruning.py [--quick]``; writes
-``benchmarks/results/pruning.json``.
+Run: ``python benchmarks/pruning.py [--quick] [--models lenet resnet]``; the
+parts given (``--parts overhead accuracy inference``) are merged into
+``benchmarks/results/pruning.json``, so the models can run separately.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from jaxopt_nn import data, models, pruning, train
 
+OUT = Path(__file__).parent / "results" / "pruning.json"
+METHODS = ("magnitude", "saliency", "ste", "set", "rigl", "static")
+NEVER = 10**9  # a step no schedule reaches: every measured step is a non-update step
 
-def _time(fn, repeats):
-    """Median seconds of ``fn()`` (blocks on the result)."""
+
+def _time(fn, repeats, clock=time.perf_counter):
+    """Seconds of each of ``repeats`` calls of ``fn()`` on ``clock`` (blocks on the result)."""
     out = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         jax.block_until_ready(fn())
-        out.append(time.perf_counter() - start)
+        out.append(clock() - start)
     return out
+
+
+def _make_step(graphdef, make_tx, ste: bool):
+    """``step(state, x, y, *args)``: adam (+ prune) step, ``make_tx(*args)`` built in the trace.
+
+    With ``ste`` the forward pass sees ``straight_through(params, masks)``.
+    """
+
+    def step(state, x, y, *args):
+        tx = make_tx(*args)
+
+        def objective(params):
+            if ste:
+                params = pruning.straight_through(params, state.opt_state.masks)
+            model = nnx.merge(graphdef, params, state.rest, copy=True)
+            model.train()
+            loss = train.cross_entropy_loss(model(x), y)
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return loss, rest
+
+        (_, rest), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return train.TrainState(optax.apply_updates(state.params, updates), rest, opt_state)
+
+    return jax.jit(step)
+
+
+def _tx_factory(method: str, lr, steps: int, packed: bool = False, update: int | None = 10):
+    """``make_tx(target, masks, key)``: the method's transform at a traced target sparsity.
+
+    ``update=None`` gives schedules that never recompute masks after ``init``.
+    """
+    if method == "dense":
+        return lambda target, masks, key: optax.adam(lr)
+    frequency = NEVER if update is None else update
+    # the cubic ramp is linear in its final sparsity: target * ramp(t) / 0.5 ends at target
+    ramp = pruning.polynomial_schedule(0.5, steps // 8, steps // 2, frequency=frequency)
+
+    def make_tx(target, masks, key):
+        kwargs = {"inner": optax.adam(lr), "packed": packed}
+        if method == "static":
+            return pruning.prune(None, method="static", masks=masks, **kwargs)
+        if method in ("set", "rigl"):
+            sched = pruning.SparsitySchedule(
+                lambda t: target, lambda t: jnp.asarray(t) % frequency == 0, float("nan")
+            )
+            return pruning.prune(sched, method=method, key=key, update_end=3 * steps // 4, **kwargs)
+        if update is None:  # only the final sparsity matters, set at init below
+            sched = pruning.SparsitySchedule(
+                lambda t: target, lambda t: jnp.zeros((), bool), float("nan")
+            )
+        else:  # the Zhu & Gupta cubic ramp 0 -> target
+            sched = pruning.SparsitySchedule(
+                lambda t: target * (2 * ramp(t)), ramp.is_update_step, float("nan")
+            )
+        return pruning.prune(sched, method=method, **kwargs)
+
+    return make_tx
+
+
+# ------------------------------------------------------------ (a) overhead
 
 
 def step_overhead(rounds: int, per_round: int) -> dict:
     model = models.LeNet300100(784, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (128, 784))
     y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
-    never = pruning.one_shot(10**9, 0.9)  # every measured step is a non-update step
-    always = pruning.constant(0.9)
-    variants = {
-        "dense": optax.adam(1e-3),
-        "prune (no mask update)": optax.chain(optax.adam(1e-3), pruning.prune(never)),
-        "prune packed (no mask update)": optax.chain(
-            optax.adam(1e-3), pruning.prune(never, packed=True)
-        ),
-        "prune (mask update every step)": optax.chain(optax.adam(1e-3), pruning.prune(always)),
-        "prune global (mask update every step)": optax.chain(
-            optax.adam(1e-3), pruning.prune(always, scope="global")
-        ),
-        "prune packed (mask update every step)": optax.chain(
-            optax.adam(1e-3), pruning.prune(always, packed=True)
-        ),
-    }
+    graphdef, dense_state = train.init_train_state(model, optax.adam(1e-3))
+    ticket = pruning.magnitude_masks(dense_state.params, 0.9)
+    key, target = jax.random.key(0), jnp.float32(0.9)
+    variants = {"dense": ("dense", False, None)}
+    for method in METHODS:
+        variants[f"{method} (no mask update)"] = (method, False, None)
+    variants["magnitude packed (no mask update)"] = ("magnitude", True, None)
+    variants["rigl packed (no mask update)"] = ("rigl", True, None)
+    for packed in (False, True):
+        for method in ("magnitude", "rigl"):
+            name = f"{method}{' packed' if packed else ''} (mask update every step)"
+            variants[name] = (method, packed, 1)
     steps, states = {}, {}
-    for name, tx in variants.items():
-        graphdef, state = train.init_train_state(model, tx)
-        steps[name] = train.make_train_step(graphdef, tx, donate=False)
-        states[name] = steps[name](state, x, y)[0]  # compile
+    for name, (method, packed, update) in variants.items():
+        make_tx = _tx_factory(method, 1e-3, NEVER, packed, update)
+        opt_state = make_tx(target, ticket, key).init(dense_state.params)
+        step = _make_step(graphdef, make_tx, method == "ste")
+        state = dense_state._replace(opt_state=opt_state)
+        steps[name] = step
+        states[name] = step(state, x, y, target, ticket, key)  # compile
+    # wall time, and the process's CPU time (all threads), which waiting for a
+    # core on a loaded machine does not inflate
     times = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     for _ in range(rounds):  # interleaved
         for name in variants:
-            samples = _time(lambda n=name: steps[n](states[n], x, y), per_round)
-            times[name].extend(samples)
+            args = (states[name], x, y, target, ticket, key)
+            times[name].extend(_time(lambda n=name, a=args: steps[n](*a), per_round))
+            cpu[name].extend(
+                _time(lambda n=name, a=args: steps[n](*a), per_round, time.process_time)
+            )
     med = {name: statistics.median(t) for name, t in times.items()}
+    med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     return {
-        name: {"median_ms": 1e3 * m, "ratio_vs_dense": m / med["dense"]} for name, m in med.items()
+        name: {
+            "median_ms": 1e3 * med[name],
+            "ratio_vs_dense": med[name] / med["dense"],
+            "median_cpu_ms": 1e3 * med_cpu[name],
+            "cpu_ratio_vs_dense": med_cpu[name] / med_cpu["dense"],
+        }
+        for name in variants
     }
 
 
@@ -90,74 +174,117 @@ def mask_state_bytes() -> dict:
     for name, packed in (("bool state", False), ("packed state", True)):
         state = pruning.prune(0.9, packed=packed).init(params)
         out[name] = sum(x.nbytes for x in jax.tree.leaves(state.masks))
+    out["packed over bool"] = out["packed state"] / out["bool state"]
     return out
 
 
-def accuracy_vs_sparsity(epochs: int, sparsities: list[float]) -> list[dict]:
+# ------------------------------------------------------------ (b) accuracy
+
+
+def _model(name: str, seed: int) -> nnx.Module:
+    if name == "lenet":
+        return models.LeNet300100(64, rngs=nnx.Rngs(seed))
+    return models.ResNet(20, 10, in_channels=1, rngs=nnx.Rngs(seed))
+
+
+def accuracy_vs_sparsity(
+    model_name: str, epochs: int, sparsities: list[float], seeds: list[int]
+) -> dict:
     ds = data.load_digits()
-    steps = epochs * (len(ds.x_train) // 128)
-
-    def model():
-        return models.LeNet300100(64, rngs=nnx.Rngs(0))
-
-    def after_adam(**kwargs):
-        return lambda s: optax.chain(optax.adam(lr), pruning.prune(sched(s), **kwargs))
-
+    batch = 128
+    per_epoch = len(ds.x_train) // batch  # the last partial batch is dropped
+    steps = epochs * per_epoch
     lr = optax.cosine_decay_schedule(3e-3, steps)
+    update = max(2, steps // 40)  # mask updates every `update` steps: ~20 per ramp
+    graphdef, _ = train.init_train_state(_model(model_name, 0), optax.adam(lr))
+    x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    evaluate = train.make_eval_step(graphdef)
 
-    def fit(tx):
-        result = train.fit(model(), tx, ds, epochs=epochs, progress=False)
-        acc = train.evaluate(result.graphdef, result.state, ds.x_test, ds.y_test)["accuracy"]
-        return float(acc), result.state.params
+    compiled: dict = {}
 
-    def accuracy(tx):
-        acc, params = fit(tx)
-        return acc, pruning.sparsity_summary(params).total.sparsity
+    def jitted(method):
+        """The jitted step and init of ``method``, built once (one compilation each)."""
+        if method not in compiled:
+            make_tx = _tx_factory(method, lr, steps, update=update)
+            init = jax.jit(lambda p, t, m, k: make_tx(t, m, k).init(p))
+            compiled[method] = (_make_step(graphdef, make_tx, method == "ste"), init)
+        return compiled[method]
 
-    def dynamic(method):
-        # sparse from the first step, drop-and-grow every 10 steps until 3/4 of training
-        return lambda s: pruning.prune(
-            pruning.constant(s, frequency=10),
-            method=method,
-            key=jax.random.key(0),
-            update_end=3 * steps // 4,
-            inner=optax.adam(lr),
+    def run(method, seed, target, ticket):
+        step, init = jitted(method)
+        _, state = train.init_train_state(_model(model_name, seed), optax.adam(lr))
+        key = jax.random.key(seed)
+        state = state._replace(opt_state=init(state.params, target, ticket, key))
+        order = np.random.default_rng(seed)
+        for _ in range(epochs):
+            perm = order.permutation(len(x_train))
+            for i in range(per_epoch):
+                idx = perm[i * batch : (i + 1) * batch]
+                state = step(state, x_train[idx], y_train[idx], target, ticket, key)
+        params = state.params
+        if method == "ste":  # export: exact zeros at the pruned positions
+            params = pruning.apply_masks(params, state.opt_state.masks)
+            state = state._replace(params=params)
+        acc = evaluate(state, x_test, y_test)["accuracy"]  # the whole test set, one batch
+        return float(acc), float(pruning.sparsity_summary(params).total.sparsity), params
+
+    rows, dense_params = [], {}
+    start = time.perf_counter()
+    for seed in seeds:
+        acc, _, dense_params[seed] = run("dense", seed, jnp.float32(0.0), None)
+        rows.append(
+            {"method": "dense", "seed": seed, "target": 0.0, "sparsity": 0.0, "accuracy": acc}
         )
-
-    def sched(s):
-        return pruning.polynomial_schedule(s, steps // 8, steps // 2, frequency=10)
-
-    dense_acc, dense_params = fit(optax.adam(lr))
-    rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0, "accuracy": dense_acc}]
-    methods = {
-        "magnitude (layer)": after_adam(),
-        "magnitude (global)": after_adam(scope="global"),
-        "magnitude (global, normalised)": after_adam(scope="global", normalize=True),
-        # saliency wraps adam: its scores need the raw gradients
-        "saliency (global, normalised)": lambda s: pruning.prune(
-            sched(s), method="saliency", scope="global", normalize=True, inner=optax.adam(lr)
-        ),
-        "magnitude 4x1 blocks (layer)": after_adam(block=(4, 1)),
-        "random": after_adam(method="random", key=jax.random.key(0)),
-        "SET (ERK, from scratch)": dynamic("set"),
-        "RigL (ERK, from scratch)": dynamic("rigl"),
-        # a one-shot lottery ticket: the dense run's magnitude masks, same initial weights
-        "static (ticket of the dense run)": lambda s: optax.chain(
-            optax.adam(lr),
-            pruning.prune(None, method="static", masks=pruning.magnitude_masks(dense_params, s)),
-        ),
-    }
     for s in sparsities:
-        for name, make in methods.items():
-            acc, actual = accuracy(make(s))
-            rows.append({"method": name, "target": s, "sparsity": actual, "accuracy": acc})
-        if s == 0.5:
-            acc, actual = accuracy(after_adam(method="nm", n=2, m=4, axis=0)(0.5))
-            rows.append(
-                {"method": "2:4 (axis 0)", "target": s, "sparsity": actual, "accuracy": acc}
-            )
-        print(f"  sparsity {s:.2f} done", flush=True)
-    return rows
+        for method in METHODS:
+            for seed in seeds:
+                ticket = pruning.magnitude_masks(dense_params[seed], s)
+                acc, actual, _ = run(method, seed, jnp.float32(s), ticket)
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "target": s,
+                        "sparsity": actual,
+                        "accuracy": acc,
+                    }
+                )
+        print(f"  {model_name} sparsity {s:.2f} done ({time.perf_counter() - start:.0f} s)")
+    return {
+        "model": "LeNet-300-100 (64-300-100-10)" if model_name == "lenet" else "ResNet-20",
+        "epochs": epochs,
+        "steps": steps,
+        "mask_update_every": update,
+        "seeds": seeds,
+        "wall_s": time.perf_counter() - start,
+        "runs": rows,
+        "summary": _summary(rows),
+    }
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """Median, min and max accuracy over seeds per (method, target)."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["target"]), []).append(row)
+    out = []
+    for (method, target), group in groups.items():
+        accs = [r["accuracy"] for r in group]
+        out.append(
+            {
+                "method": method,
+                "target": target,
+                "sparsity": statistics.median(r["sparsity"] for r in group),
+                "accuracy_median": statistics.median(accs),
+                "accuracy_min": min(accs),
+                "accuracy_max": max(accs),
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------ (c) inference
 
 
 def sparse_inference(repeats: int) -> list[dict]:
@@ -203,50 +330,80 @@ def sparse_inference(repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller, faster run")
-    parser.add_argument("--epochs", type=int, help="epochs per accuracy run (default 40)")
-    parser.add_argument("--sparsities", type=float, nargs="+", help="targets of (b)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["overhead", "accuracy", "inference"],
+        choices=["overhead", "accuracy", "inference"],
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=["lenet", "resnet"], choices=["lenet", "resnet"]
+    )
+    parser.add_argument("--lenet-epochs", type=int, default=40)
+    parser.add_argument("--resnet-epochs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98])
     args = parser.parse_args()
     quick = args.quick
-    sparsities = args.sparsities or ([0.5, 0.9] if quick else [0.5, 0.8, 0.9, 0.95, 0.98])
-    epochs = args.epochs or (10 if quick else 40)
-    print("(a) train-step overhead", flush=True)
-    overhead = step_overhead(rounds=3 if quick else 7, per_round=10 if quick else 30)
-    state_bytes = mask_state_bytes()
-    print("(b) accuracy vs sparsity", flush=True)
-    accuracy = accuracy_vs_sparsity(epochs, sparsities)
-    print("(c) BCOO inference", flush=True)
-    inference = sparse_inference(10 if quick else 40)
-    result = {
-        "device": str(jax.devices()[0].device_kind),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "quick": quick,
-        "epochs": epochs,
-        "step_overhead": overhead,
-        "mask_state_bytes": state_bytes,
-        "accuracy_vs_sparsity": accuracy,
-        "sparse_inference": inference,
-    }
-    out = Path(__file__).parent / "results" / "pruning.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    for name, row in overhead.items():
-        print(f"{name:40s} {row['median_ms']:8.3f} ms  x{row['ratio_vs_dense']:.3f}")
-    for name, nbytes in state_bytes.items():
-        print(f"{name:40s} {nbytes:8d} bytes")
-    for row in accuracy:
-        print(
-            f"{row['method']:32s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
-            f"acc {row['accuracy']:.4f}"
+    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if isinstance(result.get("accuracy_vs_sparsity"), list):  # the older one-model layout
+        del result["accuracy_vs_sparsity"]
+    result.update(
+        {
+            "device": str(jax.devices()[0].device_kind),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+        }
+    )
+    load = {"loadavg_before": os.getloadavg()}
+    if "overhead" in args.parts:
+        print("(a) train-step overhead", flush=True)
+        result["step_overhead"] = step_overhead(
+            rounds=5 if quick else 30, per_round=5 if quick else 7
         )
-    for row in inference:
-        print(
-            f"s={row['sparsity']:.2f} dense {row['dense_ms']:.3f} ms  "
-            f"bcoo {row['bcoo_ms']:.3f} ms "
-            f"(x{row['bcoo_over_dense']:.2f}); kernel bytes {row['dense_kernel_bytes']} -> "
-            f"{row['bcoo_kernel_bytes']}"
-        )
-    print(f"wrote {out}")
+        result["mask_state_bytes"] = mask_state_bytes()
+        result["step_overhead_load"] = {**load, "loadavg_after": os.getloadavg()}
+        for name, row in result["step_overhead"].items():
+            print(
+                f"{name:42s} {row['median_ms']:8.3f} ms  x{row['ratio_vs_dense']:.3f}  "
+                f"cpu {row['median_cpu_ms']:8.3f} ms  x{row['cpu_ratio_vs_dense']:.3f}"
+            )
+        for name, nbytes in result["mask_state_bytes"].items():
+            print(f"{name:40s} {nbytes}")
+    if "accuracy" in args.parts:
+        result.setdefault("accuracy_vs_sparsity", {})
+        for name in args.models:
+            print(f"(b) accuracy vs sparsity, {name}", flush=True)
+            epochs = args.lenet_epochs if name == "lenet" else args.resnet_epochs
+            before = os.getloadavg()
+            section = accuracy_vs_sparsity(
+                name,
+                2 if quick else epochs,
+                args.sparsities,
+                args.seeds[:1] if quick else args.seeds,
+            )
+            section["quick"] = quick
+            section["load"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
+            result["accuracy_vs_sparsity"][name] = section
+            for row in section["summary"]:
+                print(
+                    f"{row['method']:10s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
+                    f"acc {row['accuracy_median']:.4f} [{row['accuracy_min']:.4f}, "
+                    f"{row['accuracy_max']:.4f}]"
+                )
+    if "inference" in args.parts:
+        print("(c) BCOO inference", flush=True)
+        result["sparse_inference"] = sparse_inference(10 if quick else 40)
+        for row in result["sparse_inference"]:
+            print(
+                f"s={row['sparsity']:.2f} dense {row['dense_ms']:.3f} ms  "
+                f"bcoo {row['bcoo_ms']:.3f} ms (x{row['bcoo_over_dense']:.2f})"
+            )
+    for stale in ("quick", "epochs"):  # per-section now
+        result.pop(stale, None)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2))
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":
