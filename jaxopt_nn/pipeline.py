@@ -957,7 +957,8 @@ def deep_compress(
     * ``shared``: k-means codebooks (linear init) per kernel over its kept
       weights, then ``finetune_epochs`` training the centroids (and biases);
     * ``archive``: the model saved with :func:`jaxopt_nn.archive.dumps`
-      (codebook leaves Huffman-coded; other leaves raw in ``small_dtype``),
+      (codebook leaves as positions and ranks, each stream in its smallest
+      coding; other leaves raw in ``small_dtype``),
       loaded back and evaluated.
 
     Compression is the float32 size of every stored leaf (parameters and
