@@ -171,11 +171,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(__file__).parent / "results" / "structured.json"
-    previous = json.loads(out.read_text()) if out.exists() and args.model else {}
-    results: dict = previous.get("results", {})
-    load: dict = previous.get("load_average_per_model", {})
+    results: dict = {}
+    load: dict = {}
 
     def save(name: str, rows: list[dict]) -> None:
+        if args.model and out.exists():  # re-read: another run may have added a model
+            previous = json.loads(out.read_text())
+            results.update(previous.get("results", {}))
+            load.update(previous.get("load_average_per_model", {}))
         results[name] = rows
         load[name] = os.getloadavg()  # 1, 5, 15 minutes, when the model's rows were done
         print(_table({name: rows}))
