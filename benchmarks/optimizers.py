@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per variant")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--epochs", type=int, default=15, help="LeNet-300-100/digits epochs")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
     repeats = args.repeats or (7 if args.quick else 25)
     load_before = os.getloadavg()
@@ -226,8 +227,8 @@ def main() -> None:
         f"LeNet-300-100/digits test accuracy after {args.epochs} epochs: "
         + ", ".join(f"{name} {value:.4f}" for name, value in accuracy.items())
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
         json.dumps(
             {
                 "parameters": n,
@@ -254,7 +255,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

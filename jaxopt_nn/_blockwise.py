@@ -9,13 +9,11 @@ rounded up) and scales its leading axes, so both shard like the tensor, and
 nothing is flattened, padded or copied: decoding and encoding are elementwise
 bit operations that XLA fuses with the optimizer's update.
 
-An optimizer step is compute-bound once the moments are bytes, so
-:func:`quantize_alongside` keeps the passes over memory and the work per
-element low: the block maxima come from one variadic reduction (XLA on CPU
-emits it as one vectorized loop with the decoding fused in), and one loop
-writes every moment's codes and the update (XLA on CPU gives an elementwise
-fusion one output, so the arrays go through a variadic reduction that
-returns them unchanged and has several; see :func:`_in_one_loop`).
+An optimizer step is compute-bound on CPU once the moments are bytes, so the
+block maxima come from one variadic reduction per tensor (:func:`block_maxima`,
+several tensors at once), which XLA on CPU emits as one vectorized loop with
+the decoding of the old moments fused in; a lone ``max`` would go to a
+library kernel that needs its input written out first.
 
 The codes are small floating-point numbers, so the relative error stays
 roughly constant over many orders of magnitude inside a block, like the
@@ -293,57 +291,6 @@ def stored_absmax(q: BlockQuantizedArray, code: Code, quantization: BlockQuantiz
     return q.scales * _largest(code, quantization.bits)
 
 
-def _in_one_loop(xs: list[jax.Array]) -> list[jax.Array]:
-    """``xs`` (one shape, any dtypes), which XLA on CPU then computes in one loop.
-
-    XLA on CPU gives each elementwise fusion one output, so arrays computed
-    from the same inputs would each re-read and re-decode them. A variadic
-    reduction has several outputs: each array is padded along a new leading
-    axis with the identity of ``max`` and reduced over it with ``max``, which
-    returns it unchanged (NaNs included) and which LLVM folds away, leaving
-    one vectorized loop that reads the shared inputs once and writes every
-    array.
-    """
-    identities = [
-        jnp.array(
-            -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype
-        )
-        for x in xs
-    ]
-    padded = [
-        jax.lax.pad(x[None], low, [(0, 1, 0)] + [(0, 0, 0)] * x.ndim)
-        for x, low in zip(xs, identities, strict=True)
-    ]
-    out = jax.lax.reduce(
-        tuple(padded),
-        tuple(identities),
-        lambda a, b: tuple(jnp.maximum(u, v) for u, v in zip(a, b, strict=True)),
-        (0,),
-    )
-    return list(out)
-
-
-def _quantize_alongside(
-    values: list[jax.Array],
-    extras: list[jax.Array],
-    absmax: list[jax.Array] | None,
-    codes: list[Code],
-    quantization: BlockQuantization,
-) -> tuple[list[BlockQuantizedArray], list[jax.Array]]:
-    assert quantization.block_size is not None
-    shape = np.shape(values[0])
-    rows = [jnp.asarray(v, jnp.float32).reshape(_rows(shape)) for v in values]
-    maxima = _block_maxima(rows, codes, quantization.block_size) if absmax is None else absmax
-    encoded = [_encode(v, a, c, quantization) for v, a, c in zip(rows, maxima, codes, strict=True)]
-    n = len(extras)
-    flat = _in_one_loop([e.reshape(_rows(shape)) for e in extras] + [c for c, _ in encoded])
-    stored = [
-        BlockQuantizedArray(_pack(c, quantization.bits), scales)
-        for c, (_, scales) in zip(flat[n:], encoded, strict=True)
-    ]
-    return stored, [x.reshape(np.shape(e)) for x, e in zip(flat[:n], extras, strict=True)]
-
-
 def _dequantize(
     q: BlockQuantizedArray, code: Code, shape: tuple[int, ...], quantization: BlockQuantization
 ) -> jax.Array:
@@ -434,46 +381,6 @@ def quantize(
     shapes = _quantized_shapes(np.shape(x), quantization)
     fn = functools.partial(_quantize, code=code, quantization=quantization)
     return _like(x, shapes, fn, x, absmax)
-
-
-def quantize_alongside(
-    values: list[jax.Array],
-    codes: list[Code],
-    quantization: BlockQuantization,
-    extras: list[jax.Array],
-    absmax: list[jax.Array] | None = None,
-) -> tuple[list[BlockQuantizedArray], list[jax.Array]]:
-    """:func:`quantize` each of ``values`` (one shape) and compute ``extras`` alongside.
-
-    At most two passes over memory: one reduction for every block maximum of
-    every value (none if ``absmax`` is given), then one loop that writes all
-    the codes and the ``extras`` (an optimizer's updates, computed from the
-    same unrounded values). The values themselves, typically the new
-    moments computed from the decoded old ones and the gradient, are never
-    written out.
-
-    Args:
-      values: tensors of one shape (``>= 0`` where the code is 'sqrt').
-      codes: the code of each value, 'signed' or 'sqrt'.
-      quantization: bit width and block size.
-      extras: arrays of the values' shape, returned unchanged in value.
-      absmax: for each value, each block's largest magnitude or an upper
-        bound of it (as :func:`quantize`'s ``absmax``); ``None`` computes
-        the maxima in one reduction over all values.
-
-    Returns:
-      The :class:`BlockQuantizedArray` of each value, and the ``extras``.
-    """
-    shapes = _quantized_shapes(np.shape(values[0]), quantization)
-    fn = functools.partial(_quantize_alongside, codes=list(codes), quantization=quantization)
-    return _like(
-        values[0],
-        ([shapes] * len(values), [np.shape(e) for e in extras]),
-        fn,
-        values,
-        extras,
-        absmax,
-    )
 
 
 def dequantize(

@@ -34,7 +34,7 @@ from jaxopt_nn._blockwise import (
     block_maxima,
     dequantize,
     filled,
-    quantize_alongside,
+    quantize,
     stored_absmax,
 )
 
@@ -273,19 +273,18 @@ def _bounds(
 
 def _store_leaf(
     g: jax.Array,
-    update: jax.Array,
     values: tuple[jax.Array, ...],
     stored: tuple[Any, ...],
     decays: tuple[Any, ...],
     codes: tuple[Code, ...],
     quantization: BlockQuantization | None,
 ) -> tuple[Any, ...]:
-    """``update`` and one leaf's new moments in the storage formats of ``stored``.
+    """One leaf's new moments ``values`` in the storage formats of ``stored``.
 
-    Quantized moments are encoded together with the update
-    (:func:`quantize_alongside`): one reduction for the block scales, one
-    loop that writes their codes and the update, neither writing the new
-    moments out.
+    The quantized ones share one reduction for their block scales: over the
+    gradient for 8-bit bounds (:func:`_bounds`), over the new moments for
+    4-bit exact maxima (computed from the decoded old moments and the
+    gradient inside the reduction, never written out).
     """
     quantized = [i for i, s in enumerate(stored) if isinstance(s, BlockQuantizedArray)]
     out: list[Any] = [
@@ -295,37 +294,34 @@ def _store_leaf(
     if quantized:
         assert quantization is not None
         pick: list[Code] = [codes[i] for i in quantized]
-        bounds = _bounds(
+        moments = [values[i] for i in quantized]
+        absmax = _bounds(
             g, [stored[i] for i in quantized], [decays[i] for i in quantized], pick, quantization
         )
-        moments, (update,) = quantize_alongside(
-            [values[i] for i in quantized], pick, quantization, [update], bounds
-        )
-        for i, q in zip(quantized, moments, strict=True):
-            out[i] = q
-    return (update, *out)
+        if absmax is None:
+            absmax = block_maxima(moments, pick, quantization)
+        for i, v, code, bound in zip(quantized, moments, pick, absmax, strict=True):
+            out[i] = quantize(v, code, quantization, bound)
+    return tuple(out)
 
 
 def _store(
     updates: optax.Updates,
-    new_updates: optax.Updates,
     values: tuple[optax.Updates, ...],
     stored: tuple[optax.Updates, ...],
     decays: tuple[Any, ...],
     codes: tuple[Code, ...],
     quantization: BlockQuantization | None,
 ) -> tuple[optax.Updates, ...]:
-    """``new_updates`` and the new moments (trees) in the storage formats of ``stored``.
+    """The new moments ``values`` (trees) in the storage formats of ``stored``.
 
-    ``values`` are the moments' new values, ``decays`` and ``codes`` their
-    EMA decays and codes.
+    ``decays`` and ``codes`` are the moments' EMA decays and codes.
     """
     k = len(values)
     return _map_many(
-        lambda g, u, *xs: _store_leaf(g, u, xs[:k], xs[k:], decays, codes, quantization),
-        k + 1,
+        lambda g, *xs: _store_leaf(g, xs[:k], xs[k:], decays, codes, quantization),
+        k,
         updates,
-        new_updates,
         *values,
         *stored,
     )
@@ -356,33 +352,6 @@ def _bias_correction(
     """``moment / (1 - decay**count)``, the correction computed in float32."""
     correction = jnp.asarray(1 - decay**count)
     return _map(lambda t: t / correction.astype(t.dtype), moment)
-
-
-def _adam_direction(
-    mu_hat: jax.Array,
-    nu: jax.Array,
-    stored: Any,
-    b2: Any,
-    count: jax.Array,
-    eps: Any,
-    eps_root: Any,
-) -> jax.Array:
-    """``mu_hat / (sqrt(nu / c + eps_root) + eps)`` with ``c = 1 - b2**count`` (optax's order).
-
-    For a quantized second moment the same value is computed as
-    ``mu_hat * k / (sqrt(nu + eps_root * c) + eps * k)`` with ``k = sqrt(c)``:
-    with ``eps_root = 0`` its square root is the one the encoding of
-    ``sqrt(nu)`` takes, so each element costs one square root and one
-    division instead of two and three (the step is compute-bound once the
-    moments are bytes); the results differ by float32 rounding.
-    """
-    correction = jnp.asarray(1 - b2**count)
-    if not isinstance(stored, BlockQuantizedArray):
-        return mu_hat / (jnp.sqrt(nu / correction.astype(nu.dtype) + eps_root) + eps)
-    c = correction.astype(nu.dtype)
-    k = jnp.sqrt(c)
-    shifted = nu if isinstance(eps_root, (int, float)) and eps_root == 0 else nu + eps_root * c
-    return mu_hat * k / (jnp.sqrt(shifted) + eps * k)
 
 
 # ---------------------------------------------------------------------------
@@ -458,20 +427,10 @@ def scale_by_adam(
             )
         else:
             mu_hat = _bias_correction(mu, b1, count)
-        new_updates = _map(
-            lambda m, v, stored: _adam_direction(m, v, stored, b2, count, eps, eps_root),
-            mu_hat,
-            nu,
-            state.nu,
-        )
-        new_updates, stored_mu, stored_nu = _store(
-            updates,
-            new_updates,
-            (mu, nu),
-            (state.mu, state.nu),
-            (b1, b2),
-            ("signed", "sqrt"),
-            quantization,
+        nu_hat = _bias_correction(nu, b2, count)
+        new_updates = _map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
+        stored_mu, stored_nu = _store(
+            updates, (mu, nu), (state.mu, state.nu), (b1, b2), ("signed", "sqrt"), quantization
         )
         return new_updates, ScaleByAdamState(
             count=count,
@@ -544,19 +503,14 @@ def scale_by_rms(
     ) -> tuple[optax.Updates, ScaleByRmsState | ScaleByRmsWithCountState]:
         del params, extra_args
         nu = _ema(updates, state.nu, decay, 2, "sqrt", quantization)
-        with_count = isinstance(state, ScaleByRmsWithCountState)
-        count: jax.Array | None = None
-        nu_hat = nu
-        if with_count:
-            count = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
-            nu_hat = _bias_correction(nu, decay, count)  # pyright: ignore[reportArgumentType]
-        new_updates = _map(lambda g, v: scaling(v) * g, updates, nu_hat)
-        new_updates, stored = _store(
-            updates, new_updates, (nu,), (state.nu,), (decay,), ("sqrt",), quantization
-        )
-        if with_count:
-            return new_updates, ScaleByRmsWithCountState(count=count, nu=stored)  # pyright: ignore[reportArgumentType]
-        return new_updates, ScaleByRmsState(nu=stored)
+        (stored,) = _store(updates, (nu,), (state.nu,), (decay,), ("sqrt",), quantization)
+        if isinstance(state, ScaleByRmsWithCountState):
+            count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
+            nu = _bias_correction(nu, decay, count)
+            new_state: Any = ScaleByRmsWithCountState(count=count, nu=stored)
+        else:
+            new_state = ScaleByRmsState(nu=stored)
+        return _map(lambda g, v: scaling(v) * g, updates, nu), new_state
 
     # update_fn takes this transform's own state type, narrower than optax.OptState.
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
@@ -613,14 +567,8 @@ def scale_by_stddev(
         del params, extra_args
         mu = _ema(updates, state.mu, decay, 1, "signed", None)
         nu = _ema(updates, state.nu, decay, 2, "sqrt", None)
-        _, stored_mu, stored_nu = _store(
-            updates,
-            updates,
-            (mu, nu),
-            (state.mu, state.nu),
-            (decay, decay),
-            ("signed", "sqrt"),
-            None,
+        stored_mu, stored_nu = _store(
+            updates, (mu, nu), (state.mu, state.nu), (decay, decay), ("signed", "sqrt"), None
         )
         if isinstance(state, ScaleByRStdDevWithCountState):
             count: jax.Array = optax.safe_increment(state.count)  # pyright: ignore[reportAssignmentType]
@@ -686,14 +634,10 @@ def adam(
     precision): about 2.03 bytes per element instead of 8 (0.254x).
     ``BlockQuantization(bits=4)`` packs two codes per byte, blocks of 128 (Li
     et al. 2023): :math:`m` with (2, 1) bits, :math:`\sqrt{v}` with (3, 1)
-    bits and no zero code, each scaled by the block's exact maximum, about
-    1.06 bytes per element (0.133x). The moments are decoded, updated as
-    above, and encoded again inside the update, in two passes over each
-    tensor (one reduction for the scales, one loop writing the codes and the
-    update); the update uses the unrounded new moments, computed as
-    :math:`\hat m_t \sqrt{c} / (\sqrt{v_t + \bar\varepsilon c} + \varepsilon \sqrt{c})`
-    with :math:`c = 1 - \beta_2^t` (the same value up to float32 rounding,
-    with one square root, shared with the encoding, and one division).
+    bits and no zero code, each scaled by the block's exact maximum (both
+    moments' maxima in one reduction), about 1.06 bytes per element
+    (0.133x). The moments are decoded, updated as above, and encoded again
+    inside the update; the update uses the unrounded new moments.
     Smaller tensors keep floating-point moments; complex tensors large
     enough to be quantized raise ``TypeError`` in ``init``.
 
