@@ -238,8 +238,10 @@ def _pack(c: jax.Array, bits: int) -> jax.Array:
         return c
     if c.shape[-1] % 2:
         c = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, 1)])
-    pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    # Each pair of bytes read as one little-endian uint16: (first, second)
+    # -> first | second << 4 with shifts and masks on a contiguous load.
+    pairs = jax.lax.bitcast_convert_type(c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2), jnp.uint16)
+    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(jnp.uint8)
 
 
 def _unpack(codes: jax.Array, n: int, bits: int) -> jax.Array:
