@@ -188,7 +188,11 @@ def _model(name: str, seed: int) -> nnx.Module:
 
 
 def accuracy_vs_sparsity(
-    model_name: str, epochs: int, sparsities: list[float], seeds: list[int]
+    model_name: str,
+    epochs: int,
+    sparsities: list[float],
+    seeds: list[int],
+    methods: tuple[str, ...] = METHODS,
 ) -> dict:
     ds = data.load_digits()
     batch = 128
@@ -237,7 +241,7 @@ def accuracy_vs_sparsity(
             {"method": "dense", "seed": seed, "target": 0.0, "sparsity": 0.0, "accuracy": acc}
         )
     for s in sparsities:
-        for method in METHODS:
+        for method in methods:
             for seed in seeds:
                 ticket = pruning.magnitude_masks(dense_params[seed], s)
                 acc, actual, _ = run(method, seed, jnp.float32(s), ticket)
@@ -342,6 +346,7 @@ def main() -> None:
     parser.add_argument("--lenet-epochs", type=int, default=40)
     parser.add_argument("--resnet-epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98])
     args = parser.parse_args()
     quick = args.quick
@@ -381,6 +386,7 @@ def main() -> None:
                 2 if quick else epochs,
                 args.sparsities,
                 args.seeds[:1] if quick else args.seeds,
+                tuple(args.methods),
             )
             section["quick"] = quick
             section["load"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
