@@ -10,7 +10,10 @@
     batch order and mask key): dense-to-sparse gradual magnitude pruning
     (Zhu & Gupta cubic ramp from 1/8 to 1/2 of training, masks every
     max(2, steps // 40) steps: 10 for LeNet), gradual saliency and STE on
-    the same ramp, sparse from the first step SET and RigL (ERK,
+    the same ramp, ``magnitude-erk``: gradual magnitude pruning on the same
+    ramp with ERK per-layer sparsities (the layer distribution RigL starts
+    from, so small layers are pruned less than with the uniform one),
+    sparse from the first step SET and RigL (ERK,
     drop-and-grow as often until 3/4 of training, cosine-decayed update
     fraction 0.3) and static masks (the same
     seed's dense run's magnitude masks on the same initial weights, a one-shot
@@ -21,7 +24,10 @@
 
 Run: ``python benchmarks/pruning.py [--quick] [--models lenet resnet]``; the
 parts given (``--parts overhead accuracy inference``) are merged into
-``benchmarks/results/pruning.json``, so the models can run separately.
+``benchmarks/results/pruning.json``, so the models can run separately; with
+``--methods`` the new runs replace those of the same method, seed and target
+in the model's section and the others are kept (the dense runs are only
+repeated when ``static`` needs their masks or the section has none).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from flax import nnx
 from jaxopt_nn import data, models, pruning, train
 
 OUT = Path(__file__).parent / "results" / "pruning.json"
-METHODS = ("magnitude", "saliency", "ste", "set", "rigl", "static")
+METHODS = ("magnitude", "magnitude-erk", "saliency", "ste", "set", "rigl", "static")
 NEVER = 10**9  # a step no schedule reaches: every measured step is a non-update step
 
 
@@ -110,6 +116,8 @@ def _tx_factory(method: str, lr, steps: int, packed: bool = False, update: int |
             sched = pruning.SparsitySchedule(
                 lambda t: target * (2 * ramp(t)), ramp.is_update_step, float("nan")
             )
+        if method == "magnitude-erk":  # ERK of the traced ramp sparsity, every mask update
+            return pruning.prune(sched, method="magnitude", distribution="erk", **kwargs)
         return pruning.prune(sched, method=method, **kwargs)
 
     return make_tx
@@ -193,6 +201,7 @@ def accuracy_vs_sparsity(
     sparsities: list[float],
     seeds: list[int],
     methods: tuple[str, ...] = METHODS,
+    need_dense: bool = True,
 ) -> dict:
     ds = data.load_digits()
     batch = 128
@@ -235,7 +244,7 @@ def accuracy_vs_sparsity(
 
     rows, dense_params = [], {}
     start = time.perf_counter()
-    for seed in seeds:
+    for seed in seeds if need_dense or "static" in methods else ():
         acc, _, dense_params[seed] = run("dense", seed, jnp.float32(0.0), None)
         rows.append(
             {"method": "dense", "seed": seed, "target": 0.0, "sparsity": 0.0, "accuracy": acc}
@@ -243,7 +252,9 @@ def accuracy_vs_sparsity(
     for s in sparsities:
         for method in methods:
             for seed in seeds:
-                ticket = pruning.magnitude_masks(dense_params[seed], s)
+                ticket = (
+                    pruning.magnitude_masks(dense_params[seed], s) if method == "static" else None
+                )
                 acc, actual, _ = run(method, seed, jnp.float32(s), ticket)
                 rows.append(
                     {
@@ -264,6 +275,25 @@ def accuracy_vs_sparsity(
         "wall_s": time.perf_counter() - start,
         "runs": rows,
         "summary": _summary(rows),
+    }
+
+
+def _merge(old: dict | None, new: dict) -> dict:
+    """``new`` with the runs of ``old`` it does not repeat, if both trained alike."""
+    same = ("model", "epochs", "steps", "mask_update_every")
+    if not old or any(old.get(k) != new[k] for k in same) or old.get("quick") != new["quick"]:
+        return new
+    fresh = {(r["method"], r["seed"], r["target"]) for r in new["runs"]}
+    runs = [r for r in old["runs"] if (r["method"], r["seed"], r["target"]) not in fresh]
+    runs += new["runs"]
+    part = {k: new[k] for k in ("seeds", "wall_s", "load")}
+    part["methods"] = sorted({r["method"] for r in new["runs"]})
+    return {
+        **{k: v for k, v in old.items() if k != "parts"},
+        "seeds": sorted({r["seed"] for r in runs}),
+        "runs": runs,
+        "summary": _summary(runs),
+        "parts": [*old.get("parts", []), part],
     }
 
 
@@ -379,17 +409,24 @@ def main() -> None:
         result.setdefault("accuracy_vs_sparsity", {})
         for name in args.models:
             print(f"(b) accuracy vs sparsity, {name}", flush=True)
-            epochs = args.lenet_epochs if name == "lenet" else args.resnet_epochs
+            epochs = 2 if quick else args.lenet_epochs if name == "lenet" else args.resnet_epochs
+            old = result["accuracy_vs_sparsity"].get(name, {})
+            seeds = args.seeds[:1] if quick else args.seeds
+            have_dense = (old.get("epochs"), old.get("quick")) == (epochs, quick) and {
+                r["seed"] for r in old.get("runs", []) if r["method"] == "dense"
+            } >= set(seeds)
             before = os.getloadavg()
             section = accuracy_vs_sparsity(
                 name,
-                2 if quick else epochs,
+                epochs,
                 args.sparsities,
-                args.seeds[:1] if quick else args.seeds,
+                seeds,
                 tuple(args.methods),
+                need_dense=not have_dense,
             )
             section["quick"] = quick
             section["load"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
+            section = _merge(old, section)
             result["accuracy_vs_sparsity"][name] = section
             for row in section["summary"]:
                 print(
