@@ -1660,6 +1660,13 @@ def prune(
             else:
                 new = compute_masks(named, schedule(state.count), grads)
             masks = _unflatten(flags, params, new)
+            # Grown weights start at exactly zero: this step's update keeps only
+            # the surviving old entries (the stored masks hold the grown ones).
+            active = (
+                jax.tree.map(lambda mk, old: mk & old, masks, before)
+                if method in _DYNAMIC
+                else masks
+            )
             if inner is not None and method != "ste":
                 inner_state = optax.tree_map_params(
                     inner,
@@ -1668,7 +1675,7 @@ def prune(
                     masks,
                     is_leaf=lambda x: isinstance(x, BlockQuantizedArray),
                 )
-            return jax.tree.map(store, masks), masks, inner_state
+            return jax.tree.map(store, masks), active, inner_state
 
         is_update = schedule.is_update_step(state.count)
         if method in _DYNAMIC:  # masks come from init; drop-and-grow until update_end
@@ -1679,13 +1686,6 @@ def prune(
         stored, active, inner_state = jax.lax.cond(
             is_update, refresh, lambda carry: carry, (stored, before, inner_state)
         )
-        if method in _DYNAMIC:  # grown weights start at exactly zero
-            active = jax.tree.map(
-                lambda new, old: None if new is None else new & old,
-                active,
-                before,
-                is_leaf=_is_none,
-            )
         if method != "ste":
             updates = jax.tree.map(
                 lambda u, p, mk: u if mk is None else jnp.where(mk, u, -p), updates, params, active
