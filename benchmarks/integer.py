@@ -11,14 +11,23 @@ digits, at batch 128. Variants of each model:
 * ``int8-dynamic``: ``to_int8(model)``: per-row / per-example activation scales;
 * ``int8-static``: ``to_int8(model, calibrate(model, train batches))``;
 * ``int8-dynamic-measured`` / ``int8-static-measured``: the same with
-  ``fallback='measure'``: each layer timed float32 vs int8 on the batch at
-  conversion, int8 kept only where it measured at least 1.05x faster;
+  ``fallback='measure'``: each layer timed on the batch at conversion and
+  built as the fastest of float32, float32 im2col (convolutions) and int8,
+  each kept only where it measured at least 1.05x faster than the one before;
+  stems with few input channels never int8 (each row's ``layers`` says which
+  each layer became);
 * ``int8-all``: ``to_int8(model, fallback=False)``: every layer int8, to show
   what the fallback avoids;
-* ``float32-im2col`` (models with convolutions): every ``nnx.Conv`` computed
-  as the int8 layers compute it (im2col patches and one matrix product), in
-  float32: the baseline that separates the gain of the algorithm from the
-  gain of int8 (``speedup_vs_im2col``).
+* ``float32-im2col`` (models with convolutions): every ``nnx.Conv`` an
+  :class:`~jaxopt_nn.integer.Im2colConv` (im2col patches and one matrix
+  product, as the int8 layers compute it, in float32): the baseline that
+  separates the gain of the algorithm from the gain of int8
+  (``speedup_vs_im2col``).
+
+Before the models, ``bare`` records the ``int8 x int8 -> int32`` product
+alone against the float32 product of the same shapes (and the whole
+``Int8Linear`` against ``nnx.Linear``): the ceiling of what int8 can gain on
+this CPU.
 
 Latency: every variant is jitted and warmed up, then ``--rounds`` rounds each
 time a batch of back-to-back calls of every variant (about 0.1 s of float32
@@ -48,13 +57,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from jaxopt_nn import data, models, train
 from jaxopt_nn.integer import (
-    _ConvSpec,
+    Im2colConv,
+    Int8Conv,
+    Int8Linear,
     _get,
     _modules,
-    _patch_conv,
     _set,
     calibrate,
     fold_batchnorm,
@@ -62,6 +73,7 @@ from jaxopt_nn.integer import (
     to_int8,
 )
 from jaxopt_nn.optim import adam
+from jaxopt_nn.speed import compare_latency
 
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_tile")
 
@@ -144,30 +156,77 @@ class MLP(nnx.Module):
         return self.fc3(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
 
 
-class Im2colConv(nnx.Module):
-    """A float32 ``nnx.Conv`` (ungrouped, no input dilation) as one im2col matrix product."""
-
-    def __init__(self, layer: nnx.Conv):
-        spec = _ConvSpec(layer, "conv")
-        assert spec.groups == 1 and all(d == 1 for d in spec.input_dilation)
-        kernel = layer.kernel[...]
-        self.kernel = nnx.Param(kernel if layer.mask is None else kernel * layer.mask)
-        self.bias = nnx.Param(layer.bias[...]) if layer.use_bias and layer.bias else None
-        self.strides, self.padding = spec.strides, spec.padding
-        self.kernel_dilation = spec.kernel_dilation
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = _patch_conv(x, self.kernel[...], self, jnp.float32)
-        return y if self.bias is None else y + self.bias[...]
-
-
 def im2col_model(model: nnx.Module) -> nnx.Module | None:
     """A copy of ``model`` with every ``nnx.Conv`` an :class:`Im2colConv` (None: no conv)."""
     out = nnx.clone(model)
-    convs = [path for _, path, m in _modules(out) if isinstance(m, nnx.Conv)]
-    for path in convs:
-        _set(out, path, Im2colConv(_get(out, path)))
+    convs = [(name, path) for name, path, m in _modules(out) if isinstance(m, nnx.Conv)]
+    for name, path in convs:
+        _set(out, path, Im2colConv.from_conv(_get(out, path), name=name))
     return out if convs else None
+
+
+def _float_dot(x: jax.Array, w: jax.Array, xq: jax.Array, wq: jax.Array) -> jax.Array:
+    del xq, wq
+    return x @ w
+
+
+def _int8_dot(x: jax.Array, w: jax.Array, xq: jax.Array, wq: jax.Array) -> jax.Array:
+    del x, w
+    return lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def bare_products(shapes: list, *, rounds: int) -> list:
+    """The ``(M, K) x (K, N)`` product alone and the whole dense layer, int8 against float32.
+
+    ``dot``: ``int8 x int8 -> int32`` ``dot_general`` against the float32
+    ``dot`` of the same shapes (no quantization, no rescale: the ceiling of
+    what int8 can gain on this CPU). ``layer-dynamic`` / ``layer-static``:
+    :class:`Int8Linear` (input quantized per row / with one static range,
+    product, rescale, bias) against ``nnx.Linear``. Each pair is timed with
+    :func:`jaxopt_nn.speed.compare_latency` (paired rounds of about 0.05 s,
+    order alternating, median of the ratios).
+    """
+    rows = []
+    key = jax.random.key(7)
+    for m, k, n in shapes:
+        x = jax.random.normal(jax.random.fold_in(key, m * k), (m, k))
+        w = jax.random.normal(jax.random.fold_in(key, k * n), (k, n))
+        xq, wq = (jnp.clip(jnp.round(a * 40), -127, 127).astype(jnp.int8) for a in (x, w))
+        dense = nnx.Linear(k, n, rngs=nnx.Rngs(0))
+        pairs = {
+            "dot": (
+                _float_dot,
+                _int8_dot,
+                (x, w, xq, wq),
+            ),
+            "layer-dynamic": (dense, Int8Linear.from_linear(dense), (x,)),
+            "layer-static": (
+                dense,
+                Int8Linear.from_linear(dense, input_range=jnp.abs(x).max()),
+                (x,),
+            ),
+        }
+        for what, (baseline, candidate, args) in pairs.items():
+            load = os.getloadavg()
+            result = compare_latency(
+                baseline, candidate, *args, repeats=None, rounds=rounds, round_seconds=0.05
+            )
+            row = {
+                "shape": [m, k, n],
+                "what": what,
+                "float32_s": result.baseline,
+                "int8_s": result.candidate,
+                "speedup": result.speedup,
+                "loadavg_before": load,
+            }
+            rows.append(row)
+            print(
+                f"bare {what:13s} {m}x{k}x{n}: float32 {result.baseline * 1e6:8.0f} us, "
+                f"int8 {result.candidate * 1e6:8.0f} us, {result.speedup:.2f}x "
+                f"(load {load[0]:.1f})",
+                flush=True,
+            )
+    return rows
 
 
 def _variants(model: nnx.Module, calibration_batches: list, example: jax.Array) -> dict:
@@ -185,11 +244,12 @@ def _variants(model: nnx.Module, calibration_batches: list, example: jax.Array) 
 
 
 def _layers(model: nnx.Module) -> dict:
-    """``{layer name: 'int8' or 'float32'}`` of a converted model (what it actually runs)."""
+    """``{layer name: 'int8', 'float32-im2col' or 'float32'}``: what a converted model runs."""
+    kinds = {Int8Linear: "int8", Int8Conv: "int8", Im2colConv: "float32-im2col"}
     return {
-        name: "int8" if type(m).__name__.startswith("Int8") else "float32"
+        name: kinds.get(type(m), "float32")
         for name, _, m in _modules(model)
-        if isinstance(m, (nnx.Linear, nnx.Conv)) or type(m).__name__.startswith("Int8")
+        if isinstance(m, (nnx.Linear, nnx.Conv, *kinds))
     }
 
 
@@ -249,6 +309,10 @@ def main() -> None:
                 flush=True,
             )
         report.setdefault("plans", {})[f"{name}@{batch}"] = plan
+
+    report["bare"] = bare_products(
+        [(256, 1024, 1024), (32, 1024, 1024), (128, 784, 300), (128, 64, 300)], rounds=rounds
+    )
 
     mlp = MLP(1024, rngs=nnx.Rngs(0))
     key = jax.random.key(0)

@@ -60,6 +60,7 @@ from jaxopt_nn.huffman import (
 )
 from jaxopt_nn.integer import (
     FakeQuant,
+    Im2colConv,
     Int8Conv,
     Int8Linear,
     calibrate,
@@ -216,6 +217,7 @@ __all__ = [
     "EncodedStream",
     "FakeQuant",
     "FitResult",
+    "Im2colConv",
     "Int8Conv",
     "Int8Linear",
     "LatencyComparison",

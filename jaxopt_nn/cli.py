@@ -451,7 +451,7 @@ def _int8_stage(model: Any, dataset: Any, mode: str) -> dict[str, Any]:
     kept = [f"{name} {why.removeprefix('float32 ')}" for name, why in plan.items() if why != "int8"]
     print("int8 layers: " + (", ".join(n for n, why in plan.items() if why == "int8") or "none"))
     if kept:
-        print("kept in float32 (int8 would be slower): " + ", ".join(kept))
+        print("kept in float32: " + ", ".join(kept))
     return {
         "mode": mode,
         "accuracy": accuracy,

@@ -46,16 +46,16 @@ When int8 loses: quantizing the input, the int32 product and the rescale cost
 more than a float32 product for small layers and small batches. With
 ``fallback=True`` (default) :func:`to_int8` keeps a layer in float32 unless
 its product is large enough (see :func:`int8_plan`, which says why for each
-layer); ``fallback='measure'`` times each layer both ways on the serving batch
-instead and keeps the faster.
+layer); ``fallback='measure'`` times each layer on the serving batch instead
+and keeps the fastest of float32, int8 and, for convolutions, float32 im2col
+(:class:`Im2colConv`, which on small images beats XLA's convolution by more
+than int8 adds). Stems with few input channels stay float in both modes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -66,6 +66,7 @@ from flax import nnx
 from jax import lax
 
 from jaxopt_nn.quantization import _affine_params, _codes, fake_quant
+from jaxopt_nn.speed import compare_latency
 
 _BITS = 8
 _METHODS = ("absmax", "percentile")
@@ -80,7 +81,7 @@ _MIN_DEPTH = 64
 # by this factor, so that timing noise does not pick a slower int8 layer.
 _MEASURE_MARGIN = 1.05
 _MEASURE_ROUNDS = 15
-_MEASURE_SECONDS = 3e-3  # time per timed batch of calls
+_MEASURE_SECONDS = 3e-3  # seconds of calls per timed round
 _FALLBACKS = (True, False, "measure")
 _SUPPORTED = (nnx.Linear, nnx.Conv)
 _LAX_PADDING = ("SAME", "VALID")
@@ -226,6 +227,11 @@ def _patch_conv(
         views.append(lax.slice(x, start, limit, (1, *spec.strides, 1)))
     patches = jnp.concatenate(views, axis=-1)
     return _dense(patches, kernel.reshape(-1, kernel.shape[-1]), preferred)
+
+
+def _patchable(spec: Any) -> bool:
+    """Whether :func:`_patch_conv` computes this convolution (ungrouped, no input dilation)."""
+    return spec.groups == 1 and all(d == 1 for d in spec.input_dilation)
 
 
 def _dense(x: jax.Array, kernel: jax.Array, preferred: Any) -> jax.Array:
@@ -417,19 +423,102 @@ class Int8Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(batch..., *spatial, in) -> (batch..., *spatial', out)`` float32."""
         x, batch_shape = _flatten_batch(jnp.asarray(x), self.rank)
-        if x.ndim == self.rank + 1:
-            x = x[None]
-            batch_shape = ()
         if self.input_scale is None:
             s_x = _row_scale(x, tuple(range(1, x.ndim)))
         else:
             s_x = self.input_scale[...].reshape((1,) * x.ndim)
         codes = _to_int8(x, s_x)
-        if self.groups == 1 and all(d == 1 for d in self.input_dilation):
+        if _patchable(self):
             acc = _patch_conv(codes, self.kernel[...], self)
         else:
             acc = _conv(codes, self.kernel[...], self, jnp.int32)
         y = acc.astype(jnp.float32) * (s_x * _channels_last(self.scale[...], x.ndim))
+        if self.bias is not None:
+            y = y + _channels_last(self.bias[...], y.ndim)
+        return _restore_batch(y, batch_shape)
+
+
+class Im2colConv(nnx.Module):
+    """A float32 convolution computed as one matrix product over im2col patches.
+
+    The same product as :class:`Int8Conv` (:func:`_patch_conv`: the
+    ``prod(window)`` shifted views of the padded input concatenated along
+    the channels, contracted with the ``(prod(window) * in, out)`` kernel),
+    in float32 on the float layer's weights:
+
+    .. math::
+      y_{n,p,o} = \\sum_{k,c} x_{n,\\, s p + d k - \\mathrm{pad},\\, c}\\, W_{k,c,o} + b_o,
+
+    i.e. ``nnx.Conv`` up to the order of the float32 sums. XLA's CPU
+    convolution is slow on small images with few channels (on 8x8 digits
+    this is 2-12x faster for LeNet-5 and ResNet-20), so
+    ``to_int8(..., fallback='measure')`` uses it for a layer that stays in
+    float where it measures faster than both XLA's convolution and int8.
+    Ungrouped convolutions without input dilation only; the pruning ``mask``
+    of the float layer is applied to the kernel.
+
+    Example:
+      >>> conv = nnx.Conv(2, 4, (3, 3), rngs=nnx.Rngs(0))
+      >>> fast = Im2colConv.from_conv(conv)
+      >>> x = jnp.linspace(-1.0, 1.0, 2 * 5 * 5 * 2).reshape(2, 5, 5, 2)
+      >>> bool(jnp.allclose(fast(x), conv(x), atol=1e-5))
+      True
+    """
+
+    def __init__(
+        self,
+        kernel: jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        strides: Sequence[int],
+        padding: str | Sequence[Sequence[int]],
+        kernel_dilation: Sequence[int],
+    ):
+        kernel = jnp.asarray(kernel)
+        if not jnp.issubdtype(kernel.dtype, jnp.floating) or kernel.ndim < 3:
+            raise ValueError(
+                f"kernel must be a floating-point array (*window, in, out); got {kernel.dtype} "
+                f"{kernel.shape}"
+            )
+        self.rank = kernel.ndim - 2
+        self.strides = tuple(strides)
+        self.padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+        self.kernel_dilation = tuple(kernel_dilation)
+        self.kernel = nnx.Param(kernel)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, kernel.dtype))
+
+    @classmethod
+    def from_conv(cls, layer: nnx.Conv, *, name: str = "layer") -> Im2colConv:
+        """The im2col twin of ``layer`` (same weights, same result).
+
+        Raises:
+          ValueError: for feature groups, input dilation, or padding modes
+            other than ``'SAME'``, ``'VALID'`` and explicit pairs.
+        """
+        _check_layer(layer, nnx.Conv, "layer")
+        spec = _ConvSpec(layer, name)
+        if not _patchable(spec):
+            raise ValueError(
+                f"layer {name!r}: im2col needs feature_group_count=1 and no input dilation; got "
+                f"feature_group_count={spec.groups}, input_dilation={spec.input_dilation}"
+            )
+        kernel = layer.kernel[...]
+        if layer.mask is not None:
+            kernel = kernel * layer.mask
+        bias = layer.bias[...] if layer.use_bias and layer.bias is not None else None
+        return cls(
+            kernel,
+            bias,
+            strides=spec.strides,
+            padding=spec.padding,
+            kernel_dilation=spec.kernel_dilation,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``(batch..., *spatial, in) -> (batch..., *spatial', out)``."""
+        x, batch_shape = _flatten_batch(jnp.asarray(x), self.rank)
+        kernel = self.kernel[...]
+        y = _patch_conv(x.astype(kernel.dtype), kernel, self, kernel.dtype)
         if self.bias is not None:
             y = y + _channels_last(self.bias[...], y.ndim)
         return _restore_batch(y, batch_shape)
@@ -482,8 +571,6 @@ class FakeQuant(nnx.Module):
         if isinstance(layer, nnx.Conv):
             rank = len(layer.kernel_size)
             x, batch_shape = _flatten_batch(x, rank)
-            if x.ndim == rank + 1:
-                x, batch_shape = x[None], ()
             kept: int | tuple[int, ...] = 0
             kernel = layer.kernel[...]
             if layer.mask is not None:
@@ -694,12 +781,24 @@ def _float_layer(module: Any) -> Any:
     return module.layer if isinstance(module, FakeQuant) else module
 
 
+def _stem_reason(layer: Any) -> str | None:
+    """Why a convolution stays float in both modes: too few input channels (the stem)."""
+    if not isinstance(layer, nnx.Conv):
+        return None
+    depth = math.prod(layer.kernel.shape[:-1])
+    if depth >= _MIN_DEPTH:
+        return None
+    return (
+        f"window x in = {depth} < {_MIN_DEPTH}: too small a product to gain from int8, and "
+        "quantizing a few raw input channels costs accuracy"
+    )
+
+
 def _plan_one(layer: Any, rows: int | None) -> str:
-    if isinstance(layer, nnx.Conv):
-        depth = math.prod(layer.kernel.shape[:-1])
-        if depth < _MIN_DEPTH:
-            return f"float32 (window x in = {depth} < {_MIN_DEPTH})"
-    else:
+    stem = _stem_reason(layer)
+    if stem is not None:
+        return f"float32 ({stem})"
+    if isinstance(layer, nnx.Linear):
         weight = math.prod(layer.kernel.shape)
         if weight < _MIN_WEIGHT:
             return f"float32 (weight {weight:,} < {_MIN_WEIGHT:,} elements)"
@@ -708,51 +807,46 @@ def _plan_one(layer: Any, rows: int | None) -> str:
     return "int8"
 
 
-def _repeats(call: Callable[[], Any]) -> int:
-    """Calls per timed batch so that one batch takes about ``_MEASURE_SECONDS`` (warms up)."""
-    jax.block_until_ready(call())
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    return max(1, int(_MEASURE_SECONDS / max(time.perf_counter() - start, 1e-7)))
+def _measured_speedup(baseline: nnx.Module, candidate: nnx.Module, x: jax.Array) -> float:
+    """Median over paired rounds of ``time(baseline) / time(candidate)`` on ``x``."""
+    return compare_latency(
+        baseline,
+        candidate,
+        x,
+        repeats=None,
+        rounds=_MEASURE_ROUNDS,
+        round_seconds=_MEASURE_SECONDS,
+    ).speedup
 
 
-def _timed(call: Callable[[], Any], repeats: int) -> float:
-    start = time.perf_counter()
-    out = None
-    for _ in range(repeats):
-        out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
+def _measure_one(module: Any, twin: nnx.Module, x: jax.Array, name: str) -> str:
+    """The fastest of float32, float32 im2col (convolutions) and int8 for one layer.
 
-
-def _paired_speedup(baseline: Callable[[], Any], candidate: Callable[[], Any]) -> float:
-    """Median over rounds of ``time(baseline) / time(candidate)``, timed back to back.
-
-    The order alternates every round and each ratio compares two batches of
-    calls run one right after the other, so a slow phase of a shared machine
-    hits both sides of a ratio.
+    Float32 im2col replaces XLA's convolution when it measures at least
+    ``_MEASURE_MARGIN`` times faster; int8 is then timed against the faster
+    float layer and kept only if it beats it by the same margin. A stem
+    (:func:`_stem_reason`) is never int8.
     """
-    calls = (baseline, candidate)
-    repeats = [_repeats(call) for call in calls]
-    ratios = []
-    for r in range(_MEASURE_ROUNDS + 1):  # round 0 warms up both sides and is dropped
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        seconds = {i: _timed(calls[i], repeats[i]) for i in order}
-        ratios.append(seconds[0] / seconds[1])
-    return statistics.median(ratios[1:])
-
-
-def _bound_call(module: nnx.Module, x: jax.Array) -> Callable[[], Any]:
-    graphdef, state = nnx.split(module)
-    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    return functools.partial(fn, state, x)
-
-
-def _measure_one(layer: Any, twin: nnx.Module, x: jax.Array) -> str:
-    speedup = _paired_speedup(_bound_call(layer, x), _bound_call(twin, x))
+    layer = _float_layer(module)
+    best, kind, notes = layer, "float32", []
+    if isinstance(layer, nnx.Conv) and _patchable(_ConvSpec(layer, name)):
+        speedup = _measured_speedup(layer, Im2colConv.from_conv(layer, name=name), x)
+        notes.append(f"float32-im2col measured {speedup:.2f}x float32")
+        if speedup >= _MEASURE_MARGIN:
+            best, kind = Im2colConv.from_conv(layer, name=name), "float32-im2col"
+    stem = _stem_reason(layer)
+    if stem is not None:
+        return f"{kind} ({'; '.join([stem, *notes])})"
+    speedup = _measured_speedup(best, twin, x)
+    notes.append(f"int8 measured {speedup:.2f}x {kind}")
     if speedup >= _MEASURE_MARGIN:
-        return "int8"
-    return f"float32 (int8 measured {speedup:.2f}x float32 < {_MEASURE_MARGIN})"
+        return f"int8 ({'; '.join(notes)})"
+    return f"{kind} ({'; '.join(notes)}; int8 < {_MEASURE_MARGIN}x)"
+
+
+def _kind(entry: str) -> str:
+    """``'int8'``, ``'float32'`` or ``'float32-im2col'``: the first word of a plan entry."""
+    return entry.split(" ", 1)[0]
 
 
 def int8_plan(
@@ -763,28 +857,37 @@ def int8_plan(
     calibration: Mapping[str, Any] | None = None,
     measure: bool = False,
 ) -> dict[str, str]:
-    """Which chosen layers :func:`to_int8` makes int8 and which stay float32, and why.
+    """Which chosen layers :func:`to_int8` makes int8 and which stay float, and why.
 
     The rule (from ``benchmarks/integer.py`` on CPUs): the int8 path costs a
     pass over the input (absolute maximum, divide, round) and over the output
     (rescale) on top of the product, so it pays off only for large enough
     products. A dense layer becomes int8 when its weight has at least 16,384
     elements (``K x N``: LeNet-300-100's ``fc3`` of 100 x 10 stays float32);
-    a convolution when its window times input channels is at least 64 (a
-    3x3 convolution of 1 channel, LeNet-5's 5x5 ``conv1`` of 1 channel stay
-    float32). If ``example`` is given, a layer also stays float32 when a call
-    multiplies fewer than 16 rows (batch times output pixels: batch-1 dense
-    inference). Without ``example`` the row count is unknown and only the
-    weight counts.
+    a convolution when its window times input channels is at least 64. If
+    ``example`` is given, a layer also stays float32 when a call multiplies
+    fewer than 16 rows (batch times output pixels: batch-1 dense inference).
+    Without ``example`` the row count is unknown and only the weight counts.
 
-    With ``measure=True`` the rule is replaced by a measurement on this
-    machine: each layer is jitted alone, float32 and int8 (with its static
-    range from ``calibration`` if given), and run on the input it receives
-    when the model is applied to ``example``; both are timed back to back in
-    alternating order and the layer becomes int8 only if the median over 15
-    rounds of the time ratio says int8 is at least 1.05x faster. Measuring
-    costs two compilations and a fraction of a second per layer, and the
-    decision depends on the machine, the XLA version and the load.
+    The convolution rule also guards accuracy, so it holds in both modes: a
+    stem with few input channels (a 3x3 convolution of 1 channel: ResNet-20's
+    first layer; LeNet-5's 5x5 ``conv1`` of 1 channel) quantizes raw pixels
+    with one scale per image, which cost ResNet-20 on digits two test images
+    when it was converted, and it is too small to gain from int8 anyway.
+
+    With ``measure=True`` the rest of the rule is replaced by a measurement
+    on this machine: each layer is jitted alone and run on the input it
+    receives when the model is applied to ``example``, with
+    :func:`jaxopt_nn.speed.compare_latency` (paired rounds in alternating
+    order, each about 3 ms of calls, median of 15 time ratios). A
+    convolution that :class:`Im2colConv` can compute is first timed as
+    XLA's float32 convolution against float32 im2col, and becomes
+    ``'float32-im2col'`` if that is at least 1.05x faster; then int8 (with
+    its static range from ``calibration`` if given) is timed against the
+    faster float layer and kept only if it is at least 1.05x faster still.
+    Measuring costs two to four compilations and a fraction of a second per
+    layer, and the decision depends on the machine, the XLA version and the
+    load.
 
     Args:
       model: the float model.
@@ -792,10 +895,13 @@ def int8_plan(
       example: an input batch of the size you will serve (optional; required
         with ``measure``).
       calibration: static ranges (from :func:`calibrate`) used by ``measure``.
-      measure: time each layer instead of applying the rule.
+      measure: time each layer instead of applying the size rule.
 
     Returns:
-      ``{layer name: 'int8' or 'float32 (reason)'}`` for every chosen layer.
+      ``{layer name: entry}`` for every chosen layer; an entry is ``'int8'``,
+      ``'float32 (reason)'``, or with ``measure`` also ``'int8 (ratios)'``
+      and ``'float32-im2col (ratios)'``: its first word is what
+      :func:`to_int8` builds, the rest says why (the measured ratios).
 
     Raises:
       ValueError: if ``measure`` is set without ``example``.
@@ -812,11 +918,7 @@ def int8_plan(
         ranges = _check_calibration(calibration, chosen)
         inputs = jax.jit(_layer_probe(model, chosen, lambda x: x))(jnp.asarray(example))
         return {
-            name: _measure_one(
-                _float_layer(module),
-                _int8_twin(module, ranges, name),
-                inputs[name],
-            )
+            name: _measure_one(module, _int8_twin(module, ranges, name), inputs[name], name)
             for name, _, module in chosen
         }
     rows: dict[str, int | None] = {name: None for name, _, _ in chosen}
@@ -909,8 +1011,10 @@ def to_int8(
 
     Each chosen layer becomes an :class:`Int8Linear` / :class:`Int8Conv`
     (a :class:`FakeQuant` wrapper from :func:`to_qat` becomes the int8 twin of
-    its layer, with its static range unless ``calibration`` is given); every
-    other module is copied unchanged. The result shares no variable with
+    its layer, with its static range unless ``calibration`` is given) or,
+    where the fallback says so, stays float: the ``nnx.Linear`` /
+    ``nnx.Conv`` itself, or an :class:`Im2colConv` where measured faster;
+    every other module is copied unchanged. The result shares no variable with
     ``model``, which is left as it was. Fold batch norms first
     (:func:`fold_batchnorm`) so that ResNet convolutions feed no float
     normalisation.
@@ -923,9 +1027,11 @@ def to_int8(
         ``(name, module) -> bool`` with names such as ``'fc1'`` or
         ``'stages/0/1/conv1'``, or a collection of layer names.
       fallback: ``True``: keep a layer in float32 where int8 would be slower
-        by the rule of :func:`int8_plan`; ``'measure'``: where int8 is timed
-        slower on ``example`` (``int8_plan(..., measure=True)``); ``False``:
-        convert every chosen layer.
+        by the rule of :func:`int8_plan`; ``'measure'``: build for each layer
+        the fastest on ``example`` of float32, :class:`Im2colConv` (float32
+        im2col, convolutions) and int8 (``int8_plan(..., measure=True)``;
+        a stem with few input channels is never int8); ``False``: convert
+        every chosen layer.
       example: an input batch of the serving size, for the fallback rule
         (required by ``'measure'``).
 
@@ -960,10 +1066,13 @@ def to_int8(
     out = nnx.clone(model)
     for name, path, _ in chosen:
         module = _get(out, path)
-        if plan is not None and plan[name] != "int8":
-            _set(out, path, _float_layer(module))
-        else:
+        kind = "int8" if plan is None else _kind(plan[name])
+        if kind == "int8":
             _set(out, path, _int8_twin(module, ranges, name))
+        elif kind == "float32-im2col":
+            _set(out, path, Im2colConv.from_conv(_float_layer(module), name=name))
+        else:
+            _set(out, path, _float_layer(module))
     _eval_mode(out)
     return out
 

@@ -16,6 +16,7 @@ inference of a model with batch norm or dropout.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -170,9 +171,10 @@ def compare_latency(
     baseline: Callable[..., Any] | nnx.Module,
     candidate: Callable[..., Any] | nnx.Module,
     *args: Any,
-    repeats: int = 10,
+    repeats: int | None = 10,
     rounds: int = 7,
     warmup: int = 2,
+    round_seconds: float = 3e-3,
 ) -> LatencyComparison:
     r"""Latency of a baseline and a candidate measured in interleaved rounds.
 
@@ -195,16 +197,21 @@ def compare_latency(
       baseline: the reference function or NNX module.
       candidate: the function or module to compare against it.
       *args: the arguments of each call, shared by both.
-      repeats: calls per round (>= 1).
+      repeats: calls per round (>= 1), or ``None``: sized for each callable
+        after its warm-up, from the time of one call, so that a round takes
+        about ``round_seconds`` (a fast layer and a slow model then get
+        rounds of the same length, long enough to time and short enough
+        that load from other processes rarely falls into only one of two).
       rounds: timed rounds of each callable (>= 1).
       warmup: untimed calls of each first (>= 1, the first one compiles).
+      round_seconds: target seconds per round when ``repeats`` is ``None`` (> 0).
 
     Returns:
       A :class:`LatencyComparison` ``(baseline, candidate, speedup)``.
 
     Raises:
       TypeError: if either is not callable.
-      ValueError: if a count is out of range.
+      ValueError: if a count or ``round_seconds`` is out of range.
 
     Example:
       >>> import jax.numpy as jnp
@@ -213,16 +220,26 @@ def compare_latency(
       >>> result.speedup > 0
       True
     """
-    _check_count("repeats", repeats, 1)
+    if repeats is not None:
+        _check_count("repeats", repeats, 1)
     _check_count("rounds", rounds, 1)
     _check_count("warmup", warmup, 1)
+    if (
+        isinstance(round_seconds, bool)
+        or not isinstance(round_seconds, (int, float))
+        or not 0 < round_seconds < math.inf
+    ):
+        raise ValueError(f"round_seconds must be a number > 0; got round_seconds={round_seconds!r}")
     calls = (_jitted(baseline), _jitted(candidate))
+    counts = []
     for call in calls:
-        for _ in range(warmup):
-            _timed(call, args, 1)
+        seconds = 0.0
+        for _ in range(warmup):  # the last warm-up call sizes the rounds
+            seconds = _timed(call, args, 1)
+        counts.append(repeats or max(1, int(round_seconds / max(seconds, 1e-7))))
     times: tuple[list[float], list[float]] = ([], [])
     for round_ in range(rounds):
         for i in (0, 1) if round_ % 2 == 0 else (1, 0):
-            times[i].append(_timed(calls[i], args, repeats))
+            times[i].append(_timed(calls[i], args, counts[i]))
     ratio = statistics.median(b / c for b, c in zip(*times, strict=True))
     return LatencyComparison(statistics.median(times[0]), statistics.median(times[1]), ratio)

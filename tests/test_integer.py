@@ -11,6 +11,7 @@ from jaxopt_nn import archive, integer
 from jaxopt_nn.integer import (
     FakeQuant,
     Identity,
+    Im2colConv,
     Int8Conv,
     Int8Linear,
     _conv,
@@ -108,6 +109,29 @@ def test_int8_conv_close_to_float_with_groups_and_unbatched_input():
     np.testing.assert_allclose(q(x[0]), q(x[:1])[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"padding": "SAME"},
+        {"padding": "VALID", "strides": 2, "kernel_dilation": 2},
+        {"padding": ((1, 2), (0, 1)), "strides": (2, 1), "use_bias": False},
+    ],
+)
+def test_im2col_conv_equals_the_float_convolution(kwargs):
+    mask = jax.random.bernoulli(jax.random.key(4), 0.5, (3, 3, 3, 5))
+    conv = nnx.Conv(3, 5, (3, 3), mask=mask, rngs=nnx.Rngs(0), **kwargs)
+    fast = Im2colConv.from_conv(conv)
+    x = jax.random.normal(jax.random.key(3), (2, 7, 6, 3))
+    masked = nnx.Conv(3, 5, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+    masked.kernel[...] = conv.kernel[...] * mask
+    np.testing.assert_allclose(_apply(fast, x), _apply(masked, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast(x[0]), _apply(fast, x[:1])[0], rtol=1e-5, atol=1e-6)
+    assert fast(jnp.stack([x, x])).shape == (2, *_apply(fast, x).shape)
+    grouped = nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'g'.*feature_group_count=2"):
+        Im2colConv.from_conv(grouped, name="g")
+
+
 def test_unsupported_padding_is_refused_by_name():
     conv = nnx.Conv(2, 2, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
     model = nnx.Sequential(conv)
@@ -160,26 +184,61 @@ def test_measured_fallback_keeps_int8_only_where_it_measures_faster(monkeypatch,
     model = LeNet300100(64, rngs=nnx.Rngs(0))
     ranges = calibrate(model, [images])
 
-    def fake_speedup(baseline, candidate):  # the thunks run each layer on its own input
-        np.testing.assert_allclose(candidate(), baseline(), atol=0.05)
+    def fake_speedup(baseline, candidate, x):  # each layer is timed on its own input
+        np.testing.assert_allclose(_apply(candidate, x), _apply(baseline, x), atol=0.05)
         return speedup
 
-    monkeypatch.setattr(integer, "_paired_speedup", fake_speedup)
+    monkeypatch.setattr(integer, "_measured_speedup", fake_speedup)
     plan = int8_plan(model, example=images, calibration=ranges, measure=True)
     q = to_int8(model, ranges, fallback="measure", example=images)
     for name in ("fc1", "fc2", "fc3"):
         if speedup >= 1.05:
-            assert plan[name] == "int8" and isinstance(getattr(q, name), Int8Linear)
+            assert plan[name] == "int8 (int8 measured 2.00x float32)"
+            assert isinstance(getattr(q, name), Int8Linear)
         else:
-            assert plan[name] == "float32 (int8 measured 1.00x float32 < 1.05)"
+            assert plan[name] == "float32 (int8 measured 1.00x float32; int8 < 1.05x)"
             assert type(getattr(q, name)) is nnx.Linear
+
+
+@pytest.mark.parametrize(("im2col", "int8"), [(3.0, 0.9), (1.0, 2.0), (3.0, 2.0)])
+def test_measured_fallback_picks_float_im2col_or_int8_and_keeps_the_stem_float(
+    monkeypatch, images, im2col, int8
+):
+    model = _small_lenet5()
+    timed = []
+
+    def fake_speedup(baseline, candidate, x):
+        timed.append((type(baseline).__name__, type(candidate).__name__))
+        return im2col if isinstance(candidate, Im2colConv) else int8
+
+    monkeypatch.setattr(integer, "_measured_speedup", fake_speedup)
+    plan = int8_plan(model, example=images, measure=True)
+    q = to_int8(model, fallback="measure", example=images)
+    float_kind = "float32-im2col" if im2col >= 1.05 else "float32"
+    float_type = Im2colConv if im2col >= 1.05 else nnx.Conv
+    # The 1-channel 5x5 stem is never int8, whatever int8 would measure.
+    assert plan["conv1"].startswith(f"{float_kind} (window x in = 25 < 64")
+    assert f"float32-im2col measured {im2col:.2f}x float32" in plan["conv1"]
+    assert type(q.conv1) is float_type
+    conv2 = "int8" if int8 >= 1.05 else float_kind
+    assert plan["conv2"].startswith(conv2 + " (")
+    assert f"int8 measured {int8:.2f}x {float_kind}" in plan["conv2"]
+    assert type(q.conv2) is (Int8Conv if int8 >= 1.05 else float_type)
+    # int8 is timed against the faster float layer; stems are not timed as int8.
+    assert ("Conv", "Im2colConv") in timed
+    assert (float_type.__name__, "Int8Conv") in timed
+    assert ("Conv", "Int8Conv") not in timed or float_type is nnx.Conv
+    assert sum(candidate == "Int8Conv" for _, candidate in timed) == 2  # conv2, twice
+    tolerance = 0.05 if int8 >= 1.05 else 1e-4
+    np.testing.assert_allclose(_apply(q, images), _apply(model, images), atol=tolerance)
 
 
 def test_measured_fallback_times_every_layer_and_needs_an_example(images):
     model = LeNet300100(64, rngs=nnx.Rngs(0))
     plan = int8_plan(model, example=images, measure=True)
     assert set(plan) == {"fc1", "fc2", "fc3"}
-    assert all(why == "int8" or why.startswith("float32 (int8 measured") for why in plan.values())
+    for why in plan.values():
+        assert why.startswith(("int8 (int8 measured", "float32 (int8 measured"))
     with pytest.raises(ValueError, match="example"):
         int8_plan(model, measure=True)
     with pytest.raises(ValueError, match="example"):

@@ -60,3 +60,36 @@ def test_counts_are_checked(name, value):
 def test_not_callable_is_a_type_error():
     with pytest.raises(TypeError, match="fn_or_model"):
         speed.count_flops(3, jnp.ones(2))
+
+
+def test_compare_latency_sizes_rounds_per_callable_when_repeats_is_none(monkeypatch):
+    counts = []
+    timed = speed._timed
+
+    def spy(call, args, repeats):
+        counts.append(repeats)
+        return timed(call, args, repeats)
+
+    monkeypatch.setattr(speed, "_timed", spy)
+
+    def heavy(x):
+        return jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), x)
+
+    x = jnp.full((128, 128), 0.01)
+    result = speed.compare_latency(
+        heavy, lambda x: x + 1, x, repeats=None, rounds=2, warmup=2, round_seconds=0.05
+    )
+    timed_rounds = counts[4:]  # two warm-up calls of each first
+    assert counts[:4] == [1, 1, 1, 1] and len(timed_rounds) == 4
+    heavy_count, light_count = timed_rounds[0], timed_rounds[1]
+    assert timed_rounds == [heavy_count, light_count, light_count, heavy_count]
+    assert light_count > heavy_count >= 1  # the cheap call gets more calls per round
+    assert result.baseline > result.candidate > 0
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), True, "1"])
+def test_round_seconds_is_checked(value):
+    with pytest.raises(ValueError, match="round_seconds"):
+        speed.compare_latency(
+            lambda x: x, lambda x: x, jnp.ones(2), repeats=None, round_seconds=value
+        )
