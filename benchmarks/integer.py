@@ -32,11 +32,12 @@ this CPU.
 Latency: every variant is jitted and warmed up, then ``--rounds`` rounds each
 time a batch of back-to-back calls of every variant (about 0.1 s of float32
 work), in an order that rotates every round (so a slow phase of the shared
-machine hits all); the median seconds per call is reported and
-``speedup = float32 / variant``. The load average is recorded before and
-after each model. Accuracy: test accuracy on digits (for the MLP: the largest
-relative logit error against float32). The CPU's flags (AVX-512, VNNI, AMX)
-are recorded.
+machine hits all); reported are the median seconds per call and, as
+``speedup``, the median over the rounds of ``float32 / variant`` (the two
+times of one round, so a burst of load that slows a round cancels). The load
+average is recorded before and after each model. Accuracy: test accuracy on
+digits (for the MLP: the largest relative logit error against float32). The
+CPU's flags (AVX-512, VNNI, AMX) are recorded.
 
 Run: ``python benchmarks/integer.py [--quick] [--out FILE]``; writes
 ``benchmarks/results/integer.json`` (the README quotes one file per jax
@@ -102,7 +103,7 @@ def _forward(model: nnx.Module):
 
 
 def interleaved_latency(models_: dict, x: jax.Array, *, rounds: int, budget: float) -> dict:
-    """Median seconds per call of each model, timed in rotating order.
+    """Seconds per call of each model in each round, timed in rotating order.
 
     Each timed batch has as many calls as take about ``budget`` seconds of float32.
     """
@@ -124,7 +125,12 @@ def interleaved_latency(models_: dict, x: jax.Array, *, rounds: int, budget: flo
                 out = fn(state, x)
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - start) / repeats)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def _paired(baseline: list, candidate: list) -> float:
+    """Median over rounds of ``baseline / candidate`` (both timed in the same round)."""
+    return statistics.median(b / c for b, c in zip(baseline, candidate, strict=True))
 
 
 def _accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -283,22 +289,23 @@ def main() -> None:
 
     def record(name: str, batch: int, variants: dict, x: jax.Array, quality: dict) -> None:
         load_before = os.getloadavg()
-        seconds = interleaved_latency(variants, x, rounds=rounds, budget=budget)
+        times = interleaved_latency(variants, x, rounds=rounds, budget=budget)
         load_after = os.getloadavg()
         plan = int8_plan(variants["float32"], example=x)
-        for variant, s in seconds.items():
+        for variant, per_round in times.items():
+            s = statistics.median(per_round)
             row = {
                 "model": name,
                 "batch": batch,
                 "variant": variant,
                 "seconds": s,
-                "speedup": seconds["float32"] / s,
+                "speedup": _paired(times["float32"], per_round),
                 **quality[variant],
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
             }
-            if "float32-im2col" in seconds:
-                row["speedup_vs_im2col"] = seconds["float32-im2col"] / s
+            if "float32-im2col" in times:
+                row["speedup_vs_im2col"] = _paired(times["float32-im2col"], per_round)
             if variant.startswith("int8"):
                 row["layers"] = _layers(variants[variant])
             report["rows"].append(row)
