@@ -782,15 +782,20 @@ def _float_layer(module: Any) -> Any:
 
 
 def _stem_reason(layer: Any) -> str | None:
-    """Why a convolution stays float in both modes: too few input channels (the stem)."""
+    """Why a convolution stays float in both modes: too shallow a product (a stem, a 1x1).
+
+    Window x input channels below ``_MIN_DEPTH``: int8 gains little on such a
+    product, and on a stem it would quantize the few raw input channels with
+    one scale per image, which costs accuracy.
+    """
     if not isinstance(layer, nnx.Conv):
         return None
     depth = math.prod(layer.kernel.shape[:-1])
     if depth >= _MIN_DEPTH:
         return None
     return (
-        f"window x in = {depth} < {_MIN_DEPTH}: too small a product to gain from int8, and "
-        "quantizing a few raw input channels costs accuracy"
+        f"window x in = {depth} < {_MIN_DEPTH}: too shallow for int8 to gain, and on a stem "
+        "quantizing the few raw input channels costs accuracy"
     )
 
 
