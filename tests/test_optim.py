@@ -739,7 +739,7 @@ def _compiled_step(tx, params):
 def test_quantized_adam_step_writes_only_codes_and_the_parameter(bits, fraction):
     shape = (256, 1024)
     params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
-    quant = optim.BlockQuantization(bits=bits)
+    quant = optim.BlockQuantization(bits=bits, kernel="xla")
     quantized = _compiled_step(optim.adam(1e-3, state_quantization=quant), params)
     reference = _compiled_step(optim.adam(1e-3), params)
 
