@@ -1,10 +1,13 @@
 """Pruning benchmark: step-time overhead, mask-state bytes, accuracy vs sparsity, BCOO inference.
 
-(a) train-step time of LeNet-300-100 (784 inputs, batch 128) with adam vs
+(a) train-step time of LeNet-300-100 (784 inputs, batch 128; with
+    ``--overhead-models resnet`` also ResNet-20 on 8x8 images) with adam vs
     ``prune(..., inner=adam)`` for every method, interleaved, on non-update
-    steps (the common case: masks are recomputed every 10 steps or fewer),
-    and with a mask update on every step (magnitude and RigL, bool and
-    bit-packed mask state); and the bytes of the mask state.
+    steps (the common case: masks are recomputed every 10 steps or fewer)
+    whose mask-update gate is evaluated at run time as in training, and with
+    a mask update on every step (magnitude and RigL, bool and bit-packed mask
+    state); the bytes each compiled step reads and writes on a non-update
+    step (from its HLO); and the bytes of the mask state.
 (b) test accuracy vs sparsity (80/90/95/98%) on digits, trained from
     scratch, of LeNet-300-100 and ResNet-20, over several seeds (model init,
     batch order and mask key): dense-to-sparse gradual magnitude pruning
@@ -34,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -91,7 +96,10 @@ def _make_step(graphdef, make_tx, ste: bool):
 def _tx_factory(method: str, lr, steps: int, packed: bool = False, update: int | None = 10):
     """``make_tx(target, masks, key)``: the method's transform at a traced target sparsity.
 
-    ``update=None`` gives schedules that never recompute masks after ``init``.
+    With ``steps=NEVER`` (the step-time part) every method is gated at run time
+    by ``t % update == 0`` at the target sparsity, so the ``lax.cond`` of the mask
+    update is in every compiled step as in training; ``update=None`` never
+    recomputes masks after step 0.
     """
     if method == "dense":
         return lambda target, masks, key: optax.adam(lr)
@@ -103,19 +111,16 @@ def _tx_factory(method: str, lr, steps: int, packed: bool = False, update: int |
         kwargs = {"inner": optax.adam(lr), "packed": packed}
         if method == "static":
             return pruning.prune(None, method="static", masks=masks, **kwargs)
-        if method in ("set", "rigl"):
+        if method in ("set", "rigl") or steps == NEVER:
             sched = pruning.SparsitySchedule(
                 lambda t: target, lambda t: jnp.asarray(t) % frequency == 0, float("nan")
-            )
-            return pruning.prune(sched, method=method, key=key, update_end=3 * steps // 4, **kwargs)
-        if update is None:  # only the final sparsity matters, set at init below
-            sched = pruning.SparsitySchedule(
-                lambda t: target, lambda t: jnp.zeros((), bool), float("nan")
             )
         else:  # the Zhu & Gupta cubic ramp 0 -> target
             sched = pruning.SparsitySchedule(
                 lambda t: target * (2 * ramp(t)), ramp.is_update_step, float("nan")
             )
+        if method in ("set", "rigl"):
+            return pruning.prune(sched, method=method, key=key, update_end=3 * steps // 4, **kwargs)
         if method == "magnitude-erk":  # ERK of the traced ramp sparsity, every mask update
             return pruning.prune(sched, method="magnitude", distribution="erk", **kwargs)
         return pruning.prune(sched, method=method, **kwargs)
@@ -125,10 +130,62 @@ def _tx_factory(method: str, lr, steps: int, packed: bool = False, update: int |
 
 # ------------------------------------------------------------ (a) overhead
 
+_BYTES = {"f32": 4, "s32": 4, "u32": 4, "pred": 1, "u8": 1}
+_ARRAY = re.compile(r"\b(f32|s32|u32|pred|u8)\[([\d,]*)\]")
+_OP = re.compile(r"\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$)")
 
-def step_overhead(rounds: int, per_round: int) -> dict:
-    model = models.LeNet300100(784, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (128, 784))
+
+def _hlo_bytes(text: str) -> int:
+    """Bytes read and written by the compiled step when no branch of a cond is taken.
+
+    Sums operands and results of the ENTRY computation's instructions, with the
+    first branch (the false one: no mask update) for each ``conditional``;
+    ``cost_analysis()`` would count every branch.
+    """
+    bodies: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        if line.rstrip().endswith("{") and (head := re.match(r"^(ENTRY )?%(\S+) ", line)):
+            name = "ENTRY" if head.group(1) else head.group(2)
+            bodies[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name:
+            bodies[name].append(line)
+
+    def size(shape: str) -> int:
+        dims = (math.prod(int(d) for d in ds.split(",") if d) for _, ds in _ARRAY.findall(shape))
+        return sum(_BYTES[t] * n for (t, _), n in zip(_ARRAY.findall(shape), dims, strict=True))
+
+    def cost(body: list[str]) -> int:
+        shapes, total = {}, 0
+        for line in body:
+            if not (op := _OP.match(line)):
+                continue
+            out, shape, kind, args = op.groups()
+            shapes[out] = shape
+            if kind == "conditional":
+                total += cost(bodies[re.search(r"branch_computations=\{%([^,}]+)", line)[1]])
+            elif kind not in ("parameter", "tuple", "get-tuple-element", "constant", "bitcast"):
+                names = [a.strip()[1:] for a in args.split(",") if a.strip().startswith("%")]
+                total += size(shape) + sum(size(shapes.get(a, "")) for a in names)
+        return total
+
+    return cost(bodies["ENTRY"])
+
+
+def step_overhead(rounds: int, per_round: int, model_name: str = "lenet") -> dict:
+    """Median wall and CPU time of each variant's step, and its ratio to the dense step.
+
+    ``model_name``: ``'lenet'`` (LeNet-300-100 on 784 inputs) or ``'resnet'``
+    (ResNet-20 on 8x8 digits-sized images), batch 128.
+    """
+    if model_name == "lenet":
+        model = models.LeNet300100(784, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (128, 784))
+    else:
+        model = _model("resnet", 0)
+        x = jax.random.normal(jax.random.key(1), (128, 8, 8, 1))
     y = jax.random.randint(jax.random.key(2), (128,), 0, 10)
     graphdef, dense_state = train.init_train_state(model, optax.adam(1e-3))
     ticket = pruning.magnitude_masks(dense_state.params, 0.9)
@@ -142,12 +199,15 @@ def step_overhead(rounds: int, per_round: int) -> dict:
         for method in ("magnitude", "rigl"):
             name = f"{method}{' packed' if packed else ''} (mask update every step)"
             variants[name] = (method, packed, 1)
-    steps, states = {}, {}
+    steps, states, hlo_bytes = {}, {}, {}
     for name, (method, packed, update) in variants.items():
         make_tx = _tx_factory(method, 1e-3, NEVER, packed, update)
         opt_state = make_tx(target, ticket, key).init(dense_state.params)
         step = _make_step(graphdef, make_tx, method == "ste")
         state = dense_state._replace(opt_state=opt_state)
+        if update is None:  # the path a non-update step takes
+            text = step.lower(state, x, y, target, ticket, key).compile().as_text()
+            hlo_bytes[name] = _hlo_bytes(text)
         steps[name] = step
         states[name] = step(state, x, y, target, ticket, key)  # compile
     # wall time, and the process's CPU time (all threads), which waiting for a
@@ -169,6 +229,14 @@ def step_overhead(rounds: int, per_round: int) -> dict:
             "ratio_vs_dense": med[name] / med["dense"],
             "median_cpu_ms": 1e3 * med_cpu[name],
             "cpu_ratio_vs_dense": med_cpu[name] / med_cpu["dense"],
+            **(
+                {
+                    "hlo_bytes": hlo_bytes[name],
+                    "hlo_bytes_vs_dense": hlo_bytes[name] / hlo_bytes["dense"],
+                }
+                if name in hlo_bytes
+                else {}
+            ),
         }
         for name in variants
     }
@@ -373,6 +441,9 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=["lenet", "resnet"], choices=["lenet", "resnet"]
     )
+    parser.add_argument(
+        "--overhead-models", nargs="+", default=["lenet"], choices=["lenet", "resnet"]
+    )
     parser.add_argument("--lenet-epochs", type=int, default=40)
     parser.add_argument("--resnet-epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -380,9 +451,7 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98])
     args = parser.parse_args()
     quick = args.quick
-    result = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if isinstance(result.get("accuracy_vs_sparsity"), list):  # the older one-model layout
-        del result["accuracy_vs_sparsity"]
+    result = _load()
     result.update(
         {
             "device": str(jax.devices()[0].device_kind),
@@ -390,21 +459,31 @@ def main() -> None:
             "jax": jax.__version__,
         }
     )
-    load = {"loadavg_before": os.getloadavg()}
     if "overhead" in args.parts:
-        print("(a) train-step overhead", flush=True)
-        result["step_overhead"] = step_overhead(
-            rounds=5 if quick else 30, per_round=5 if quick else 7
-        )
-        result["mask_state_bytes"] = mask_state_bytes()
-        result["step_overhead_load"] = {**load, "loadavg_after": os.getloadavg()}
-        for name, row in result["step_overhead"].items():
-            print(
-                f"{name:42s} {row['median_ms']:8.3f} ms  x{row['ratio_vs_dense']:.3f}  "
-                f"cpu {row['median_cpu_ms']:8.3f} ms  x{row['cpu_ratio_vs_dense']:.3f}"
+        keys: tuple[str, ...] = ("mask_state_bytes",)
+        for name in args.overhead_models:
+            print(f"(a) train-step overhead, {name}", flush=True)
+            key = "step_overhead" if name == "lenet" else "step_overhead_resnet20"
+            before = os.getloadavg()
+            result[key] = step_overhead(
+                rounds=5 if quick else 30, per_round=5 if quick else 7, model_name=name
             )
+            result[f"{key}_load"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
+            keys += (key, f"{key}_load")
+            for variant, row in result[key].items():
+                print(
+                    f"{variant:42s} {row['median_ms']:8.3f} ms  x{row['ratio_vs_dense']:.3f}  "
+                    f"cpu {row['median_cpu_ms']:8.3f} ms  x{row['cpu_ratio_vs_dense']:.3f}"
+                    + (
+                        f"  bytes {row['hlo_bytes'] / 1e6:.2f} MB x{row['hlo_bytes_vs_dense']:.3f}"
+                        if "hlo_bytes" in row
+                        else ""
+                    )
+                )
+        result["mask_state_bytes"] = mask_state_bytes()
         for name, nbytes in result["mask_state_bytes"].items():
             print(f"{name:40s} {nbytes}")
+        _save(result, keys)
     if "accuracy" in args.parts:
         result.setdefault("accuracy_vs_sparsity", {})
         for name in args.models:
@@ -426,8 +505,11 @@ def main() -> None:
             )
             section["quick"] = quick
             section["load"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
-            section = _merge(old, section)
+            # merged into the section as saved now: another run may have written it meanwhile
+            fresh = _load().get("accuracy_vs_sparsity", {}).get(name, {})
+            section = _merge(fresh, section)
             result["accuracy_vs_sparsity"][name] = section
+            _save(result, (), (name,))
             for row in section["summary"]:
                 print(
                     f"{row['method']:10s} target {row['target']:.2f} actual {row['sparsity']:.4f} "
@@ -442,10 +524,32 @@ def main() -> None:
                 f"s={row['sparsity']:.2f} dense {row['dense_ms']:.3f} ms  "
                 f"bcoo {row['bcoo_ms']:.3f} ms (x{row['bcoo_over_dense']:.2f})"
             )
+        _save(result, ("sparse_inference",))
+
+
+def _load() -> dict:
+    """The saved results (``{}`` if none), without the older one-model accuracy layout."""
+    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if isinstance(result.get("accuracy_vs_sparsity"), list):
+        del result["accuracy_vs_sparsity"]
     for stale in ("quick", "epochs"):  # per-section now
         result.pop(stale, None)
+    return result
+
+
+def _save(result: dict, keys: tuple[str, ...], models: tuple[str, ...] = ()) -> None:
+    """Write ``keys`` and the accuracy sections of ``models`` of ``result`` into the saved file.
+
+    The file is read again first, so runs of other parts or models that finished
+    since this one started are kept.
+    """
+    saved = _load()
+    for key in ("device", "platform", "jax", *keys):
+        saved[key] = result[key]
+    for name in models:
+        saved.setdefault("accuracy_vs_sparsity", {})[name] = result["accuracy_vs_sparsity"][name]
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2))
+    OUT.write_text(json.dumps(saved, indent=2))
     print(f"wrote {OUT}")
 
 

@@ -767,7 +767,9 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     Args:
       params: parameter pytree.
       masks: mask tree from one of the ``*_masks`` functions (or any tree
-        with the structure of ``params`` holding bool arrays or ``None``).
+        with the structure of ``params`` holding bool arrays or ``None``),
+        or the state masks of :func:`prune`, bool or bit-packed
+        (``packed=True``).
 
     Returns:
       ``params`` with pruned weights set to zero.
@@ -777,11 +779,14 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
       >>> apply_masks({'w': jnp.array([1., -2.])}, {'w': jnp.array([True, False])})
       {'w': Array([1., 0.], dtype=float32)}
     """
-    return jax.tree.map(
-        lambda p, mk: p if mk is None else jnp.where(mk, p, jnp.zeros((), p.dtype)),
-        params,
-        masks,
-    )
+
+    def apply(p: Any, mk: Any) -> Any:
+        if mk is None:
+            return p
+        mk = _unpack(mk, p) if mk.dtype == jnp.uint8 else mk
+        return jnp.where(mk, p, jnp.zeros((), p.dtype))
+
+    return jax.tree.map(apply, params, masks)
 
 
 def _pack_flat(mask: jax.Array) -> jax.Array:
@@ -1181,18 +1186,23 @@ def _all_kept(leaf: Any) -> jax.Array:
     return jnp.ones(np.shape(leaf), bool)
 
 
-def _zero_pruned(x: Any, mk: jax.Array | None) -> Any:
+def _zero_pruned(x: Any, mk: Any, only_if: jax.Array | None = None) -> Any:
     """``where(mk, x, 0)``; ``x`` unchanged without a mask of its shape.
 
-    An 8-bit moment (:class:`BlockQuantizedArray`) gets code 0 at pruned
-    positions: zero for first moments, the smallest representable root for
-    second moments (whose gradients are masked to zero from then on).
+    With ``only_if`` (a traced bool scalar) every entry is kept where it is
+    False: ``where(mk | ~only_if, x, 0)``, one fused select instead of a
+    ``lax.cond`` that would copy ``x``. An 8-bit moment
+    (:class:`BlockQuantizedArray`) gets code 0 at pruned positions: zero for
+    first moments, the smallest representable root for second moments (whose
+    gradients are masked to zero from then on).
     """
-    if isinstance(x, BlockQuantizedArray):
-        return x if mk is None else zero_where(x, mk)
-    if mk is None or np.shape(x) != mk.shape:
+    if not isinstance(mk, jax.Array):  # None, or a Variable around None (NNX state)
         return x
-    return jnp.where(mk, x, jnp.zeros((), x.dtype))
+    if isinstance(x, BlockQuantizedArray):
+        return zero_where(x, mk if only_if is None else mk | ~only_if)
+    if np.shape(x) != mk.shape:
+        return x
+    return jnp.where(mk if only_if is None else mk | ~only_if, x, jnp.zeros((), x.dtype))
 
 
 def straight_through(params: PyTree, masks: PyTree) -> PyTree:
@@ -1372,11 +1382,15 @@ def prune(
     (constant without ``update_end``); use e.g. ``constant(0.9,
     frequency=100)`` as the schedule.
 
-    With ``inner=tx``, ``prune`` wraps the optimizer: gradients are masked
-    before ``tx`` sees them, and on mask updates ``tx``'s parameter-shaped
-    state (e.g. Adam moments) is zeroed at newly pruned positions, so the
-    moments of pruned weights stay exactly zero and pruned weights do not
-    regrow.
+    With ``inner=tx``, ``prune`` wraps the optimizer: on a mask update the
+    masks are recomputed first (from the weights and the raw gradients), then
+    ``tx``'s parameter-shaped state (e.g. Adam moments) is zeroed at the newly
+    pruned positions, and the gradients are masked with the step's masks
+    before ``tx`` sees them, so the moments of pruned weights stay exactly
+    zero and pruned weights do not regrow. Between mask updates ``tx``'s
+    state is left exactly as ``tx`` makes it, and only the masks pass
+    through the ``lax.cond`` of the mask update (its keep-branch copies what
+    it returns).
 
     The state holds one bool mask per leaf of ``params`` (all True where
     ``where`` selects nothing), so it maps like params:
@@ -1646,46 +1660,56 @@ def prune(
             for g, flag in zip(jax.tree.leaves(updates), jax.tree.leaves(flags), strict=True)
             if flag
         ]
-        inner_state = state.inner_state
         before = jax.tree.map(load, stored, params, is_leaf=_is_none)
-        if inner is not None:
-            # STE trains the dense weights: its gradients are not masked.
-            masked = updates if method == "ste" else jax.tree.map(_zero_pruned, updates, before)
-            updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
-
-        def refresh(carry):
-            _, _, inner_state = carry
-            if method in _DYNAMIC:
-                new = drop_and_grow(named, jax.tree.leaves(before), grads, state.count)
-            else:
-                new = compute_masks(named, schedule(state.count), grads)
-            masks = _unflatten(flags, params, new)
-            # Grown weights start at exactly zero: this step's update keeps only
-            # the surviving old entries (the stored masks hold the grown ones).
-            active = (
-                jax.tree.map(lambda mk, old: mk & old, masks, before)
-                if method in _DYNAMIC
-                else masks
-            )
-            if inner is not None and method != "ste":
-                inner_state = optax.tree_map_params(
-                    inner,
-                    _zero_pruned,
-                    inner_state,
-                    masks,
-                    is_leaf=lambda x: isinstance(x, BlockQuantizedArray),
-                )
-            return jax.tree.map(store, masks), active, inner_state
-
         is_update = schedule.is_update_step(state.count)
         if method in _DYNAMIC:  # masks come from init; drop-and-grow until update_end
             is_update = is_update & (state.count > 0)
             if update_end is not None:
                 is_update = is_update & (state.count < update_end)
-        # The cond also returns the unpacked masks: no second unpacking.
-        stored, active, inner_state = jax.lax.cond(
-            is_update, refresh, lambda carry: carry, (stored, before, inner_state)
+
+        # Stored apart from the masks applied: packed, or holding grown weights.
+        apart = packed or method in _DYNAMIC
+
+        def refresh(_):
+            if method in _DYNAMIC:
+                new = drop_and_grow(named, jax.tree.leaves(before), grads, state.count)
+            else:
+                new = compute_masks(named, schedule(state.count), grads)
+            masks = _unflatten(flags, params, new)
+            # Grown weights start at exactly zero: this step keeps only the
+            # surviving old entries (the stored masks hold the grown ones).
+            active = (
+                jax.tree.map(lambda mk, old: mk & old, masks, before)
+                if method in _DYNAMIC
+                else masks
+            )
+            return active, jax.tree.map(store, masks) if apart else None
+
+        # Only the masks pass through the cond: the branch that keeps them copies
+        # each operand it returns, so carrying the optimizer state would copy it
+        # on every step (and split its fused update). The cond also returns the
+        # unpacked masks: no second unpacking.
+        active, fresh = jax.lax.cond(
+            is_update, refresh, lambda _: (before, stored if apart else None), None
         )
+        stored = fresh if apart else active
+        inner_state = state.inner_state
+        if inner is not None and method != "ste":  # STE trains the dense weights
+            # Before ``inner`` runs, its parameter-shaped state is zeroed where
+            # this step's masks prune (on mask updates; on other steps every
+            # entry is kept as is) and the gradients are masked: the moments
+            # of pruned weights stay exactly zero, and the zeroing fuses with
+            # the optimizer's own update.
+            inner_state = optax.tree_map_params(
+                inner,
+                lambda x, mk: _zero_pruned(x, mk, is_update),
+                inner_state,
+                active,
+                is_leaf=lambda x: isinstance(x, BlockQuantizedArray),
+            )
+            updates = jax.tree.map(_zero_pruned, updates, active)
+        if inner is not None:
+            updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
         if method != "ste":
             updates = jax.tree.map(
                 lambda u, p, mk: u if mk is None else jnp.where(mk, u, -p), updates, params, active

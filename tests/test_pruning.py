@@ -614,6 +614,40 @@ def test_prune_works_with_nnx_optimizer():
         assert np.count_nonzero(np.asarray(layer.bias[...])) > 0
 
 
+def test_prune_with_8_bit_adam_traces_on_nnx_state():
+    # nnx.Param-wrapped leaves: the zeroed 8-bit codes keep the state's tree
+    # (one compilation), and the moments of pruned weights stay zero.
+    from jaxopt_nn import optim
+
+    model = nnx.Sequential(nnx.Linear(8, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 4, rngs=nnx.Rngs(1)))
+    params = nnx.state(model, nnx.Param)
+    eight_bit = optim.BlockQuantization(block_size=64, min_size=64)
+    tx = pruning.prune(
+        pruning.constant(0.5, frequency=2), inner=optim.adam(1e-2, eight_bit=eight_bit)
+    )
+    state = tx.init(params)
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        grads = jax.tree.map(jnp.ones_like, params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(3):
+        params, state = step(params, state)
+    assert len(traces) == 1
+    mk = np.asarray(state.masks["layers"][0]["kernel"][...])
+    mu = state.inner_state[0].mu["layers"][0]["kernel"]
+    mu = mu.get_value() if isinstance(mu, nnx.Variable) else mu
+    assert isinstance(mu, optim.BlockQuantizedArray)
+    mu = _blockwise.dequantize(mu, "signed", mk.shape, eight_bit)
+    assert (~mk).sum() == mk.size // 2
+    np.testing.assert_array_equal(np.asarray(mu)[~mk], 0)
+    np.testing.assert_array_equal(np.asarray(params["layers"][0]["kernel"][...])[~mk], 0)
+
+
 def test_prune_works_with_linen_dicts():
     module = linen.Dense(6)
     variables = module.init(jax.random.key(0), jnp.ones((1, 5)))
@@ -909,6 +943,20 @@ def test_prune_saliency_block_and_packed_keep_exact_zeros(kwargs, getkey):
         assert _prune_state(state).masks["l1"]["bias"].shape == ()
 
 
+def test_apply_masks_takes_the_packed_state_masks(getkey):
+    params = _mlp_params(getkey())
+    bool_state = pruning.prune(0.6).init(params)
+    packed_state = pruning.prune(0.6, packed=True).init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, bool_state = pruning.prune(0.6).update(grads, bool_state, params)
+    _, packed_state = pruning.prune(0.6, packed=True).update(grads, packed_state, params)
+    assert packed_state.masks["l1"]["kernel"].dtype == jnp.uint8
+    out = pruning.apply_masks(params, packed_state.masks)
+    expected = pruning.apply_masks(params, bool_state.masks)
+    jax.tree.map(np.testing.assert_array_equal, out, expected)
+    assert (np.asarray(out["l1"]["kernel"]) == 0).sum() == round(0.6 * 16 * 24)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_static_prune_trains_at_fixed_masks_from_the_first_step(packed, getkey):
     params = _mlp_params(getkey())
@@ -961,6 +1009,55 @@ def test_dynamic_sparse_training_drops_and_grows_at_exact_sparsity(method, getke
         if any(not np.array_equal(history[t][n], history[t - 1][n]) for n in ("l1", "l2"))
     ]
     assert changed == [3, 6], changed  # no update from update_end on
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "magnitude"},
+        {"method": "ste"},
+        {"method": "set", "key": jax.random.key(0)},
+        {"method": "rigl", "key": jax.random.key(0)},
+        {"method": "magnitude", "packed": True},
+    ],
+)
+def test_mask_update_cond_carries_only_masks(kwargs):
+    # A conditional copies every operand its keep-branch returns, on every
+    # step: only the (bool or packed) masks may pass through it, never the
+    # float optimizer state or the updates.
+    params = _mlp_params(jax.random.key(0))
+    tx = pruning.prune(pruning.constant(0.8, frequency=4), inner=optax.adam(1e-2), **kwargs)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    text = jax.jit(tx.update).lower(grads, state, params).compile().as_text()
+    results = [
+        line.split("conditional(")[0] for line in text.splitlines() if "conditional(" in line
+    ]
+    assert results, "the mask update is gated at run time"
+    for result in results:
+        assert "f32" not in result and ("pred" in result or "u8" in result), result
+
+
+def test_non_update_steps_leave_inner_state_as_inner_makes_it():
+    # Between mask updates prune only masks the gradients: adagrad's
+    # accumulators (0.1 at init, also at pruned positions) are kept exactly.
+    params = _mlp_params(jax.random.key(0))
+    ticket = pruning.magnitude_masks(params, 0.5)
+    inner = optax.adagrad(0.1, initial_accumulator_value=0.1)
+    tx = pruning.prune(None, method="static", masks=ticket, inner=inner)
+    state, ref = tx.init(params), inner.init(params)
+    reference = jax.jit(lambda g, r, p: inner.update(pruning.apply_masks(g, ticket), r, p))
+    for t in range(3):
+        grads = jax.grad(_loss)(params, jnp.full((4, 16), t + 1.0), jnp.zeros((4, 8)))
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        expected, ref = reference(grads, ref, params)
+        jax.tree.map(np.testing.assert_array_equal, state.inner_state, ref)
+        for name in ("l1", "l2"):
+            mk = np.asarray(ticket[name]["kernel"])
+            u, e = np.asarray(updates[name]["kernel"]), np.asarray(expected[name]["kernel"])
+            np.testing.assert_array_equal(u[mk], e[mk])
+            np.testing.assert_array_equal(u[~mk], -np.asarray(params[name]["kernel"])[~mk])
+        params = optax.apply_updates(params, updates)
 
 
 def test_ste_trains_dense_weights_through_a_masked_forward(getkey):
