@@ -8,9 +8,10 @@ CPU) and through the XLA path (``kernel='xla'``). Every variant is timed in
 two settings:
 
 * ``in-step gradient`` (as in training): the gradient is made inside the
-  step (``grads * scale`` behind an optimization barrier, so XLA writes it
-  to memory as a backward pass would, for every variant alike) and dies
-  there, so the kernel writes the update over it;
+  step (``grads * scale`` in a ``lax.cond`` branch, which XLA writes to
+  memory as a backward pass would, for every variant alike; XLA in jax 0.10
+  drops an optimization barrier and fuses the product into float32 Adam's
+  loop) and dies there, so the kernel writes the update over it;
 * ``given gradient``: the gradient is an argument of the step that is not
   donated, so XLA copies it for the kernel (which overwrites it) each step.
 
@@ -101,9 +102,11 @@ def make_step(tx: optax.GradientTransformation, setting: str):
 
         def step(params, state, grads, scale):
             # Written to memory and dead after the update, like the output of
-            # a backward pass (without the barrier XLA would fuse it into
-            # float32 Adam's loop).
-            grads = jax.lax.optimization_barrier(jax.tree.map(lambda g: g * scale, grads))
+            # a backward pass: XLA does not fuse across a conditional (it
+            # would fuse a plain product into float32 Adam's loop).
+            grads = jax.lax.cond(
+                scale > 0, lambda g: jax.tree.map(lambda x: x * scale, g), lambda g: g, grads
+            )
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
