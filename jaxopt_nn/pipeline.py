@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxopt_nn import allocation, archive, pruning, quantization, train
+from jaxopt_nn import allocation, archive, pruning, quantization, structured, train
 from jaxopt_nn import tree as tree_lib
 from jaxopt_nn.data import Dataset
 from jaxopt_nn.optim import adam
@@ -59,7 +59,12 @@ _CONV_BITS = 8
 # One limit for every codebook width: k-means indices are uint16, the archive's
 # codebook streams take as many symbols.
 MAX_BITS = quantization._MAX_BITS
-BIAS_BITS = 5  # codebook width of biases and other small float leaves under an accuracy budget
+BIAS_BITS = 3  # codebook width of biases and other small float leaves under an accuracy budget
+# Slim sources of the budget search: channel fractions removed (structured.gradual_prune,
+# 3 steps of SLIM_EPOCHS fine-tuning epochs, distilled from the dense model with SLIM_DISTILL).
+SLIM_FRACTIONS = (0.5,)
+SLIM_EPOCHS = 10
+SLIM_DISTILL = 0.5
 _MAX_RAW_ROWS = 8  # raw-leaf rows of CompressionReport.table before they become one 'other' row
 
 
@@ -506,11 +511,16 @@ class CompressionReport(NamedTuple):
             return ""
         s = self.search
         verdict = "within" if s["budget_met"] else "NOT within (closest shown)"
+        source = (
+            f"the model with {s['slim']:.0%} of its channels removed"
+            if s["slim"]
+            else "the dense model"
+        )
         return (
             f"budget: validation accuracy {s['dense_validation_accuracy']:.2%} -> "
             f"{s['validation_accuracy']:.2%} on {s['validation_examples']} held-out training "
             f"examples, {verdict} max drop {s['max_drop']:g} points; "
-            f"{len(s['probes'])} of {s['candidates']} allocations trained"
+            f"{len(s['probes'])} of {s['candidates']} allocations trained; chosen from {source}"
         )
 
     def stage_table(self) -> str:
@@ -828,6 +838,92 @@ def _validation_accuracy(graphdef: nnx.GraphDef, done: _Compressed, fit_data: Da
     return train.evaluate(graphdef, restored, fit_data.x_test, fit_data.y_test)["accuracy"]
 
 
+class _Source(NamedTuple):
+    """A model the budget search prunes and shares: the dense one or a slimmed copy."""
+
+    slim: float  # fraction of the channels of every group removed (0: the dense model)
+    graphdef: nnx.GraphDef
+    state: train.TrainState
+
+
+def _slim_sources(
+    graphdef: nnx.GraphDef,
+    dense: train.TrainState,
+    fit_data: Dataset,
+    learning_rate: float,
+    fit_kwargs: dict[str, Any],
+) -> list[_Source]:
+    """The dense model with :data:`SLIM_FRACTIONS` of its channels removed, fine-tuned.
+
+    :func:`~jaxopt_nn.structured.gradual_prune` in 3 steps of
+    :data:`SLIM_EPOCHS` epochs (cosine decay, distillation weight
+    :data:`SLIM_DISTILL` from the dense model), on the training part of
+    ``fit_data`` (channels ranked by weight norm: the validation split is
+    only reported). A model structured pruning cannot shrink (unknown
+    primitives, Linen layers, no channel group) gives none.
+    """
+    teacher = train.to_model(graphdef, dense)
+    try:
+        groups = structured.dependency_groups(teacher, jnp.asarray(fit_data.x_train[:2]))
+    except (NotImplementedError, TypeError):
+        return []
+    if not groups:
+        return []
+    out = []
+    for fraction in SLIM_FRACTIONS:
+        try:
+            stages = structured.gradual_prune(
+                teacher,
+                fit_data,
+                fraction,
+                steps=3,
+                epochs=SLIM_EPOCHS,
+                learning_rate=learning_rate,
+                distill=SLIM_DISTILL,
+                batch_size=fit_kwargs["batch_size"],
+                seed=fit_kwargs["seed"],
+                progress=fit_kwargs["progress"],
+            )
+        except TypeError:  # a Linen layer inside: analysed, but not resizable
+            return out
+        small_graphdef, small = train.init_train_state(stages[-1].model, optax.identity())
+        out.append(_Source(fraction, small_graphdef, small))
+    return out
+
+
+def _small_leaves(params: nnx.State, names: list[str], itemsize: int) -> tuple[list[str], float]:
+    """Float leaves outside ``names`` (biases) to share, and the estimated bytes of all of them.
+
+    A leaf is shared when a :data:`BIAS_BITS`-bit codebook is estimated
+    smaller than its raw bytes (a 10-value bias is cheaper raw).
+    """
+    shared, total = [], 0.0
+    for name, leaf in tree_lib.leaves_with_names(params):
+        if name in names or not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            continue
+        raw = itemsize * np.size(leaf)
+        coded = allocation.estimate_bytes(np.size(leaf), 0.0, BIAS_BITS)
+        if coded < raw:
+            shared.append(name)
+        total += min(coded, raw)
+    return shared, total
+
+
+def _bisect(indices: list[int], passes: Callable[[int], bool]) -> None:
+    """Bisect ``indices`` (ordered by size) for the first that ``passes``.
+
+    Assumes pass/fail is monotone: a pass moves to smaller candidates, a
+    failure to larger ones. ``passes`` records what it measures.
+    """
+    lo, hi = 0, len(indices) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if passes(indices[mid]):
+            hi = mid - 1  # within budget: try smaller allocations
+        else:
+            lo = mid + 1  # budget broken: back off to larger ones
+
+
 def _search(
     graphdef: nnx.GraphDef,
     dense: train.TrainState,
@@ -837,65 +933,75 @@ def _search(
     dense_accuracy: float,
     max_drop: float,
     stage_args: dict[str, Any],
-) -> tuple[_Compressed, dict[str, float], dict[str, int], dict[str, Any]]:
+    learning_rate: float,
+) -> tuple[_Compressed, nnx.GraphDef, dict[str, float], dict[str, int], dict[str, Any]]:
     """Bisect the candidate allocations for the smallest archive within ``max_drop``.
 
-    Every measurement is on ``fit_data``'s test split (the validation split);
-    ``data`` only supplies the reported test accuracies.
+    Candidates come from each source (the dense model and its slimmed
+    copies, :func:`_slim_sources`); each source's candidates, ordered by
+    estimated bytes, are bisected on their own, and the smallest archive of
+    all passing probes is chosen. Every measurement is on ``fit_data``'s test
+    split (the validation split); ``data`` only supplies the reported test
+    accuracies.
     """
     names = list(defaults[0])
-    sensitivities = allocation.layer_sensitivity(
-        graphdef,
-        dense,
-        fit_data,
-        names,
-        sparsities=allocation.SPARSITIES,
-        bits=allocation.BITS,
-    )
-    sizes = {sens.name: sens.size for sens in sensitivities}
-    candidates = allocation.allocations(sensitivities) + allocation.scaled_allocations(
-        *defaults, sizes, scales=allocation.SCALES, caps=allocation.CAPS
-    )
-    family = sorted(
-        {(tuple(a.sparsity.items()), tuple(a.bits.items())): a for a in candidates}.values(),
-        key=lambda a: a.estimated_bytes,
-    )
-    # Small float leaves (biases) are shared when a codebook is estimated
-    # smaller than their raw bytes (a 10-value bias is cheaper raw).
+    fit_kwargs = stage_args["fit_kwargs"]
+    sources = [_Source(0.0, graphdef, dense)]
+    sources += _slim_sources(graphdef, dense, fit_data, learning_rate, fit_kwargs)
     itemsize = np.dtype(stage_args["small_dtype"] or np.float32).itemsize
-    small = [
-        name
-        for name, leaf in tree_lib.leaves_with_names(dense.params)
-        if name not in names
-        and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
-        and allocation.estimate_bytes(np.size(leaf), 0.0, BIAS_BITS) < itemsize * np.size(leaf)
-    ]
-    links = dense_links(train.to_model(graphdef, dense), jnp.asarray(fit_data.x_train[:1]))
+    family: dict[tuple, tuple[int, allocation.Allocation, float]] = {}
+    smalls, links = [], []
+    for i, source in enumerate(sources):
+        sensitivities = allocation.layer_sensitivity(
+            source.graphdef,
+            source.state,
+            fit_data,
+            names,
+            sparsities=allocation.SPARSITIES,
+            bits=allocation.BITS,
+        )
+        sizes = {sens.name: sens.size for sens in sensitivities}
+        shared, extra = _small_leaves(source.state.params, names, itemsize)
+        smalls.append(shared)
+        candidates = allocation.allocations(sensitivities) + allocation.scaled_allocations(
+            *defaults, sizes, scales=allocation.SCALES, caps=allocation.CAPS
+        )
+        for a in candidates:
+            key = (i, tuple(a.sparsity.items()), tuple(a.bits.items()))
+            family.setdefault(key, (i, a, a.estimated_bytes + extra))
+        x = jnp.asarray(fit_data.x_train[:1])
+        links.append(dense_links(train.to_model(source.graphdef, source.state), x))
+    # Grouped by source, each group sorted by estimated bytes and bisected on its own.
+    ordered = sorted(family.values(), key=lambda c: (c[0], c[2]))
     probes, results = [], {}
-    lo, hi, best = 0, len(family) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        candidate = family[mid]
-        widths = {**candidate.bits, **dict.fromkeys(small, BIAS_BITS)}
+
+    def probe(index: int) -> bool:
+        i, candidate, estimate = ordered[index]
+        source = sources[i]
+        widths = {**candidate.bits, **dict.fromkeys(smalls[i], BIAS_BITS)}
+        args = dict(stage_args)
+        if source.slim:  # the archive's shapes are the slim model's: readers resize to them
+            args["metadata"] = {**(stage_args["metadata"] or {}), "structured": True}
         done = _prune_and_share(
-            graphdef,
-            dense,
+            source.graphdef,
+            source.state,
             fit_data,
             candidate.sparsity,
             widths,
             test=data,
-            links=links,
+            links=links[i],
             centroid_dtype=stage_args["small_dtype"],  # verified on the loaded archive
-            **stage_args,
+            **args,
         )
-        accuracy = _validation_accuracy(graphdef, done, fit_data)
+        accuracy = _validation_accuracy(source.graphdef, done, fit_data)
         passed = 100 * (dense_accuracy - accuracy) <= max_drop + 1e-9
-        results[mid] = (done, widths, accuracy)
+        results[index] = (done, widths, accuracy, passed)
         probes.append(
             {
-                "candidate": mid,
+                "candidate": index,
+                "slim": source.slim,
                 "multiplier": candidate.multiplier,
-                "estimated_bytes": candidate.estimated_bytes,
+                "estimated_bytes": estimate,
                 "bytes": len(done.blob),
                 "dead_units": done.dead_units,
                 "validation_accuracy": accuracy,
@@ -904,25 +1010,32 @@ def _search(
                 "bits": widths,
             }
         )
-        if passed:
-            best, hi = mid, mid - 1  # within budget: try smaller allocations
-        else:
-            lo = mid + 1  # budget broken: back off to larger ones
-    met = best is not None
-    if best is None:  # nothing within budget: the most accurate probe
-        best = max(results, key=lambda i: results[i][2])
-    done, widths, accuracy = results[best]
+        return passed
+
+    for i in range(len(sources)):
+        group = [k for k, c in enumerate(ordered) if c[0] == i]
+        _bisect(group, probe)
+    passing = [k for k, r in results.items() if r[3]]
+    met = bool(passing)
+    if met:  # the smallest archive within budget
+        best = min(passing, key=lambda k: len(results[k][0].blob))
+    else:  # nothing within budget: the most accurate probe
+        best = max(results, key=lambda k: results[k][2])
+    done, widths, accuracy, _ = results[best]
+    i, chosen, _ = ordered[best]
     search = {
         "max_drop": max_drop,
         "validation_examples": len(fit_data.y_test),
         "dense_validation_accuracy": dense_accuracy,
         "validation_accuracy": accuracy,
         "budget_met": met,
-        "candidates": len(family),
+        "slim_fractions": [s.slim for s in sources],
+        "candidates": len(ordered),
         "chosen": best,
+        "slim": sources[i].slim,
         "probes": probes,
     }
-    return done, dict(family[best].sparsity), widths, search
+    return done, sources[i].graphdef, dict(chosen.sparsity), widths, search
 
 
 def deep_compress(
@@ -969,14 +1082,23 @@ def deep_compress(
     accuracy is within ``max_drop`` points of the dense model's, measured on
     a validation split (:func:`~jaxopt_nn.allocation.split_validation`,
     ``validation`` of the training data, stratified, seeded with ``seed``);
-    every stage trains on the rest. After dense training,
-    :func:`~jaxopt_nn.allocation.layer_sensitivity` measures each kernel's
-    validation loss when pruned and shared alone,
-    :func:`~jaxopt_nn.allocation.allocations` orders the Lagrangian per-layer
-    ``(sparsity, bits)`` choices by estimated size, and a bisection over them
-    runs the pruning and sharing stages from the dense weights for each
-    candidate, verifies the loaded archive on the validation split, and backs
-    off to larger allocations when the budget is broken. Biases and other
+    every stage trains on the rest. After dense training, a slimmed copy is
+    made (:data:`SLIM_FRACTIONS` of the channels of every group removed by
+    :func:`~jaxopt_nn.structured.gradual_prune`, distilled from the dense
+    model; skipped for models it cannot shrink): narrower layers need fewer
+    position bits per kept weight and hold fewer biases. For the dense model
+    and the slim copy, :func:`~jaxopt_nn.allocation.layer_sensitivity`
+    measures each kernel's validation loss when pruned and shared alone,
+    :func:`~jaxopt_nn.allocation.allocations` gives the Lagrangian per-layer
+    ``(sparsity, bits)`` choices, ordered by estimated size, and a bisection
+    over each model's candidates runs the pruning and sharing stages from
+    that model's weights for each probe, verifies the loaded archive on the
+    validation split (passed when the validation accuracy is at most
+    ``max_drop`` points below the dense model's: a count of images), and
+    backs off to larger allocations when the budget is broken; the smallest
+    passing archive of both bisections is kept. A slim archive records
+    ``structured: true`` in its metadata (its shapes are the slim model's;
+    :func:`jaxopt_nn.structured.resized` rebuilds it). Biases and other
     small float parameters are shared too (:data:`BIAS_BITS`-bit codebooks)
     where that is estimated smaller than storing them raw, and centroids
     are stored in ``small_dtype`` (the verification loads the archive, so
@@ -1094,7 +1216,7 @@ def deep_compress(
     if max_drop is None:
         done = _prune_and_share(graphdef, dense, data, targets, widths, **stage_args)
     else:
-        done, targets, widths, search = _search(
+        done, graphdef, targets, widths, search = _search(
             graphdef,
             dense,
             data,
@@ -1103,6 +1225,7 @@ def deep_compress(
             dense_accuracy,
             max_drop,
             stage_args,
+            learning_rate,
         )
         search["validation"] = validation
     weights["pruned"] = done.pruned_weights

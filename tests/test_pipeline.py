@@ -10,7 +10,7 @@ from jaxopt_nn import archive, pipeline, quantization, train
 from jaxopt_nn import tree as tree_lib
 from jaxopt_nn.cli import _MAX_BITS as CLI_MAX_BITS
 from jaxopt_nn.cli import MODELS
-from jaxopt_nn.data import load_digits
+from jaxopt_nn.data import Dataset, load_digits
 from jaxopt_nn.models import LeNet300100, ResNet
 
 SHORT = {"epochs": 3, "prune_epochs": 4, "finetune_epochs": 2, "progress": False}
@@ -333,6 +333,7 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     monkeypatch.setattr(pipeline.allocation, "BITS", (4,))
     monkeypatch.setattr(pipeline.allocation, "SCALES", (0.5,))
     monkeypatch.setattr(pipeline.allocation, "CAPS", (4,))
+    monkeypatch.setattr(pipeline, "SLIM_EPOCHS", 1)
     kwargs = {"epochs": 1, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
 
     model = LeNet300100(64, hidden=(100, 16), rngs=nnx.Rngs(0))  # deep_compress copies it
@@ -354,6 +355,14 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     assert report.stage("dense").accuracy != other.stage("dense").accuracy  # test: reported only
     search = report.search
     assert search["probes"] and search["validation_examples"] == 136
+    # Candidates come from the dense model and from its slimmed copy (half the channels).
+    assert search["slim_fractions"] == [0.0, *pipeline.SLIM_FRACTIONS]
+    kernel = dict(tree_lib.leaves_with_names(archive.load(tmp_path / "model.jnz")))
+    width = kernel["params/fc1/kernel"].shape[1]
+    assert width == (100 if search["slim"] == 0 else 100 * (1 - search["slim"]))
+    # A slim archive says so, for the readers that rebuild the model from its shapes.
+    metadata = archive.inspect(tmp_path / "model.jnz").metadata or {}
+    assert metadata.get("structured", False) == bool(search["slim"])
     for probe in search["probes"]:
         drop = 100 * (search["dense_validation_accuracy"] - probe["validation_accuracy"])
         assert probe["passed"] == (drop <= 0.5 + 1e-9)
@@ -373,3 +382,34 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     for name in shared:
         np.testing.assert_array_equal(stored[name], stored[name].astype(np.float16))
     assert "budget: validation accuracy" in report.search_summary()
+
+
+def test_slim_sources_halve_an_nnx_model_and_skip_a_linen_one(monkeypatch):
+    import flax.linen as nn
+
+    class LinenMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(16)(x)))
+
+    monkeypatch.setattr(pipeline, "SLIM_EPOCHS", 1)
+    rng = np.random.default_rng(0)
+    data = Dataset(
+        rng.normal(size=(32, 5)).astype(np.float32),
+        rng.integers(0, 3, 32),
+        rng.normal(size=(8, 5)).astype(np.float32),
+        rng.integers(0, 3, 8),
+        3,
+    )
+    fit_kwargs = {"batch_size": 16, "seed": 0, "progress": False}
+    model = LeNet300100(5, 3, hidden=(16, 8), rngs=nnx.Rngs(0))
+    graphdef, state = train.init_train_state(model, optax.identity())
+    (source,) = pipeline._slim_sources(graphdef, state, data, 1e-3, fit_kwargs)
+    assert source.slim == pipeline.SLIM_FRACTIONS[0] == 0.5
+    shapes = {n: np.shape(v) for n, v in tree_lib.leaves_with_names(source.state.params)}
+    assert shapes["fc1/kernel"] == (5, 8) and shapes["fc2/kernel"] == (8, 4)
+    # Linen layers behind the bridge cannot be resized: no slim source, no error.
+    linen = nnx.bridge.ToNNX(LinenMLP(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(linen, jnp.zeros((1, 5)))
+    graphdef, state = train.init_train_state(linen, optax.identity())
+    assert pipeline._slim_sources(graphdef, state, data, 1e-3, fit_kwargs) == []
