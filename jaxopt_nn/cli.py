@@ -279,8 +279,9 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         "--max-drop",
         type=_non_negative_float,
         default=None,
-        help="accuracy budget in points: search per-layer sparsity and bits for the smallest "
-        "archive within it, measured on a validation split (not with --sparsity/--bits)",
+        help="accuracy budget in points: search per-layer sparsity and bits, on the dense model "
+        "and on a copy with half its channels removed, for the smallest archive within it, "
+        "measured on a validation split (not with --sparsity/--bits)",
     )
     parser.add_argument(
         "--validation",
@@ -375,7 +376,7 @@ def _archived_model(args: argparse.Namespace, dataset: Any) -> Any:
 
     model = _make_model(args.model, dataset.in_shape, dataset.num_classes, args.seed)
     stored = archive.load(args.out)
-    if args.slim:
+    if (archive.inspect(args.out).metadata or {}).get("structured"):  # --slim or the search
         model = _slimmed(model, stored)
     graphdef, like = train_lib.init_train_state(model, optax.identity())
     state = pipeline.restore_state(like, stored)
