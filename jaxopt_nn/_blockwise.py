@@ -102,7 +102,8 @@ class BlockQuantization:
         float32 gradients on the CPU backend; about twice as fast on CPU.
         Raises :class:`jaxopt_nn._kernels.KernelUnavailableError` if it
         cannot be built. The kernel has no sharding rule (a sharded operand
-        is gathered) and no derivative. ``'auto'`` (default): the kernel
+        is gathered) and no derivative (differentiate through the step with
+        'xla'). ``'auto'`` (default): the kernel
         where it applies (CPU backend, one device, float32 gradient, no
         explicit sharding, the kernel builds), the XLA path everywhere else;
         both give the same codes (see ``jaxopt_nn/_kernels/README.md``).
