@@ -1196,7 +1196,7 @@ def _zero_pruned(x: Any, mk: Any, only_if: jax.Array | None = None) -> Any:
     first moments, the smallest representable root for second moments (whose
     gradients are masked to zero from then on).
     """
-    if not isinstance(mk, jax.Array):  # None, or a Variable around None (NNX state)
+    if not hasattr(mk, "shape"):  # None, or a Variable around None (NNX state)
         return x
     if isinstance(x, BlockQuantizedArray):
         return zero_where(x, mk if only_if is None else mk | ~only_if)
