@@ -207,6 +207,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             if not group:
                 continue
             drops = [100 * (r["dense_accuracy"] - r["archive_accuracy"]) for r in group]
+            cpu = [r["cpu_seconds"] for r in group if "cpu_seconds" in r]  # not in older runs
             rows.append(
                 {
                     "model": name,
@@ -221,9 +222,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                     "median_drop_points": statistics.median(drops),
                     "max_drop_points": max(drops),
                     "median_seconds": statistics.median(r["seconds"] for r in group),
-                    "median_cpu_seconds": statistics.median(
-                        r.get("cpu_seconds", float("nan")) for r in group
-                    ),
+                    "median_cpu_seconds": statistics.median(cpu) if cpu else None,
                 }
             )
     return rows
