@@ -102,8 +102,8 @@ class BlockQuantization:
         float32 gradients on the CPU backend; about twice as fast on CPU.
         Raises :class:`jaxopt_nn._kernels.KernelUnavailableError` if it
         cannot be built. The kernel has no sharding rule (a sharded operand
-        is gathered) and no derivative (differentiate through the step with
-        'xla'). ``'auto'`` (default): the kernel
+        is gathered); under ``jax.grad`` or ``jax.jvp`` the step runs on the
+        XLA path, whose derivatives it has. ``'auto'`` (default): the kernel
         where it applies (CPU backend, one device, float32 gradient, no
         explicit sharding, the kernel builds), the XLA path everywhere else;
         both give the same codes (see ``jaxopt_nn/_kernels/README.md``).
@@ -228,9 +228,28 @@ def _block_extrema(xs: list[jax.Array], block_size: int) -> list[jax.Array]:
     return list(extrema)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _differentiable_block_extrema(xs: list[jax.Array], block_size: int) -> list[jax.Array]:
+    """:func:`_block_extrema`, whose JVP gets every tangent as an array.
+
+    JAX's JVP of a variadic ``lax.reduce`` fails on a symbolic zero tangent
+    (one of ``xs`` that does not depend on the differentiated input, such as
+    the second moment under a derivative with respect to ``b1``); a
+    ``custom_jvp`` instantiates those zeros first.
+    """
+    return _block_extrema(xs, block_size)
+
+
+@_differentiable_block_extrema.defjvp
+def _block_extrema_jvp(
+    block_size: int, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[Any, Any]:
+    return jax.jvp(functools.partial(_block_extrema, block_size=block_size), primals, tangents)
+
+
 def _block_maxima(xs: list[jax.Array], codes: list[Code], block_size: int) -> list[jax.Array]:
     xs = [jnp.asarray(x, jnp.float32).reshape(_rows(np.shape(x))) for x in xs]
-    extrema = _block_extrema(xs, block_size)
+    extrema = _differentiable_block_extrema(xs, block_size)
     maxima = []
     for i, code in enumerate(codes):
         high, low = extrema[2 * i], extrema[2 * i + 1]
@@ -504,6 +523,43 @@ def uses_kernel(quantization: BlockQuantization, g: Any) -> bool:
         _kernels.require()
         return True
     return backend == "cpu" and jax.device_count() == 1 and _kernels.available()
+
+
+def with_xla_derivative(kernel_fn: Any, xla_fn: Any) -> Any:
+    """``kernel_fn``, differentiated (``jax.jvp``, ``jax.grad``) as ``xla_fn``.
+
+    The FFI call has no derivative rule; ``xla_fn`` computes the same values
+    with jax.numpy (the same codes and scales, the update up to its last
+    bit), so under differentiation the step runs on the XLA path and has its
+    derivatives; otherwise it runs in the kernel. Python numbers among the
+    arguments reach both functions unchanged (bound, not traced as float32
+    arrays, which would round ``1 - b1`` differently).
+
+    Args:
+      kernel_fn: one leaf's step through :func:`fused_step`.
+      xla_fn: the same step on the XLA path, with the same signature. Every
+        traced value it depends on (hyperparameters included) must be an
+        argument: values it closes over get no derivative.
+
+    Returns:
+      A function with ``kernel_fn``'s signature.
+    """
+
+    def call(*args: Any) -> Any:
+        static = [isinstance(a, (int, float)) for a in args]
+
+        def bind(fn: Any) -> Any:
+            def bound(*traced: Any) -> Any:
+                rest = iter(traced)
+                return fn(*(a if s else next(rest) for a, s in zip(args, static, strict=True)))
+
+            return bound
+
+        fn = jax.custom_jvp(bind(kernel_fn))
+        fn.defjvp(lambda primals, tangents: jax.jvp(bind(xla_fn), primals, tangents))
+        return fn(*(a for a, s in zip(args, static, strict=True) if not s))
+
+    return call
 
 
 def fused_step(

@@ -38,6 +38,7 @@ from jaxopt_nn._blockwise import (
     quantize,
     stored_absmax,
     uses_kernel,
+    with_xla_derivative,
 )
 
 __all__ = [
@@ -443,13 +444,14 @@ def scale_by_adam(
         c1, c2 = _correction(b1, count), _correction(b2, count)
         c1_next = _correction(b1, optax.safe_increment(count)) if nesterov else c1
 
-        def leaf(g: jax.Array, stored_m: Any, stored_v: Any) -> tuple[Any, Any, Any]:
-            if _fused(quantization, g, stored_m, stored_v):
-                assert quantization is not None
-                hyper = _hyperparameters(b1, 1 - b1, b2, 1 - b2, c1, c2, c1_next, eps, eps_root)
-                mode = "nadam" if nesterov else "adam"
-                u, (m, v) = fused_step(g, [stored_m, stored_v], hyper, quantization, mode)
-                return u, m, v
+        # Arguments of each leaf's step, not closed over, so that the
+        # kernel's step is differentiated as the XLA path's.
+        hyper = (b1, b2, eps, eps_root, c1, c2, c1_next)
+
+        def xla_leaf(
+            g: jax.Array, stored_m: Any, stored_v: Any, *hyper: Any
+        ) -> tuple[Any, Any, Any]:
+            b1, b2, eps, eps_root, c1, c2, c1_next = hyper
             m = _ema_leaf(g, stored_m, b1, 1, "signed", quantization)
             v = _ema_leaf(g, stored_v, b2, 2, "sqrt", quantization)
             if nesterov:
@@ -461,6 +463,22 @@ def scale_by_adam(
                 g, (m, v), (stored_m, stored_v), (b1, b2), ("signed", "sqrt"), quantization
             )
             return m_hat / (jnp.sqrt(v_hat + eps_root) + eps), *stored
+
+        def kernel_leaf(
+            g: jax.Array, stored_m: Any, stored_v: Any, *hyper: Any
+        ) -> tuple[Any, Any, Any]:
+            assert quantization is not None
+            b1, b2, eps, eps_root, c1, c2, c1_next = hyper
+            vector = _hyperparameters(b1, 1 - b1, b2, 1 - b2, c1, c2, c1_next, eps, eps_root)
+            mode = "nadam" if nesterov else "adam"
+            u, (m, v) = fused_step(g, [stored_m, stored_v], vector, quantization, mode)
+            return u, m, v
+
+        def leaf(g: jax.Array, stored_m: Any, stored_v: Any) -> tuple[Any, Any, Any]:
+            if _fused(quantization, g, stored_m, stored_v):
+                step = with_xla_derivative(kernel_leaf, xla_leaf)
+                return step(g, stored_m, stored_v, *hyper)
+            return xla_leaf(g, stored_m, stored_v, *hyper)
 
         new_updates, mu, nu = _map_many(leaf, 3, updates, state.mu, state.nu)
         return new_updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -514,7 +532,6 @@ def scale_by_rms(
     _check_non_negative("eps", eps)
     _check_non_negative("initial_scale", initial_scale)
     quantization = _quantization(state_quantization, eight_bit)
-    scaling = _rms_scaling(eps, eps_in_sqrt)
 
     def init_fn(params: optax.Params) -> ScaleByRmsState | ScaleByRmsWithCountState:
         nu = _init_moment(params, initial_scale, None, quantization, "sqrt")
@@ -533,20 +550,29 @@ def scale_by_rms(
         count: Any = optax.safe_increment(state.count) if counted else None
         correction = _correction(decay, count) if count is not None else None
 
-        def leaf(g: jax.Array, stored: Any) -> tuple[Any, Any]:
-            if _fused(quantization, g, stored):
-                assert quantization is not None
-                hyper = _hyperparameters(
-                    decay, 1 - decay, 1.0 if correction is None else correction, eps
-                )
-                mode = "rms_eps_in_sqrt" if eps_in_sqrt else "rms_eps_outside"
-                u, (v,) = fused_step(g, [stored], hyper, quantization, mode)
-                return u, v
+        # Arguments of each leaf's step, not closed over (see scale_by_adam).
+        hyper = (decay, eps, 1.0 if correction is None else correction)
+
+        def xla_leaf(g: jax.Array, stored: Any, *hyper: Any) -> tuple[Any, Any]:
+            decay, eps, correction = hyper
             v = _ema_leaf(g, stored, decay, 2, "sqrt", quantization)
             (new,) = _store_leaf(g, (v,), (stored,), (decay,), ("sqrt",), quantization)
-            if correction is not None:
+            if count is not None:
                 v = v / correction.astype(v.dtype)
-            return scaling(v) * g, new
+            return _rms_scaling(eps, eps_in_sqrt)(v) * g, new
+
+        def kernel_leaf(g: jax.Array, stored: Any, *hyper: Any) -> tuple[Any, Any]:
+            assert quantization is not None
+            decay, eps, correction = hyper
+            vector = _hyperparameters(decay, 1 - decay, correction, eps)
+            mode = "rms_eps_in_sqrt" if eps_in_sqrt else "rms_eps_outside"
+            u, (v,) = fused_step(g, [stored], vector, quantization, mode)
+            return u, v
+
+        def leaf(g: jax.Array, stored: Any) -> tuple[Any, Any]:
+            if _fused(quantization, g, stored):
+                return with_xla_derivative(kernel_leaf, xla_leaf)(g, stored, *hyper)
+            return xla_leaf(g, stored, *hyper)
 
         new_updates, nu = _map_many(leaf, 2, updates, state.nu)
         if count is not None:

@@ -9,11 +9,14 @@ in the last bit (bias corrections applied as reciprocals, exact ``1 /
 sqrt``). The tolerances below allow exactly that.
 """
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import hypothesis.strategies as st
 import jax
@@ -315,3 +318,88 @@ def test_no_compiler_falls_back_and_a_second_process_reuses_the_cache(tmp_path):
     assert "available False" in out
     assert "cpu raises KernelUnavailableError" in out
     assert "reused True" in out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gradient_passed_to_update_is_unchanged_after_it(bits):
+    # The kernel writes the update over the gradient's buffer; XLA must copy
+    # a gradient the caller still holds, eagerly, under jit and inside a jit
+    # that returns it.
+    tx = optim.adam(1e-2, state_quantization=optim.BlockQuantization(bits=bits, kernel="cpu"))
+    params = jax.random.normal(jax.random.key(3), (16, 300))
+    state = tx.init(params)
+    g = jnp.sin(3.0 * params)
+    expected = np.array(g)
+
+    def step(p, s):
+        grad = jnp.sin(3.0 * p)
+        updates, s = tx.update(grad, s, p)
+        return updates, grad
+
+    for update in (tx.update, jax.jit(tx.update)):
+        updates, _ = update(g, state, params)
+        np.testing.assert_array_equal(np.asarray(g), expected)
+        assert not np.array_equal(np.asarray(updates), expected)
+    updates, grad = jax.jit(step)(params, state)
+    np.testing.assert_array_equal(np.asarray(grad), expected)
+    assert not np.array_equal(np.asarray(updates), expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "decay"),
+    [
+        (optim.adam, "b1"),
+        (functools.partial(optim.rmsprop, eps_in_sqrt=False, bias_correction=True), "decay"),
+    ],
+)
+def test_kernel_step_is_differentiated_as_the_xla_path(make, decay):
+    # The FFI call has no derivative; under jax.grad the step takes the XLA
+    # path, with respect to the gradient (here a function of the parameters)
+    # and to a traced hyperparameter, from a state one step in.
+    params = jax.random.normal(jax.random.key(4), (8, 64))
+
+    def loss(p, value, state, tx):
+        hyperparams = {**state.hyperparams, decay: value}
+        updates, _ = tx.update(jnp.cos(p), state._replace(hyperparams=hyperparams), p)
+        return jnp.sum(updates**2)
+
+    def transform(kernel):
+        quant = optim.BlockQuantization(bits=4, block_size=16, min_size=1, kernel=kernel)
+        return optax.inject_hyperparams(make)(1e-2, state_quantization=quant)
+
+    xla = transform("xla")
+    _, state = xla.update(jnp.sin(params), xla.init(params), params)
+    grads = {}
+    for kernel in ("cpu", "xla"):
+        tx = transform(kernel)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)
+        grads[kernel] = grad(params, jnp.float32(0.9), state, tx)
+        # Without differentiation the kernel still runs.
+        lowered = jax.jit(tx.update).lower(params, state, params).as_text()
+        assert ("jaxopt_nn_blockwise" in lowered) == (kernel == "cpu")
+    assert float(grads["xla"][1]) != 0.0
+    for a, b in zip(grads["cpu"], grads["xla"], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_threads_that_need_the_kernel_at_once_build_and_register_it_once(monkeypatch):
+    library = _kernels.open_library()
+    opened, registered = [], []
+
+    def open_library():
+        opened.append(threading.get_ident())
+        time.sleep(0.05)  # a build: the other threads arrive meanwhile
+        return library
+
+    monkeypatch.setattr(_kernels, "open_library", open_library)
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *args, **kw: registered.append(args))
+    # This process registered the targets already; forget that for the test
+    # (the cache is filled again below, so nothing registers twice for real).
+    _kernels._register_once.cache_clear()
+    threads = [threading.Thread(target=_kernels.require) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 1
+    assert len(registered) == 2  # Adam and RMSprop

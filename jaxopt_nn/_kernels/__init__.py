@@ -33,6 +33,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("blockwise_adam.cc")
-# -ffp-contract=off: no fused multiply-add, which XLA on CPU does not use
-# either, so the kernel rounds as the XLA path does; -fno-math-errno lets
-# sqrtf vectorise and changes no result.
+# -ffp-contract=off: the compiler fuses no multiply-add on its own. XLA on
+# CPU does fuse some (LLVM contracts a multiply feeding an add where the CPU
+# has FMA); the kernel calls fma explicitly at exactly those places
+# (``MulAdd`` in blockwise_adam.cc), so it rounds as the XLA path does.
+# -fno-math-errno lets sqrtf vectorise and changes no result.
 _FLAGS = (
     "-O3",
     "-march=native",
@@ -173,9 +176,19 @@ def open_library() -> Any:
         raise KernelUnavailableError(f"could not build or load {path}: {error}") from error
 
 
-@functools.cache
+# Held while the library is built and its targets registered: threads that
+# trace their first kernel step at once build and register it once.
+_REGISTER_LOCK = threading.Lock()
+
+
 def _register() -> None:
     """Open the library and register its targets once; raises KernelUnavailableError."""
+    with _REGISTER_LOCK:
+        _register_once()
+
+
+@functools.cache
+def _register_once() -> None:
     library = open_library()
     for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(

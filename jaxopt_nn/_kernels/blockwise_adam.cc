@@ -11,8 +11,9 @@
 // operation for operation (same code layouts, round-to-nearest through the
 // float32 bit pattern, scale rule, float32 arithmetic in the same order), so
 // the codes and scales equal the XLA path's. Compile with -ffp-contract=off
-// so no multiply-add is fused, which XLA does not do either; -fno-math-errno
-// lets sqrtf vectorise and changes no result. XLA turns a division by a
+// so the compiler fuses no multiply-add on its own: the kernel fuses one
+// (MulAdd, below) exactly where XLA's LLVM contracts one on a CPU with FMA.
+// -fno-math-errno lets sqrtf vectorise and changes no result. XLA turns a division by a
 // constant into a multiplication by its float32 reciprocal, which the scales
 // do here too. The bias corrections are applied as multiplications by their
 // reciprocals (as XLA in jax 0.10 does; XLA in jax 0.12 divides), and
