@@ -457,6 +457,19 @@ class Im2colConv(nnx.Module):
     Ungrouped convolutions without input dilation only; the pruning ``mask``
     of the float layer is applied to the kernel.
 
+    Args:
+      kernel: float weights ``(*window, in, out)`` (``nnx.Conv``'s layout).
+      bias: ``(out,)`` or ``None``.
+      strides: one stride per spatial axis.
+      padding: ``'SAME'``, ``'VALID'`` or one ``(low, high)`` pair per
+        spatial axis.
+      kernel_dilation: one dilation per spatial axis.
+
+    Raises:
+      ValueError: if ``kernel`` is not floating with at least 3 axes, or
+        ``strides``, ``kernel_dilation`` or explicit ``padding`` do not have
+        one entry per spatial axis.
+
     Example:
       >>> conv = nnx.Conv(2, 4, (3, 3), rngs=nnx.Rngs(0))
       >>> fast = Im2colConv.from_conv(conv)
@@ -484,6 +497,17 @@ class Im2colConv(nnx.Module):
         self.strides = tuple(strides)
         self.padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
         self.kernel_dilation = tuple(kernel_dilation)
+        explicit = () if isinstance(padding, str) else (("padding", self.padding),)
+        for name, value in (
+            ("strides", self.strides),
+            ("kernel_dilation", self.kernel_dilation),
+            *explicit,
+        ):
+            if len(value) != self.rank:
+                raise ValueError(
+                    f"{name} must have one entry per spatial axis ({self.rank} for a kernel of "
+                    f"shape {kernel.shape}); got {name}={value!r}"
+                )
         self.kernel = nnx.Param(kernel)
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, kernel.dtype))
 

@@ -132,6 +132,21 @@ def test_im2col_conv_equals_the_float_convolution(kwargs):
         Im2colConv.from_conv(grouped, name="g")
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("strides", {"strides": (1,), "padding": "SAME", "kernel_dilation": (1, 1)}),
+        ("kernel_dilation", {"strides": (1, 1), "padding": "SAME", "kernel_dilation": (1, 1, 1)}),
+        ("padding", {"strides": (1, 1), "padding": ((1, 1),), "kernel_dilation": (1, 1)}),
+    ],
+)
+def test_im2col_conv_names_a_setting_without_one_entry_per_spatial_axis(name, kwargs):
+    with pytest.raises(ValueError, match=rf"{name} must have one entry per spatial axis \(2 "):
+        Im2colConv(jnp.ones((3, 3, 2, 4)), **kwargs)
+    with pytest.raises(ValueError, match=r"kernel must be a floating-point array"):
+        Im2colConv(jnp.ones((3, 3, 2, 4), jnp.int8), **kwargs)
+
+
 def test_unsupported_padding_is_refused_by_name():
     conv = nnx.Conv(2, 2, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
     model = nnx.Sequential(conv)
