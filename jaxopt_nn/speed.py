@@ -36,12 +36,6 @@ class LatencyComparison(NamedTuple):
     speedup: float  # median of the rounds' baseline / candidate (> 1: the candidate is faster)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _call_module(graphdef: nnx.GraphDef, state: nnx.State, *args: Any) -> Any:
-    """``model(*args)`` with the state as an argument; one compilation per graphdef and shapes."""
-    return nnx.merge(graphdef, state)(*args)
-
-
 def _check_callable(fn_or_model: Any) -> None:
     if not callable(fn_or_model):
         raise TypeError(
@@ -49,11 +43,14 @@ def _check_callable(fn_or_model: Any) -> None:
         )
 
 
-def _jitted(fn_or_model: Callable[..., Any] | nnx.Module) -> Callable[..., Any]:
-    """A jitted callable of the call arguments.
+def _jitted_with_state(
+    fn_or_model: Callable[..., Any] | nnx.Module,
+) -> tuple[Any, tuple[Any, ...]]:
+    """A jitted function and the arguments that go before the call's own.
 
-    A module's state is flattened once, here: each call passes the list of
-    its arrays, so the time of a call does not include flattening an
+    A module's state is flattened once, here, and passed as the list of its
+    arrays (the weights are arguments, not constants folded into the
+    program), so the time of a call does not include flattening an
     ``nnx.State`` in Python (a fixed cost that would dilute every ratio).
     """
     if isinstance(fn_or_model, nnx.Module):
@@ -63,9 +60,15 @@ def _jitted(fn_or_model: Callable[..., Any] | nnx.Module) -> Callable[..., Any]:
         def call(leaves: list[Any], *args: Any) -> Any:
             return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(*args)
 
-        return functools.partial(jax.jit(call), leaves)
+        return jax.jit(call), (leaves,)
     _check_callable(fn_or_model)
-    return jax.jit(fn_or_model)
+    return jax.jit(fn_or_model), ()
+
+
+def _jitted(fn_or_model: Callable[..., Any] | nnx.Module) -> Callable[..., Any]:
+    """A jitted callable of the call arguments (see :func:`_jitted_with_state`)."""
+    jitted, state = _jitted_with_state(fn_or_model)
+    return functools.partial(jitted, *state)
 
 
 def count_flops(fn_or_model: Callable[..., Any] | nnx.Module, *args: Any) -> float:
@@ -93,12 +96,8 @@ def count_flops(fn_or_model: Callable[..., Any] | nnx.Module, *args: Any) -> flo
       >>> count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 3)))
       192.0
     """
-    if isinstance(fn_or_model, nnx.Module):
-        lowered = _call_module.lower(*nnx.split(fn_or_model), *args)
-    else:
-        _check_callable(fn_or_model)
-        lowered = jax.jit(fn_or_model).lower(*args)
-    analysis = lowered.compile().cost_analysis()
+    jitted, state = _jitted_with_state(fn_or_model)
+    analysis = jitted.lower(*state, *args).compile().cost_analysis()
     if isinstance(analysis, dict):
         analysis = [analysis]
     if not analysis or any(not isinstance(a, dict) for a in analysis):
@@ -229,7 +228,9 @@ def compare_latency(
         or not isinstance(round_seconds, (int, float))
         or not 0 < round_seconds < math.inf
     ):
-        raise ValueError(f"round_seconds must be a number > 0; got round_seconds={round_seconds!r}")
+        raise ValueError(
+            f"round_seconds must be a finite number > 0; got round_seconds={round_seconds!r}"
+        )
     calls = (_jitted(baseline), _jitted(candidate))
     counts = []
     for call in calls:
