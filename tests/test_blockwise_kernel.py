@@ -27,7 +27,7 @@ import pytest
 from hypothesis import given, settings
 
 from jaxopt_nn import _kernels, optim
-from jaxopt_nn._blockwise import uses_kernel
+from jaxopt_nn._blockwise import fused_step, quantize, uses_kernel
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the fused kernel runs on the CPU backend"
@@ -403,3 +403,25 @@ def test_threads_that_need_the_kernel_at_once_build_and_register_it_once(monkeyp
         thread.join()
     assert len(opened) == 1
     assert len(registered) == 2  # Adam and RMSprop
+
+
+def test_kernel_refuses_moments_with_fewer_rows_than_the_gradient():
+    # The kernel reads and writes every row of each moment: a state that
+    # does not match the gradient must be an error, not an access past the
+    # end of a buffer.
+    quant = optim.BlockQuantization(block_size=8, min_size=1, kernel="cpu")
+    g = jnp.ones((4, 16))
+    m = quantize(jnp.zeros((4, 16)), "signed", quant)
+    v = quantize(jnp.zeros((4, 16)), "sqrt", quant)
+    hyper = jnp.full((9,), 0.5, jnp.float32)
+    update, _ = fused_step(g, [m, v], hyper, quant, "adam")
+    assert update.shape == g.shape
+
+    def rows(q):
+        return optim.BlockQuantizedArray(q.codes[:2], q.scales[:2])
+
+    for short in ([m, rows(v)], [rows(m), v]):
+        with pytest.raises(
+            jax.errors.JaxRuntimeError, match="codes or scales do not match the gradient's shape"
+        ):
+            jax.block_until_ready(fused_step(g, short, hyper, quant, "adam"))

@@ -358,9 +358,8 @@ void LaunchMode(const Problem& p, int64_t rows, int64_t mode) {
 
 int64_t LastAxis(ffi::AnyBuffer::Dimensions dims) { return dims.size() ? dims.back() : 1; }
 
-// Fills the shapes of `p` from the gradient and checks the other operands.
+// Fills the shapes of `p` from the gradient and checks the hyperparameters.
 ffi::Error Shape(Problem& p, int64_t& rows, ffi::AnyBuffer::Dimensions g_dims, size_t g_size,
-                 ffi::AnyBuffer::Dimensions codes_dims, ffi::AnyBuffer::Dimensions scales_dims,
                  size_t hyper_size, int64_t per_batch, int64_t bits, int64_t block_size,
                  int64_t mode, bool adam) {
   if (bits != 8 && bits != 4) return ffi::Error::InvalidArgument("bits must be 4 or 8");
@@ -378,7 +377,16 @@ ffi::Error Shape(Problem& p, int64_t& rows, ffi::AnyBuffer::Dimensions g_dims, s
   if (int64_t(hyper_size) % per_batch || batches < 1 || rows % batches)
     return ffi::Error::InvalidArgument("hyperparameters do not match the rows");
   p.rows_per_batch = std::max<int64_t>(1, rows / batches);
-  if (LastAxis(codes_dims) != p.code_cols || LastAxis(scales_dims) != p.blocks)
+  return ffi::Error::Success();
+}
+
+// Checks that a moment's codes and scales have the gradient's rows (every
+// row is read and written, so a smaller buffer must not reach the loops).
+ffi::Error CheckMoment(const Problem& p, int64_t rows, ffi::Buffer<ffi::U8>& codes,
+                       ffi::Buffer<ffi::F32>& scales) {
+  if (LastAxis(codes.dimensions()) != p.code_cols || LastAxis(scales.dimensions()) != p.blocks ||
+      int64_t(codes.element_count()) != rows * p.code_cols ||
+      int64_t(scales.element_count()) != rows * p.blocks)
     return ffi::Error::InvalidArgument("codes or scales do not match the gradient's shape");
   return ffi::Error::Success();
 }
@@ -402,9 +410,10 @@ ffi::Error AdamImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
                     int64_t mode) {
   Problem p{};
   int64_t rows = 0;
-  ffi::Error error = Shape(p, rows, g.dimensions(), g.element_count(), m_codes.dimensions(),
-                           m_scales.dimensions(), hyper.element_count(), 9, bits, block_size,
-                           mode, true);
+  ffi::Error error = Shape(p, rows, g.dimensions(), g.element_count(), hyper.element_count(), 9,
+                           bits, block_size, mode, true);
+  if (error.success()) error = CheckMoment(p, rows, m_codes, m_scales);
+  if (error.success()) error = CheckMoment(p, rows, v_codes, v_scales);
   if (!error.success()) return error;
   p.g = g.typed_data();
   p.update = update->typed_data();
@@ -427,9 +436,9 @@ ffi::Error RmsImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> v_codes,
                    int64_t mode) {
   Problem p{};
   int64_t rows = 0;
-  ffi::Error error = Shape(p, rows, g.dimensions(), g.element_count(), v_codes.dimensions(),
-                           v_scales.dimensions(), hyper.element_count(), 4, bits, block_size,
-                           mode, false);
+  ffi::Error error = Shape(p, rows, g.dimensions(), g.element_count(), hyper.element_count(), 4,
+                           bits, block_size, mode, false);
+  if (error.success()) error = CheckMoment(p, rows, v_codes, v_scales);
   if (!error.success()) return error;
   p.g = g.typed_data();
   p.update = update->typed_data();
