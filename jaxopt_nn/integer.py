@@ -859,10 +859,11 @@ def _measure_one(module: Any, twin: nnx.Module, x: jax.Array, name: str) -> str:
     layer = _float_layer(module)
     best, kind, notes = layer, "float32", []
     if isinstance(layer, nnx.Conv) and _patchable(_ConvSpec(layer, name)):
-        speedup = _measured_speedup(layer, Im2colConv.from_conv(layer, name=name), x)
+        im2col = Im2colConv.from_conv(layer, name=name)
+        speedup = _measured_speedup(layer, im2col, x)
         notes.append(f"float32-im2col measured {speedup:.2f}x float32")
         if speedup >= _MEASURE_MARGIN:
-            best, kind = Im2colConv.from_conv(layer, name=name), "float32-im2col"
+            best, kind = im2col, "float32-im2col"
     stem = _stem_reason(layer)
     if stem is not None:
         return f"{kind} ({'; '.join([stem, *notes])})"
