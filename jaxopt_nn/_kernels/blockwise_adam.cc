@@ -103,17 +103,19 @@ struct Layout {
   static constexpr int32_t kSqrtTop = (1 << BITS) - 1;
 };
 
+// One moment's stored codes and scales and where their new values go.
+struct Moment {
+  const uint8_t* codes;
+  const float* scales;
+  uint8_t* codes_out;
+  float* scales_out;
+};
+
 struct Problem {
   const float* g;
   float* update;
-  const uint8_t* m_codes;  // null for RMSprop
-  const float* m_scales;
-  uint8_t* m_codes_out;
-  float* m_scales_out;
-  const uint8_t* v_codes;
-  const float* v_scales;
-  uint8_t* v_codes_out;
-  float* v_scales_out;
+  Moment m;  // unset for RMSprop
+  Moment v;
   const float* hyper;
   int64_t hyper_size;      // hyperparameters per batch entry
   int64_t rows_per_batch;  // rows sharing one set of hyperparameters
@@ -256,11 +258,11 @@ void Run(const Problem& p, int64_t first, int64_t last) {
     float* u = p.update + row * p.n + start;  // may be g itself: read first
     // The codes are copied (4 bits: unpacked) first: with the state donated,
     // the new codes overwrite them in place.
-    const uint8_t* __restrict vcodes = Unpack<BITS>(p.v_codes + code_start, len, vc);
+    const uint8_t* __restrict vcodes = Unpack<BITS>(p.v.codes + code_start, len, vc);
     const uint8_t* __restrict mcodes =
-        kAdamLike ? Unpack<BITS>(p.m_codes + code_start, len, mc) : nullptr;
-    const float v_scale = p.v_scales[scale_at];
-    const float m_scale = kAdamLike ? p.m_scales[scale_at] : 0.0f;
+        kAdamLike ? Unpack<BITS>(p.m.codes + code_start, len, mc) : nullptr;
+    const float v_scale = p.v.scales[scale_at];
+    const float m_scale = kAdamLike ? p.m.scales[scale_at] : 0.0f;
     float m_absmax = 0.0f, v_absmax;
 
     if (BITS == 8) {
@@ -293,11 +295,11 @@ void Run(const Problem& p, int64_t first, int64_t last) {
       m_absmax = Float(m_peak);
     }
     // XLA turns `absmax / largest` into a multiplication by the reciprocal.
-    p.v_scales_out[scale_at] = v_absmax * (1.0f / Q::kLargest);
+    p.v.scales_out[scale_at] = v_absmax * (1.0f / Q::kLargest);
     const float v_inverse = v_absmax > 0 ? Q::kLargest / v_absmax : 0.0f;
     float m_inverse = 0.0f;
     if (kAdamLike) {
-      p.m_scales_out[scale_at] = m_absmax * (1.0f / S::kLargest);
+      p.m.scales_out[scale_at] = m_absmax * (1.0f / S::kLargest);
       m_inverse = m_absmax > 0 ? S::kLargest / m_absmax : 0.0f;
     }
 
@@ -324,8 +326,8 @@ void Run(const Problem& p, int64_t first, int64_t last) {
       mc_new[len] = 0;
       vc_new[len] = 0;
     }
-    Pack<BITS>(vc_new, len, p.v_codes_out + code_start);
-    if (kAdamLike) Pack<BITS>(mc_new, len, p.m_codes_out + code_start);
+    Pack<BITS>(vc_new, len, p.v.codes_out + code_start);
+    if (kAdamLike) Pack<BITS>(mc_new, len, p.m.codes_out + code_start);
   }
 }
 
@@ -380,14 +382,18 @@ ffi::Error Shape(Problem& p, int64_t& rows, ffi::AnyBuffer::Dimensions g_dims, s
   return ffi::Error::Success();
 }
 
-// Checks that a moment's codes and scales have the gradient's rows (every
-// row is read and written, so a smaller buffer must not reach the loops).
-ffi::Error CheckMoment(const Problem& p, int64_t rows, ffi::Buffer<ffi::U8>& codes,
-                       ffi::Buffer<ffi::F32>& scales) {
+// Points `moment` at its buffers after checking that they have the gradient's
+// rows (every row is read and written, so a smaller buffer must not reach the
+// loops).
+ffi::Error BindMoment(const Problem& p, int64_t rows, ffi::Buffer<ffi::U8>& codes,
+                      ffi::Buffer<ffi::F32>& scales, ffi::ResultBuffer<ffi::U8>& codes_out,
+                      ffi::ResultBuffer<ffi::F32>& scales_out, Moment& moment) {
   if (LastAxis(codes.dimensions()) != p.code_cols || LastAxis(scales.dimensions()) != p.blocks ||
       int64_t(codes.element_count()) != rows * p.code_cols ||
       int64_t(scales.element_count()) != rows * p.blocks)
     return ffi::Error::InvalidArgument("codes or scales do not match the gradient's shape");
+  moment = {codes.typed_data(), scales.typed_data(), codes_out->typed_data(),
+            scales_out->typed_data()};
   return ffi::Error::Success();
 }
 
@@ -412,19 +418,13 @@ ffi::Error AdamImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> m_codes,
   int64_t rows = 0;
   ffi::Error error = Shape(p, rows, g.dimensions(), g.element_count(), hyper.element_count(), 9,
                            bits, block_size, mode, true);
-  if (error.success()) error = CheckMoment(p, rows, m_codes, m_scales);
-  if (error.success()) error = CheckMoment(p, rows, v_codes, v_scales);
+  if (error.success())
+    error = BindMoment(p, rows, m_codes, m_scales, m_codes_out, m_scales_out, p.m);
+  if (error.success())
+    error = BindMoment(p, rows, v_codes, v_scales, v_codes_out, v_scales_out, p.v);
   if (!error.success()) return error;
   p.g = g.typed_data();
   p.update = update->typed_data();
-  p.m_codes = m_codes.typed_data();
-  p.m_scales = m_scales.typed_data();
-  p.m_codes_out = m_codes_out->typed_data();
-  p.m_scales_out = m_scales_out->typed_data();
-  p.v_codes = v_codes.typed_data();
-  p.v_scales = v_scales.typed_data();
-  p.v_codes_out = v_codes_out->typed_data();
-  p.v_scales_out = v_scales_out->typed_data();
   p.hyper = hyper.typed_data();
   return Dispatch(p, rows, bits, mode);
 }
@@ -438,14 +438,11 @@ ffi::Error RmsImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> v_codes,
   int64_t rows = 0;
   ffi::Error error = Shape(p, rows, g.dimensions(), g.element_count(), hyper.element_count(), 4,
                            bits, block_size, mode, false);
-  if (error.success()) error = CheckMoment(p, rows, v_codes, v_scales);
+  if (error.success())
+    error = BindMoment(p, rows, v_codes, v_scales, v_codes_out, v_scales_out, p.v);
   if (!error.success()) return error;
   p.g = g.typed_data();
   p.update = update->typed_data();
-  p.v_codes = v_codes.typed_data();
-  p.v_scales = v_scales.typed_data();
-  p.v_codes_out = v_codes_out->typed_data();
-  p.v_scales_out = v_scales_out->typed_data();
   p.hyper = hyper.typed_data();
   return Dispatch(p, rows, bits, mode);
 }
