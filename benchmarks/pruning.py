@@ -468,10 +468,16 @@ def main() -> None:
             print(f"(a) train-step overhead, {name}", flush=True)
             key = "step_overhead" if name == "lenet" else "step_overhead_resnet20"
             before = os.getloadavg()
-            result[key] = step_overhead(
-                rounds=5 if quick else 30, per_round=5 if quick else 7, model_name=name
-            )
-            result[f"{key}_load"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
+            rounds, per_round = (5, 5) if quick else (30, 7)
+            result[key] = step_overhead(rounds=rounds, per_round=per_round, model_name=name)
+            result[f"{key}_load"] = {
+                "loadavg_before": before,
+                "loadavg_after": os.getloadavg(),
+                "cpu_count": os.cpu_count(),
+                "rounds": rounds,
+                "steps_per_round": per_round,
+                "batch": 128,
+            }
             keys += (key, f"{key}_load")
             for variant, row in result[key].items():
                 print(
