@@ -1,8 +1,10 @@
 """Exact selection of the ``k`` lowest scores, without a sort, and sharding helpers.
 
 The ``k``-th smallest score is found by binary lifting on its float bit
-pattern (one counting pass per bit), ties at the threshold by a second lifting
-on the flat index (run only when ties straddle it); see the module docstring
+pattern, ties at the threshold by a second lifting on the flat index (run only
+when ties straddle it). A counting pass fixes two bits (three thresholds
+counted by one matrix-vector product, see :func:`_counts_below`), or one bit
+for arrays sharded under an explicit mesh; see the module docstring
 of :mod:`jaxopt_nn.pruning` for the contract (exact counts, lower flat index
 pruned first). The helpers keep sharded leaves where they are under an
 explicit mesh.
@@ -11,7 +13,6 @@ explicit mesh.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any, TypeGuard
 
 import jax
@@ -57,13 +58,14 @@ def _gathered(x: jax.Array) -> jax.Array:
 
 
 def _sort_keys(scores: list[jax.Array]) -> list[jax.Array]:
-    """Integer keys ordered like the non-negative float ``scores``.
+    """Unsigned integer keys ordered like the non-negative float ``scores``.
 
     For non-negative IEEE floats the bit pattern is monotone in the value, so
     a threshold on the keys is a threshold on the scores (NaN ranks highest).
+    The sign bit is 0, so every key lies below half the dtype's maximum.
     """
     dtype = jnp.result_type(jnp.float32, *[s.dtype for s in scores])
-    ints = jnp.int32 if jnp.dtype(dtype).itemsize == 4 else jnp.int64
+    ints = jnp.uint32 if jnp.dtype(dtype).itemsize == 4 else jnp.uint64
     return [jax.lax.bitcast_convert_type(s.astype(dtype), ints) for s in scores]
 
 
@@ -102,8 +104,8 @@ def _prune_lowest(
 ) -> list[jax.Array]:
     """Exactly ``k`` lowest non-negative scores per array (layer) or across all (global).
 
-    No sort: the ``k``-th smallest bit pattern ``T`` is built bit by bit
-    (binary lifting: one counting pass per key bit, all arrays in one loop),
+    No sort: the ``k``-th smallest bit pattern ``T`` is built from the top
+    (binary lifting: one counting pass per two key bits, all arrays in one loop),
     entries below ``T`` are pruned, and of the entries equal to ``T`` the
     first ``k - #below`` in flat order (arrays in list order, then
     row-major). Only when ties straddle the threshold does a second lifting
@@ -121,6 +123,92 @@ def _prune_lowest(
     return _select_lowest(scores, ks, eligible, scope=scope)
 
 
+# A counting pass packs the flags of three thresholds into the base-256 digits of
+# one float32 per entry; a row's sum holds the three row counts as its digits.
+_DIGIT = 256
+_MAX_ROW = _DIGIT - 1  # 255 * (1 + 256 + 256**2) = 2**24 - 1: row sums stay exact
+_MIN_ROW = 16  # shorter rows are counted one threshold at a time
+
+
+def _row_length(size: int) -> int:
+    """The longest row, at most 255 entries, that ``size`` entries split into evenly."""
+    return max(d for d in range(1, min(size, _MAX_ROW) + 1) if size % d == 0) if size else 1
+
+
+def _counts_below(values: jax.Array, thresholds: jax.Array) -> jax.Array:
+    """``count(values < t)`` for each of the at most three ``thresholds`` (int32).
+
+    With rows of at least 16 entries the flags of threshold ``j`` form the
+    base-256 digit ``j`` of one float32 per entry, and a matrix-vector product
+    sums each row's three counts at once (at most ``255 * (1 + 256 + 256**2)
+    < 2**24``: exact). Otherwise each threshold is counted by :func:`_count`.
+    """
+    if values.ndim != 2 or values.shape[-1] < _MIN_ROW or _explicit_spec(values) is not None:
+        return jnp.stack([_count(values < t) for t in thresholds])
+    packed = sum(
+        (values < thresholds[j]).astype(jnp.float32) * float(_DIGIT**j)
+        for j in range(thresholds.shape[0])
+    )
+    sums = jnp.matmul(
+        packed, jnp.ones(values.shape[-1], jnp.float32), precision=jax.lax.Precision.HIGHEST
+    ).astype(jnp.int32)
+    return jnp.stack(
+        [
+            jnp.sum(jnp.right_shift(sums, 8 * j) & (_DIGIT - 1), dtype=jnp.int32)
+            for j in range(thresholds.shape[0])
+        ]
+    )
+
+
+def _lift(
+    values: list[jax.Array], group: list[int], target: jax.Array, width: int, ways: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per group, the largest ``r`` in ``[0, 2**width)`` with ``count(values < r) <= target``.
+
+    Binary lifting in base ``ways`` (2 or 4): the digits of ``r`` are fixed from
+    the top, one counting pass (``ways - 1`` thresholds) per digit.
+
+    Args:
+      values: unsigned integer arrays, one dtype, as laid out for counting.
+      group: the group of each array.
+      target: int32, shape ``(groups,)``.
+      width: bits of ``r``; at most the bits of the values' dtype.
+      ways: 2, or 4 (three thresholds per pass, see :func:`_counts_below`).
+
+    Returns:
+      ``r`` (the values' dtype), ``count(values < r)`` and ``count(values < r + 1)``
+      (int32), each of shape ``(groups,)``. The last is exact only when
+      ``width`` is the dtype's bit width (it starts as the group's size).
+    """
+    dtype = values[0].dtype
+    shift = ways.bit_length() - 1
+    steps = -(-width // shift)
+    ngroups = target.shape[0]
+    sizes = [
+        sum(v.size for v, g in zip(values, group, strict=True) if g == n) for n in range(ngroups)
+    ]
+
+    def body(i, carry):
+        r, below, upto = carry
+        step = jnp.left_shift(jnp.ones((), dtype), (shift * (steps - 1 - i)).astype(dtype))
+        thresholds = r[:, None] + (step * jnp.arange(1, ways, dtype=dtype))[None, :]
+        per = [_counts_below(v, thresholds[g]) for v, g in zip(values, group, strict=True)]
+        counts = jnp.stack(
+            [sum(p for p, g in zip(per, group, strict=True) if g == n) for n in range(ngroups)]
+        )  # (groups, ways - 1): count(values < r + j * step), j = 1 .. ways - 1
+        fits = counts <= target[:, None]  # a prefix: counts grow with j
+        below = jnp.maximum(below, jnp.max(jnp.where(fits, counts, 0), axis=1))
+        upto = jnp.minimum(upto, jnp.min(jnp.where(fits, upto[:, None], counts), axis=1))
+        return r + step * jnp.sum(fits, axis=1, dtype=dtype), below, upto
+
+    init = (
+        jnp.zeros(ngroups, dtype),
+        jnp.zeros(ngroups, jnp.int32),
+        jnp.asarray(sizes, jnp.int32),
+    )
+    return jax.lax.fori_loop(0, steps, body, init)
+
+
 @functools.partial(jax.jit, static_argnames=("scope", "highest"))
 def _select_lowest(
     scores: list[jax.Array],
@@ -133,61 +221,46 @@ def _select_lowest(
     """:func:`_prune_lowest` with the counts ``ks`` (int32, one per group) given.
 
     With ``highest`` the ``k`` highest scores are chosen (ties: smaller index first).
+    Without an explicit mesh each key array is viewed as rows (a free reshape)
+    and every counting pass fixes two bits of the threshold
+    (:func:`_counts_below`); sharded arrays keep their shape and one bit per pass.
     """
     keys = _sort_keys(scores)
     dtype = keys[0].dtype
+    top = jnp.asarray(jnp.iinfo(dtype).max, dtype)  # above every score's key (sign bit 0)
     if highest:
-        keys = [jnp.iinfo(dtype).max - kk for kk in keys]
-    nbits = 8 * jnp.dtype(dtype).itemsize - 1  # the sign bit of |score| is 0
-    sizes = [s.size for s in scores]
+        keys = [jnp.right_shift(top, jnp.ones((), dtype)) - kk for kk in keys]
+    if eligible is not None:
+        keys = [jnp.where(e, kk, top) for kk, e in zip(keys, eligible, strict=True)]
+    packed = all(_explicit_spec(kk) is None for kk in keys)
+    ways = 4 if packed else 2
+    if packed:
+        keys = [kk.reshape(-1, _row_length(kk.size)) for kk in keys]
     group = list(range(len(keys))) if scope == "layer" else [0] * len(keys)
 
-    def counts(flags: list[jax.Array]) -> jax.Array:
-        per = [_count(f) for f in flags]
-        return jnp.stack(
-            [sum(p for p, g in zip(per, group, strict=True) if g == i) for i in range(len(ks))]
-        )
+    # kth = smallest key with count(keys <= kth) >= k, i.e. largest r with count(keys < r) < k.
+    kth, below, upto = _lift(keys, group, ks - 1, 8 * jnp.dtype(dtype).itemsize, ways)
+    # k = 0 prunes nothing; kth == top: k exceeds the eligible entries, all pruned.
+    tied = (ks > 0) & (kth != top)
+    need = ks - below  # ties to prune, of upto - below
 
-    if eligible is not None:
-        keys = [
-            jnp.where(e, kk, jnp.iinfo(dtype).max) for kk, e in zip(keys, eligible, strict=True)
-        ]
-        ks = jnp.minimum(ks, counts(eligible))
-
-    def lift(below: Callable[[jax.Array], list[jax.Array]], target: jax.Array, bits: int, dt):
-        """Largest ``r`` in ``[0, 2**bits)`` per group with ``count(below(r)) <= target``."""
-
-        def body(i, r):
-            step = jnp.left_shift(jnp.ones((), dt), (bits - 1 - i).astype(dt))
-            return jnp.where(counts(below(r + step)) <= target, r + step, r)
-
-        return jax.lax.fori_loop(0, bits, body, jnp.zeros(len(ks), dt))
-
-    # T = smallest key with count(keys <= T) >= k, i.e. largest r with count(keys < r) < k.
-    kth = lift(
-        lambda r: [kk < r[g] for kk, g in zip(keys, group, strict=True)], ks - 1, nbits, dtype
-    )
-    kth = jnp.where(ks > 0, kth, -1)  # k = 0: no entry is below or tied
-    below = [kk < kth[g] for kk, g in zip(keys, group, strict=True)]
-    ties = [kk == kth[g] for kk, g in zip(keys, group, strict=True)]
-    need = ks - counts(below)
+    def whole_ties():
+        cut = kth + tied.astype(dtype)
+        return [kk < cut[g] for kk, g in zip(keys, group, strict=True)]
 
     def split_ties():
+        sizes = [kk.size for kk in keys]
         offsets = np.cumsum([0, *sizes[:-1]]).tolist() if scope == "global" else [0] * len(keys)
-        index = [_flat_index(s.shape, o) for s, o in zip(scores, offsets, strict=True)]
         total = max(sum(sizes) if scope == "global" else max(sizes), 1)
-        last = lift(
-            lambda r: [t & (ix < r[g]) for t, ix, g in zip(ties, index, group, strict=True)],
-            need,
-            total.bit_length(),
-            jnp.int32,
-        )
+        none = jnp.asarray(jnp.iinfo(jnp.uint32).max, jnp.uint32)
+        index = [
+            jnp.where((kk == kth[g]) & tied[g], _flat_index(kk.shape, o).astype(jnp.uint32), none)
+            for kk, g, o in zip(keys, group, offsets, strict=True)
+        ]
+        last, _, _ = _lift(index, group, need, total.bit_length(), ways)
         return [
-            b | (t & (ix < last[g])) for b, t, ix, g in zip(below, ties, index, group, strict=True)
+            (kk < kth[g]) | (ix < last[g]) for kk, ix, g in zip(keys, index, group, strict=True)
         ]
 
-    return jax.lax.cond(
-        jnp.all(counts(ties) == need),
-        lambda: [b | t for b, t in zip(below, ties, strict=True)],
-        split_ties,
-    )
+    pruned = jax.lax.cond(jnp.all(~tied | (upto - below == need)), whole_ties, split_ties)
+    return [p.reshape(s.shape) for p, s in zip(pruned, scores, strict=True)]
