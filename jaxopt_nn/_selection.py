@@ -128,34 +128,61 @@ def _prune_lowest(
 _DIGIT = 256
 _MAX_ROW = _DIGIT - 1  # 255 * (1 + 256 + 256**2) = 2**24 - 1: row sums stay exact
 _MIN_ROW = 16  # shorter rows are counted one threshold at a time
+_FOLD = 2  # the two halves of an array are added before the product (fewer bytes)
 
 
-def _row_length(size: int) -> int:
-    """The longest row, at most 255 entries, that ``size`` entries split into evenly."""
-    return max(d for d in range(1, min(size, _MAX_ROW) + 1) if size % d == 0) if size else 1
+def _longest_row(size: int, most: int) -> int:
+    """The largest divisor of ``size`` up to ``most`` (1 for ``size`` 0)."""
+    return max((d for d in range(1, min(size, most) + 1) if size % d == 0), default=1)
+
+
+def _layout(size: int) -> tuple[int, int, int]:
+    """``(folds, rows, row)``: ``size`` entries as two halves of rows, else as rows, to count.
+
+    The longest rows with ``folds * row <= 255``; halves when their rows reach
+    16 entries.
+    """
+    row = _longest_row(size // _FOLD, _MAX_ROW // _FOLD)
+    if size % _FOLD == 0 and row >= _MIN_ROW:
+        return _FOLD, size // _FOLD // row, row
+    row = _longest_row(size, _MAX_ROW)
+    return 1, size // row, row
 
 
 def _counts_below(values: jax.Array, thresholds: jax.Array) -> jax.Array:
-    """``count(values < t)`` for each of the at most three ``thresholds`` (int32).
+    """``count(values < t)`` for each of the at most three ascending ``thresholds`` (int32).
 
-    With rows of at least 16 entries the flags of threshold ``j`` form the
-    base-256 digit ``j`` of one float32 per entry, and a matrix-vector product
-    sums each row's three counts at once (at most ``255 * (1 + 256 + 256**2)
-    < 2**24``: exact). Otherwise each threshold is counted by :func:`_count`.
+    ``values`` laid out as ``(folds, rows, row)`` (:func:`_layout`) with
+    ``16 <= row`` and ``folds * row <= 255``: the flags of threshold ``j`` form
+    the base-256 digit ``j`` of one float32 per entry (nested selects, as the
+    thresholds ascend), the folds are added, and a matrix-vector product sums
+    each row's three counts at once (each digit at most ``folds * row <= 255``,
+    so the sum stays below ``2**24``: exact). Any other array is counted one
+    threshold at a time by :func:`_count`.
     """
-    if values.ndim != 2 or values.shape[-1] < _MIN_ROW or _explicit_spec(values) is not None:
-        return jnp.stack([_count(values < t) for t in thresholds])
-    packed = sum(
-        (values < thresholds[j]).astype(jnp.float32) * float(_DIGIT**j)
-        for j in range(thresholds.shape[0])
+    packable = (
+        values.ndim == 3
+        and values.shape[-1] >= _MIN_ROW
+        and values.shape[0] * values.shape[-1] <= _MAX_ROW
+        and _explicit_spec(values) is None
     )
+    if not packable:
+        return jnp.stack([_count(values < t) for t in thresholds])
+    folds, _, row = values.shape
+    count = thresholds.shape[0]
+    packed = jnp.zeros(values.shape, jnp.float32)
+    for j in reversed(range(count)):  # below t_j means below every later threshold too
+        packed = jnp.where(
+            values < thresholds[j], float(sum(_DIGIT**i for i in range(j, count))), packed
+        )
+    folded = sum(packed[f] for f in range(folds))
     sums = jnp.matmul(
-        packed, jnp.ones(values.shape[-1], jnp.float32), precision=jax.lax.Precision.HIGHEST
+        folded, jnp.ones(row, jnp.float32), precision=jax.lax.Precision.HIGHEST
     ).astype(jnp.int32)
     return jnp.stack(
         [
             jnp.sum(jnp.right_shift(sums, 8 * j) & (_DIGIT - 1), dtype=jnp.int32)
-            for j in range(thresholds.shape[0])
+            for j in range(count)
         ]
     )
 
@@ -221,9 +248,10 @@ def _select_lowest(
     """:func:`_prune_lowest` with the counts ``ks`` (int32, one per group) given.
 
     With ``highest`` the ``k`` highest scores are chosen (ties: smaller index first).
-    Without an explicit mesh each key array is viewed as rows (a free reshape)
-    and every counting pass fixes two bits of the threshold
-    (:func:`_counts_below`); sharded arrays keep their shape and one bit per pass.
+    Without an explicit mesh each key array is viewed as ``(folds, rows, row)``
+    (:func:`_layout`, a free reshape) and every counting pass fixes two bits
+    of the threshold (:func:`_counts_below`); sharded arrays keep their shape
+    and one bit per pass.
     """
     keys = _sort_keys(scores)
     dtype = keys[0].dtype
@@ -235,7 +263,7 @@ def _select_lowest(
     packed = all(_explicit_spec(kk) is None for kk in keys)
     ways = 4 if packed else 2
     if packed:
-        keys = [kk.reshape(-1, _row_length(kk.size)) for kk in keys]
+        keys = [kk.reshape(_layout(kk.size)) for kk in keys]
     group = list(range(len(keys))) if scope == "layer" else [0] * len(keys)
 
     # kth = smallest key with count(keys <= kth) >= k, i.e. largest r with count(keys < r) < k.

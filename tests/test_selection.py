@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_nn._selection import _counts_below, _row_length, _select_lowest
+from jaxopt_nn._selection import _counts_below, _layout, _select_lowest
 
 SETTINGS = settings(max_examples=12, deadline=None)
 
@@ -103,18 +103,19 @@ def test_select_lowest_counts_are_traced_in_one_compilation():
     assert len(traces) == 1
 
 
-@pytest.mark.parametrize("size", [0, 1, 7, 255, 256, 1000, 235200, 257 * 3])
-def test_row_length_divides_the_size_and_keeps_row_sums_exact(size):
-    row = _row_length(size)
-    assert 1 <= row <= 255
-    assert size % row == 0
-    # The largest such divisor: no longer row up to 255 divides the size.
-    assert all(size % d for d in range(row + 1, min(size, 255) + 1))
+@pytest.mark.parametrize("size", [0, 1, 7, 32, 255, 256, 1000, 235200, 257 * 3, 2 * 257])
+def test_layout_covers_the_size_and_keeps_row_sums_exact(size):
+    folds, rows, row = _layout(size)
+    assert folds * rows * row == size
+    assert 1 <= folds * row <= 255  # each base-256 digit of a row sum
+    if folds == 1 and size and size % 2 == 0:  # halves only when their rows reach 16 entries
+        assert max(d for d in range(1, 128) if (size // 2) % d == 0) < 16
 
 
-@pytest.mark.parametrize("shape", [(4, 255), (3, 16), (5, 7)])
+@pytest.mark.parametrize("shape", [(2, 4, 127), (1, 3, 255), (2, 3, 16), (1, 5, 7), (3, 2, 100)])
 def test_counts_below_match_numpy_with_full_rows(shape):
-    # Full rows are the worst case for the packed base-256 digits.
+    # Full rows are the worst case for the packed base-256 digits; (3, 2, 100) would
+    # overflow a digit (300 > 255) and is counted one threshold at a time.
     values = jnp.asarray(np.random.default_rng(0).integers(0, 6, size=shape), jnp.uint32)
     thresholds = jnp.asarray([1, 5, 6], jnp.uint32)  # the last counts every entry
     got = jax.jit(_counts_below)(values, thresholds)
