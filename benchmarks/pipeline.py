@@ -22,7 +22,7 @@ on MNIST (28x28, 60k training images), not on digits (8x8, 1,347): they frame
 the scale, they are not a like-for-like comparison.
 
 Usage: ``python benchmarks/pipeline.py [--seeds 0 1 2] [--models lenet300 lenet5]
-[--modes default 0.5 0.0] [--quick] [--plot frontier.png]``.
+[--modes default 0.5 0.0] [--quick] [--prune-epochs N] [--plot frontier.png]``.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def run_one(name: str, mode: str, seed: int, data, short: dict, out_dir: str) ->
         "model": name,
         "mode": mode,
         "seed": seed,
+        "prune_epochs": short.get("prune_epochs", 60),  # deep_compress's default
         "seconds": seconds,
         "cpu_seconds": cpu,  # this process's CPU time, all threads: wall on a quiet machine
         "loadavg": os.getloadavg(),  # the machine is shared: wall times depend on its load
@@ -264,11 +265,19 @@ def main() -> None:
         help="'default', a max drop in points, or 'soft' (soft weight-sharing)",
     )
     parser.add_argument("--quick", action="store_true", help="one seed, short training")
+    parser.add_argument(
+        "--prune-epochs",
+        type=int,
+        default=None,
+        help="pruning and retraining epochs of every stage and probe (default: 60)",
+    )
     parser.add_argument("--plot", default=None, help="write the frontier figure here")
     parser.add_argument("--out", default="pipeline.json", help="JSON file in benchmarks/results")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     short = {"epochs": 5, "prune_epochs": 6, "finetune_epochs": 2} if args.quick else {}
+    if args.prune_epochs is not None:
+        short["prune_epochs"] = args.prune_epochs
     data = load_digits()
     out_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)

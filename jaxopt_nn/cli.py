@@ -280,8 +280,8 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         type=_non_negative_float,
         default=None,
         help="accuracy budget in points: search per-layer sparsity and bits, on the dense model "
-        "and on a copy with half its channels removed, for the smallest archive within it, "
-        "measured on a validation split (not with --sparsity/--bits)",
+        "and on copies with half and three quarters of its channels removed, for the smallest "
+        "archive within it, measured on a validation split (not with --sparsity/--bits)",
     )
     parser.add_argument(
         "--validation",

@@ -334,6 +334,7 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     monkeypatch.setattr(pipeline.allocation, "SCALES", (0.5,))
     monkeypatch.setattr(pipeline.allocation, "CAPS", (4,))
     monkeypatch.setattr(pipeline, "SLIM_EPOCHS", 1)
+    monkeypatch.setattr(pipeline, "SLIM_FRACTIONS", (0.5,))  # both widths: test_slim_sources_...
     kwargs = {"epochs": 1, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
 
     model = LeNet300100(64, hidden=(100, 16), rngs=nnx.Rngs(0))  # deep_compress copies it
@@ -384,7 +385,7 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     assert "budget: validation accuracy" in report.search_summary()
 
 
-def test_slim_sources_halve_an_nnx_model_and_skip_a_linen_one(monkeypatch):
+def test_slim_sources_halve_and_quarter_an_nnx_model_and_skip_a_linen_one(monkeypatch):
     import flax.linen as nn
 
     class LinenMLP(nn.Module):
@@ -404,10 +405,12 @@ def test_slim_sources_halve_an_nnx_model_and_skip_a_linen_one(monkeypatch):
     fit_kwargs = {"batch_size": 16, "seed": 0, "progress": False}
     model = LeNet300100(5, 3, hidden=(16, 8), rngs=nnx.Rngs(0))
     graphdef, state = train.init_train_state(model, optax.identity())
-    (source,) = pipeline._slim_sources(graphdef, state, data, 1e-3, fit_kwargs)
-    assert source.slim == pipeline.SLIM_FRACTIONS[0] == 0.5
-    shapes = {n: np.shape(v) for n, v in tree_lib.leaves_with_names(source.state.params)}
-    assert shapes["fc1/kernel"] == (5, 8) and shapes["fc2/kernel"] == (8, 4)
+    half, quarter = pipeline._slim_sources(graphdef, state, data, 1e-3, fit_kwargs)
+    assert (half.slim, quarter.slim) == pipeline.SLIM_FRACTIONS == (0.5, 0.75)
+    for source, widths in ((half, (8, 4)), (quarter, (4, 2))):
+        shapes = {n: np.shape(v) for n, v in tree_lib.leaves_with_names(source.state.params)}
+        assert shapes["fc1/kernel"] == (5, widths[0])
+        assert shapes["fc2/kernel"] == (widths[0], widths[1])
     # Linen layers behind the bridge cannot be resized: no slim source, no error.
     linen = nnx.bridge.ToNNX(LinenMLP(), rngs=nnx.Rngs(0))
     nnx.bridge.lazy_init(linen, jnp.zeros((1, 5)))
