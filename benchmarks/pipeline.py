@@ -231,6 +231,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def plot(rows: list[dict], runs: list[dict], path: str) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
@@ -238,15 +239,25 @@ def plot(rows: list[dict], runs: list[dict], path: str) -> None:
         for j, mode in enumerate(dict.fromkeys(r["mode"] for r in runs)):
             group = [r for r in runs if r["model"] == name and r["mode"] == mode]
             label = mode if mode in ("default", "soft") else f"max drop {mode}"
+            hollow = j % 2 == 0 and mode not in ("default", "soft")  # equal budgets overlap
             ax.scatter(
                 [r["compression"] for r in group],
                 [100 * (r["dense_accuracy"] - r["archive_accuracy"]) for r in group],
                 label=f"ours, {label} (digits)",
-                color=f"C{j}",
+                color="none" if hollow else f"C{j}",
+                edgecolors=f"C{j}",
+                s=90 if hollow else 30,
+                linewidths=1.5,
             )
         for k, (who, ratio, _) in enumerate(PUBLISHED[name]):
             ax.axvline(ratio, color=f"C{k + 4}", linestyle=":", label=f"{who}: {ratio}x (MNIST)")
         ax.set_xscale("log")
+        low, high = ax.get_xlim()
+        ax.set_xticks(
+            [t for t in (20, 30, 40, 60, 100, 150, 200, 300, 400, 600) if low <= t <= high]
+        )
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("compression (x, log scale)")
         ax.set_ylabel("test accuracy drop (points)")
         ax.set_title(name)
