@@ -15,7 +15,8 @@ pruning) and the lowest-ranked are pruned. **Equal scores are ordered by flat
 position**: among tied weights the one with the smaller row-major index is
 pruned first (global scope: leaves in ``jax.tree.leaves`` order, then
 row-major). Nothing is sorted: the ``k``-th smallest score is found by
-binary lifting on its float bit pattern (one counting pass per bit), and
+binary lifting on its float bit pattern (one counting pass per two bits;
+per bit for explicitly sharded leaves), and
 ties at the threshold by a second lifting on the flat index, run only when
 ties straddle it. So the number of zeros ``k`` may be a traced value, one
 compiled function serves every sparsity of a schedule, and sharded leaves are
