@@ -140,7 +140,8 @@ def _hlo_bytes(text: str) -> int:
 
     Sums operands and results of the ENTRY computation's instructions, with the
     first branch (the false one: no mask update) for each ``conditional``;
-    ``cost_analysis()`` would count every branch.
+    ``cost_analysis()`` would count every branch. A fusion that only slices an
+    operand (through bitcasts) is counted as reading the slices.
     """
     bodies: dict[str, list[str]] = {}
     name = None
@@ -168,8 +169,34 @@ def _hlo_bytes(text: str) -> int:
                 total += cost(bodies[re.search(r"branch_computations=\{%([^,}]+)", line)[1]])
             elif kind not in ("parameter", "tuple", "get-tuple-element", "constant", "bitcast"):
                 names = [a.strip()[1:] for a in args.split(",") if a.strip().startswith("%")]
-                total += size(shape) + sum(size(shapes.get(a, "")) for a in names)
+                fused = re.search(r"calls=%([\w.-]+)", line) if kind == "fusion" else None
+                read = [size(shapes.get(a, "")) for a in names]
+                if fused:
+                    read = [sliced(bodies[fused[1]], i, n) for i, n in enumerate(read)]
+                total += size(shape) + sum(read)
         return total
+
+    def sliced(body: list[str], index: int, whole: int) -> int:
+        """Bytes a fusion reads of its operand ``index``: only the slices, if it only slices it."""
+        ops = [op.groups() for line in body if (op := _OP.match(line))]
+        start = next(
+            (out for out, _, kind, args in ops if kind == "parameter" and args == str(index)), None
+        )
+        if start is None:
+            return whole
+        frontier, read = [start], 0
+        while frontier:
+            name = frontier.pop()
+            for out, shape, kind, args in ops:
+                if f"%{name}" not in re.findall(r"%[\w.-]+", args):
+                    continue
+                if kind == "bitcast":
+                    frontier.append(out)
+                elif kind == "slice":
+                    read += size(shape)
+                else:
+                    return whole
+        return read
 
     return cost(bodies["ENTRY"])
 

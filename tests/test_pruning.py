@@ -1011,6 +1011,31 @@ def test_dynamic_sparse_training_drops_and_grows_at_exact_sparsity(method, getke
     assert changed == [3, 6], changed  # no update from update_end on
 
 
+@pytest.mark.parametrize("first", [np.nan, -np.inf, np.inf, -0.0, -1.0, 3.0])
+def test_set_mask_update_ignores_the_gradients_values(first):
+    # SET's cond waits for the gradients (bit patterns of one element each):
+    # whatever they hold, its drop-and-grow runs on schedule with the same
+    # masks.
+    params = _mlp_params(jax.random.key(0))
+    tx = pruning.prune(pruning.constant(0.8, frequency=2), method="set", key=jax.random.key(1))
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    odd = jax.tree.map(lambda g: g.reshape(-1).at[0].set(first).reshape(g.shape), grads)
+    update = jax.jit(tx.update)
+    for step in range(3):
+        _, expected = update(grads, state, params)
+        _, got = update(odd, state, params)
+        jax.tree.map(np.testing.assert_array_equal, got.masks, expected.masks)
+        if step == 2:  # an update step: the masks moved
+            assert any(
+                not np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(
+                    jax.tree.leaves(got.masks), jax.tree.leaves(state.masks), strict=True
+                )
+            )
+        state = expected
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
