@@ -141,7 +141,7 @@ def _hlo_bytes(text: str) -> int:
     Sums operands and results of the ENTRY computation's instructions, with the
     first branch (the false one: no mask update) for each ``conditional``;
     ``cost_analysis()`` would count every branch. A fusion that only slices an
-    operand (through bitcasts) is counted as reading the slices.
+    operand (through element remaps) is counted as reading the slices.
     """
     bodies: dict[str, list[str]] = {}
     name = None
@@ -177,7 +177,11 @@ def _hlo_bytes(text: str) -> int:
         return total
 
     def sliced(body: list[str], index: int, whole: int) -> int:
-        """Bytes a fusion reads of its operand ``index``: only the slices, if it only slices it."""
+        """Bytes a fusion reads of its operand ``index``: only the slices, if it only slices it.
+
+        Inside a loop fusion an element remap (bitcast, copy, transpose,
+        reshape) computes only the elements its users ask for.
+        """
         ops = [op.groups() for line in body if (op := _OP.match(line))]
         start = next(
             (out for out, _, kind, args in ops if kind == "parameter" and args == str(index)), None
@@ -190,8 +194,8 @@ def _hlo_bytes(text: str) -> int:
             for out, shape, kind, args in ops:
                 if f"%{name}" not in re.findall(r"%[\w.-]+", args):
                     continue
-                if kind == "bitcast":
-                    frontier.append(out)
+                if kind in ("bitcast", "copy", "transpose", "reshape"):
+                    frontier.append(out)  # element remaps: only the sliced elements are read
                 elif kind == "slice":
                     read += size(shape)
                 else:
