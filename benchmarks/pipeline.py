@@ -104,6 +104,7 @@ def run_one(name: str, mode: str, seed: int, data, short: dict, out_dir: str) ->
         "mode": mode,
         "seed": seed,
         "prune_epochs": short.get("prune_epochs", 60),  # deep_compress's default
+        "validation_examples": (report.search or {}).get("validation_examples"),
         "seconds": seconds,
         "cpu_seconds": cpu,  # this process's CPU time, all threads: wall on a quiet machine
         "loadavg": os.getloadavg(),  # the machine is shared: wall times depend on its load
@@ -282,6 +283,12 @@ def main() -> None:
         default=None,
         help="pruning and retraining epochs of every stage and probe (default: 60)",
     )
+    parser.add_argument(
+        "--validation",
+        type=float,
+        default=None,
+        help="share of the training data the budget search validates on (default: 0.1)",
+    )
     parser.add_argument("--plot", default=None, help="write the frontier figure here")
     parser.add_argument("--out", default="pipeline.json", help="JSON file in benchmarks/results")
     args = parser.parse_args()
@@ -289,6 +296,8 @@ def main() -> None:
     short = {"epochs": 5, "prune_epochs": 6, "finetune_epochs": 2} if args.quick else {}
     if args.prune_epochs is not None:
         short["prune_epochs"] = args.prune_epochs
+    if args.validation is not None:
+        short["validation"] = args.validation
     data = load_digits()
     out_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
