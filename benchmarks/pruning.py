@@ -172,17 +172,23 @@ def _hlo_bytes(text: str) -> int:
                 fused = re.search(r"calls=%([\w.-]+)", line) if kind == "fusion" else None
                 read = [size(shapes.get(a, "")) for a in names]
                 if fused:
-                    read = [sliced(bodies[fused[1]], i, n) for i, n in enumerate(read)]
+                    read = [sliced(fused[1], i, n) for i, n in enumerate(read)]
                 total += size(shape) + sum(read)
         return total
 
-    def sliced(body: list[str], index: int, whole: int) -> int:
+    parsed: dict[str, list[tuple[str, ...]]] = {}
+
+    def sliced(computation: str, index: int, whole: int) -> int:
         """Bytes a fusion reads of its operand ``index``: only the slices, if it only slices it.
 
         Inside a loop fusion an element remap (bitcast, copy, transpose,
         reshape) computes only the elements its users ask for.
         """
-        ops = [op.groups() for line in body if (op := _OP.match(line))]
+        if computation not in parsed:  # each fused computation is parsed once
+            parsed[computation] = [
+                op.groups() for line in bodies[computation] if (op := _OP.match(line))
+            ]
+        ops = parsed[computation]
         start = next(
             (out for out, _, kind, args in ops if kind == "parameter" and args == str(index)), None
         )
