@@ -105,6 +105,7 @@ def run_one(name: str, mode: str, seed: int, data, short: dict, out_dir: str) ->
         "seed": seed,
         "prune_epochs": short.get("prune_epochs", 60),  # deep_compress's default
         "validation_examples": (report.search or {}).get("validation_examples"),
+        "distill": (report.search or {}).get("distill"),  # None: no budget, no distillation
         "seconds": seconds,
         "cpu_seconds": cpu,  # this process's CPU time, all threads: wall on a quiet machine
         "loadavg": os.getloadavg(),  # the machine is shared: wall times depend on its load

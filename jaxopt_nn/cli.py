@@ -290,6 +290,13 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         help="share of the training data held out for --max-drop; default: 0.1",
     )
     parser.add_argument(
+        "--distill",
+        type=_unit_float,
+        default=None,
+        help="weight in [0, 1] of the distillation from the dense model in the pruning and "
+        "fine-tuning stages; default: 0.5 with --max-drop, 0 without",
+    )
+    parser.add_argument(
         "--slim",
         type=_sparsity,
         default=None,
@@ -346,6 +353,7 @@ def _compress(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         max_drop=args.max_drop,
         validation=args.validation,
+        distill=args.distill,
     )
     print(report.table(verbose=args.verbose))
     print()

@@ -216,6 +216,7 @@ def test_compress_runs_on_mnist_format_idx_files(tmp_path, capsys):
         (["compress", "--max-drop", "-1"], "argument --max-drop: must be a number >= 0"),
         (["compress", "--validation", "1"], "argument --validation: must be a number in (0, 1)"),
         (["compress", "--max-drop", "0.5", "--bits", "4"], "pass max_drop or sparsity/bits"),
+        (["compress", "--distill", "2"], "argument --distill: must be a number in [0, 1]"),
     ],
 )
 def test_compress_and_evaluate_bad_arguments_give_one_error_line(argv, message, capsys):

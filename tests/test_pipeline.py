@@ -105,6 +105,7 @@ def test_plot_report_writes_an_image(compressed, tmp_path):
         ({"max_drop": -1.0}, r"max_drop must be a number >= 0 \(points\); got max_drop=-1.0"),
         ({"max_drop": 0.5, "sparsity": 0.9}, "pass max_drop or sparsity/bits, not both"),
         ({"max_drop": 0.5, "validation": 1.5}, r"validation must be a number in \(0, 1\)"),
+        ({"distill": 1.5}, r"distill must be a number in \[0, 1\] or None; got distill=1.5"),
     ],
 )
 def test_bad_arguments_raise_before_training(digits, kwargs, match, monkeypatch):
@@ -115,6 +116,39 @@ def test_bad_arguments_raise_before_training(digits, kwargs, match, monkeypatch)
     monkeypatch.setattr(train, "fit", no_training)
     with pytest.raises((ValueError, TypeError), match=match):
         pipeline.deep_compress(LeNet300100(64, rngs=nnx.Rngs(0)), digits, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(("distill", "weight"), [(None, 0.0), (0.5, 0.5), (1.0, 1.0)])
+def test_distill_is_the_loss_of_the_pruning_and_sharing_stages(
+    digits, monkeypatch, distill, weight
+):
+    fits, real_fit, real_fit_state = {}, train.fit, train.fit_state
+
+    def spy(real):
+        def fit(*args, stage, loss_fn=None, **kwargs):
+            result = real(*args, stage=stage, loss_fn=loss_fn, **kwargs)
+            fits[stage] = (loss_fn, result)
+            return result
+
+        return fit
+
+    monkeypatch.setattr(train, "fit", spy(real_fit))
+    monkeypatch.setattr(train, "fit_state", spy(real_fit_state))
+    model = LeNet300100(64, hidden=(16, 8), rngs=nnx.Rngs(0))
+    kwargs = {"epochs": 1, "prune_epochs": 2, "finetune_epochs": 1, "progress": False}
+    pipeline.deep_compress(model, digits, distill=distill, **kwargs)
+    dense_loss, dense = fits["dense"]
+    assert dense_loss is None  # the dense model learns from the labels
+    teacher = train.to_model(dense.graphdef, dense.state)
+    student = LeNet300100(64, hidden=(16, 8), rngs=nnx.Rngs(1))
+    x, y = jnp.asarray(digits.x_train[:32]), jnp.asarray(digits.y_train[:32])
+    for stage in ("pruning", "sharing"):
+        loss_fn, _ = fits[stage]
+        if not weight:
+            assert loss_fn is None
+            continue
+        expected = pipeline.structured.distillation_loss_fn(teacher, weight=weight)
+        np.testing.assert_allclose(loss_fn(student, x, y)[0], expected(student, x, y)[0], rtol=1e-6)
 
 
 def test_restore_state_refuses_an_archive_without_the_models_batch_statistics():
@@ -356,6 +390,7 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     assert report.stage("dense").accuracy != other.stage("dense").accuracy  # test: reported only
     search = report.search
     assert search["probes"] and search["validation_examples"] == 136
+    assert search["distill"] == pipeline.BUDGET_DISTILL  # the budget's default
     # Candidates come from the dense model and from its slimmed copy (half the channels).
     assert search["slim_fractions"] == [0.0, *pipeline.SLIM_FRACTIONS]
     kernel = dict(tree_lib.leaves_with_names(archive.load(tmp_path / "model.jnz")))
