@@ -22,7 +22,8 @@ on MNIST (28x28, 60k training images), not on digits (8x8, 1,347): they frame
 the scale, they are not a like-for-like comparison.
 
 Usage: ``python benchmarks/pipeline.py [--seeds 0 1 2] [--models lenet300 lenet5]
-[--modes default 0.5 0.0] [--quick] [--prune-epochs N] [--plot frontier.png]``.
+[--modes default 0.5 0.0] [--quick] [--prune-epochs N] [--validation F] [--distill W]
+[--plot frontier.png]``.
 """
 
 from __future__ import annotations
@@ -290,6 +291,13 @@ def main() -> None:
         default=None,
         help="share of the training data the budget search validates on (default: 0.1)",
     )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        default=None,
+        help="distillation weight of the pruning and fine-tuning stages (default: 0.5 under a "
+        "budget, 0 without)",
+    )
     parser.add_argument("--plot", default=None, help="write the frontier figure here")
     parser.add_argument("--out", default="pipeline.json", help="JSON file in benchmarks/results")
     args = parser.parse_args()
@@ -299,6 +307,8 @@ def main() -> None:
         short["prune_epochs"] = args.prune_epochs
     if args.validation is not None:
         short["validation"] = args.validation
+    if args.distill is not None:
+        short["distill"] = args.distill
     data = load_digits()
     out_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
