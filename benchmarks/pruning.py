@@ -7,7 +7,9 @@
     whose mask-update gate is evaluated at run time as in training, and with
     a mask update on every step (magnitude and RigL, bool and bit-packed mask
     state); the bytes each compiled step reads and writes on a non-update
-    step (from its HLO); and the bytes of the mask state.
+    step (from its HLO); and the bytes of the mask state. With ``--donate``
+    (LeNet-300-100) every step, dense included, donates its state as
+    ``jaxopt_nn.train``'s step does (``step_overhead_donated``).
 (b) test accuracy vs sparsity (80/90/95/98%) on digits, trained from
     scratch, of LeNet-300-100 and ResNet-20, over several seeds (model init,
     batch order and mask key): dense-to-sparse gradual magnitude pruning
@@ -68,10 +70,11 @@ def _time(fn, repeats, clock=time.perf_counter):
     return out
 
 
-def _make_step(graphdef, make_tx, ste: bool):
+def _make_step(graphdef, make_tx, ste: bool, donate: bool = False):
     """``step(state, x, y, *args)``: adam (+ prune) step, ``make_tx(*args)`` built in the trace.
 
-    With ``ste`` the forward pass sees ``straight_through(params, masks)``.
+    With ``ste`` the forward pass sees ``straight_through(params, masks)``; with
+    ``donate`` the state's buffers are donated (as ``jaxopt_nn.train``'s step does).
     """
 
     def step(state, x, y, *args):
@@ -90,7 +93,7 @@ def _make_step(graphdef, make_tx, ste: bool):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return train.TrainState(optax.apply_updates(state.params, updates), rest, opt_state)
 
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
 def _tx_factory(method: str, lr, steps: int, packed: bool = False, update: int | None = 10):
@@ -211,11 +214,14 @@ def _hlo_bytes(text: str) -> int:
     return cost(bodies["ENTRY"])
 
 
-def step_overhead(rounds: int, per_round: int, model_name: str = "lenet") -> dict:
+def step_overhead(
+    rounds: int, per_round: int, model_name: str = "lenet", donate: bool = False
+) -> dict:
     """Median wall and CPU time of each variant's step, and its ratio to the dense step.
 
     ``model_name``: ``'lenet'`` (LeNet-300-100 on 784 inputs) or ``'resnet'``
-    (ResNet-20 on 8x8 digits-sized images), batch 128.
+    (ResNet-20 on 8x8 digits-sized images), batch 128. ``donate``: every step
+    (dense included) donates its state, each call taking the last one's.
     """
     if model_name == "lenet":
         model = models.LeNet300100(784, rngs=nnx.Rngs(0))
@@ -243,8 +249,8 @@ def step_overhead(rounds: int, per_round: int, model_name: str = "lenet") -> dic
     for name, (method, packed, update) in variants.items():
         make_tx = _tx_factory(method, 1e-3, NEVER, packed, update)
         opt_state = make_tx(target, ticket, key).init(dense_state.params)
-        step = _make_step(graphdef, make_tx, method == "ste")
-        state = dense_state._replace(opt_state=opt_state)
+        step = _make_step(graphdef, make_tx, method == "ste", donate)
+        state = jax.tree.map(jnp.copy, dense_state._replace(opt_state=opt_state))
         if update is None:  # the path a non-update step takes
             text = step.lower(state, x, y, target, ticket, key).compile().as_text()
             hlo_bytes[name] = _hlo_bytes(text)
@@ -254,13 +260,15 @@ def step_overhead(rounds: int, per_round: int, model_name: str = "lenet") -> dic
     # core on a loaded machine does not inflate
     times = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
+
+    def call(name):  # each step takes the state the last one returned (donated or not)
+        states[name] = steps[name](states[name], x, y, target, ticket, key)
+        return states[name]
+
     for _ in range(rounds):  # interleaved
         for name in variants:
-            args = (states[name], x, y, target, ticket, key)
-            times[name].extend(_time(lambda n=name, a=args: steps[n](*a), per_round))
-            cpu[name].extend(
-                _time(lambda n=name, a=args: steps[n](*a), per_round, time.process_time)
-            )
+            times[name].extend(_time(lambda n=name: call(n), per_round))
+            cpu[name].extend(_time(lambda n=name: call(n), per_round, time.process_time))
     med = {name: statistics.median(t) for name, t in times.items()}
     med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     return {
@@ -484,6 +492,11 @@ def main() -> None:
     parser.add_argument(
         "--overhead-models", nargs="+", default=["lenet"], choices=["lenet", "resnet"]
     )
+    parser.add_argument(
+        "--donate",
+        action="store_true",
+        help="step overhead with every step donating its state (as jaxopt_nn.train does)",
+    )
     parser.add_argument("--lenet-epochs", type=int, default=40)
     parser.add_argument("--resnet-epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -504,9 +517,10 @@ def main() -> None:
         for name in args.overhead_models:
             print(f"(a) train-step overhead, {name}", flush=True)
             key = "step_overhead" if name == "lenet" else "step_overhead_resnet20"
+            key += "_donated" if args.donate else ""
             before = os.getloadavg()
             rounds, per_round = (5, 5) if quick else (30, 7)
-            result[key] = step_overhead(rounds=rounds, per_round=per_round, model_name=name)
+            result[key] = step_overhead(rounds, per_round, name, args.donate)
             result[f"{key}_load"] = {
                 "loadavg_before": before,
                 "loadavg_after": os.getloadavg(),
