@@ -250,6 +250,7 @@ def step_overhead(
         make_tx = _tx_factory(method, 1e-3, NEVER, packed, update)
         opt_state = make_tx(target, ticket, key).init(dense_state.params)
         step = _make_step(graphdef, make_tx, method == "ste", donate)
+        # A copy per variant: a donating step deletes the buffers it is given.
         state = jax.tree.map(jnp.copy, dense_state._replace(opt_state=opt_state))
         if update is None:  # the path a non-update step takes
             text = step.lower(state, x, y, target, ticket, key).compile().as_text()
