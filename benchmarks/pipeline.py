@@ -22,7 +22,7 @@ on MNIST (28x28, 60k training images), not on digits (8x8, 1,347): they frame
 the scale, they are not a like-for-like comparison.
 
 Usage: ``python benchmarks/pipeline.py [--seeds 0 1 2] [--models lenet300 lenet5]
-[--modes default 0.5 0.0] [--quick] [--prune-epochs N] [--validation F] [--distill W]
+[--modes default 0.5 0.0] [--quick] [--prune-epochs N] [--validation F] [--folds K] [--distill W]
 [--plot frontier.png]``.
 """
 
@@ -106,6 +106,7 @@ def run_one(name: str, mode: str, seed: int, data, short: dict, out_dir: str) ->
         "seed": seed,
         "prune_epochs": short.get("prune_epochs", 60),  # deep_compress's default
         "validation_examples": (report.search or {}).get("validation_examples"),
+        "folds": (report.search or {}).get("folds"),
         "distill": (report.search or {}).get("distill"),  # None: no budget, no distillation
         "seconds": seconds,
         "cpu_seconds": cpu,  # this process's CPU time, all threads: wall on a quiet machine
@@ -292,6 +293,12 @@ def main() -> None:
         help="share of the training data the budget search validates on (default: 0.1)",
     )
     parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="validation folds of the budget search (default: 1)",
+    )
+    parser.add_argument(
         "--distill",
         type=float,
         default=None,
@@ -307,6 +314,8 @@ def main() -> None:
         short["prune_epochs"] = args.prune_epochs
     if args.validation is not None:
         short["validation"] = args.validation
+    if args.folds is not None:
+        short["folds"] = args.folds
     if args.distill is not None:
         short["distill"] = args.distill
     data = load_digits()

@@ -58,17 +58,22 @@ def _check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
-def split_validation(data: Dataset, fraction: float = 0.1, *, seed: int = 0) -> Dataset:
+def split_validation(
+    data: Dataset, fraction: float = 0.1, *, seed: int = 0, fold: int = 0
+) -> Dataset:
     """The training split divided into training and validation, stratified by class.
 
     Each class gives ``round(fraction * count)`` of its examples (at least one
     when it has two or more), drawn with ``seed``. The test split is not
-    used.
+    used. ``fold`` picks the ``fold``-th such block of each class's seeded
+    permutation, so folds ``0, 1, ...`` of one seed hold out disjoint
+    validation splits (cross-validation); fold 0 is the first block.
 
     Args:
       data: a :class:`~jaxopt_nn.data.Dataset`.
       fraction: share of the training examples held out, in ``(0, 1)``.
       seed: seed of the draw.
+      fold: which block of the draw is held out (``>= 0``).
 
     Returns:
       A ``Dataset`` whose ``x_train``/``y_train`` are the remaining training
@@ -76,7 +81,9 @@ def split_validation(data: Dataset, fraction: float = 0.1, *, seed: int = 0) -> 
       ``classes`` is ``data.num_classes``.
 
     Raises:
-      ValueError: if ``fraction`` is out of range or leaves either part empty.
+      ValueError: if ``fraction`` or ``fold`` is out of range (a class of two
+        or more examples must keep one for training) or leaves either part
+        empty.
 
     Example:
       >>> from jaxopt_nn.data import load_digits
@@ -85,6 +92,8 @@ def split_validation(data: Dataset, fraction: float = 0.1, *, seed: int = 0) -> 
       (1211, 136)
     """
     fraction = _check_fraction("validation", fraction)
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold < 0:
+        raise ValueError(f"fold must be an integer >= 0; got fold={fold!r}")
     rng = np.random.default_rng(seed)
     held = []
     for label in np.unique(data.y_train):
@@ -92,7 +101,13 @@ def split_validation(data: Dataset, fraction: float = 0.1, *, seed: int = 0) -> 
         count = round(fraction * members.size)
         if members.size >= 2:
             count = min(max(count, 1), members.size - 1)
-        held.append(rng.permutation(members)[:count])
+            if (fold + 1) * count > members.size - 1:
+                raise ValueError(
+                    f"fold={fold} of validation={fraction} needs {(fold + 1) * count} of the "
+                    f"{members.size} training examples of class {label} (one must stay for "
+                    f"training); allowed: fold < {(members.size - 1) // count}"
+                )
+        held.append(rng.permutation(members)[fold * count : (fold + 1) * count])
     val = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
     keep = np.setdiff1d(np.arange(len(data.y_train)), val)
     if val.size == 0 or keep.size == 0:

@@ -287,7 +287,14 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         "--validation",
         type=_open_fraction,
         default=0.1,
-        help="share of the training data held out for --max-drop; default: 0.1",
+        help="share of the training data held out for --max-drop (per fold); default: 0.1",
+    )
+    parser.add_argument(
+        "--folds",
+        type=_positive_int,
+        default=1,
+        help="validation folds of --max-drop: each holds out its own split and trains its own "
+        "models, and the budget applies to the images of all folds; default: 1",
     )
     parser.add_argument(
         "--distill",
@@ -353,6 +360,7 @@ def _compress(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         max_drop=args.max_drop,
         validation=args.validation,
+        folds=args.folds,
         distill=args.distill,
     )
     print(report.table(verbose=args.verbose))

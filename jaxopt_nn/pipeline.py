@@ -517,6 +517,7 @@ class CompressionReport(NamedTuple):
             return ""
         s = self.search
         verdict = "within" if s["budget_met"] else "NOT within (closest shown)"
+        folds = f" ({s['folds']} folds)" if s["folds"] > 1 else ""
         source = (
             f"the model with {s['slim']:.0%} of its channels removed"
             if s["slim"]
@@ -525,7 +526,7 @@ class CompressionReport(NamedTuple):
         return (
             f"budget: validation accuracy {s['dense_validation_accuracy']:.2%} -> "
             f"{s['validation_accuracy']:.2%} on {s['validation_examples']} held-out training "
-            f"examples, {verdict} max drop {s['max_drop']:g} points; "
+            f"examples{folds}, {verdict} max drop {s['max_drop']:g} points; "
             f"{len(s['probes'])} of {s['candidates']} allocations trained; chosen from {source}"
         )
 
@@ -856,6 +857,16 @@ class _Source(NamedTuple):
     state: train.TrainState
 
 
+class _Fold(NamedTuple):
+    """One validation fold of the budget search: its split, dense model and stage settings."""
+
+    fit_data: Dataset  # the rest of the training data, and the fold's validation split as test
+    graphdef: nnx.GraphDef
+    dense: train.TrainState  # trained on fit_data's training part only
+    dense_accuracy: float  # on the fold's validation split
+    stage_args: dict[str, Any]  # _prune_and_share's settings (the loss distils this dense model)
+
+
 def _slim_sources(
     graphdef: nnx.GraphDef,
     dense: train.TrainState,
@@ -935,14 +946,10 @@ def _bisect(indices: list[int], passes: Callable[[int], bool]) -> None:
 
 
 def _search(
-    graphdef: nnx.GraphDef,
-    dense: train.TrainState,
+    folds: list[_Fold],
     data: Dataset,
-    fit_data: Dataset,
     defaults: tuple[dict[str, float], dict[str, int]],
-    dense_accuracy: float,
     max_drop: float,
-    stage_args: dict[str, Any],
     learning_rate: float,
 ) -> tuple[_Compressed, nnx.GraphDef, dict[str, float], dict[str, int], dict[str, Any]]:
     """Bisect the candidate allocations for the smallest archive within ``max_drop``.
@@ -950,22 +957,34 @@ def _search(
     Candidates come from each source (the dense model and its slimmed
     copies, :func:`_slim_sources`); each source's candidates, ordered by
     estimated bytes, are bisected on their own, and the smallest archive of
-    all passing probes is chosen. Every measurement is on ``fit_data``'s test
-    split (the validation split); ``data`` only supplies the reported test
-    accuracies.
+    all passing probes is chosen. A probe prunes and shares the source of
+    every fold (each fold's own dense model and slim copies, trained without
+    its validation images) and passes when the validation images it gets
+    right, counted over all folds, are at most ``max_drop`` points of the
+    pooled validation images fewer than the dense models get right. It stops
+    early once the folds left could not make up the images lost. The
+    candidates (sensitivities, biases) come from the first fold, whose
+    archive is the one kept. Every measurement is on the folds' validation
+    splits; ``data`` only supplies the reported test accuracies.
     """
+    first = folds[0]
     names = list(defaults[0])
-    fit_kwargs = stage_args["fit_kwargs"]
-    sources = [_Source(0.0, graphdef, dense)]
-    sources += _slim_sources(graphdef, dense, fit_data, learning_rate, fit_kwargs)
-    itemsize = np.dtype(stage_args["small_dtype"] or np.float32).itemsize
+    fit_kwargs = first.stage_args["fit_kwargs"]
+    sources = [
+        [_Source(0.0, fold.graphdef, fold.dense)]
+        + _slim_sources(fold.graphdef, fold.dense, fold.fit_data, learning_rate, fit_kwargs)
+        for fold in folds
+    ]
+    count = min(len(s) for s in sources)  # the same model: the same sources in every fold
+    sources = [s[:count] for s in sources]
+    itemsize = np.dtype(first.stage_args["small_dtype"] or np.float32).itemsize
     family: dict[tuple, tuple[int, allocation.Allocation, float]] = {}
     smalls, links = [], []
-    for i, source in enumerate(sources):
+    for i, source in enumerate(sources[0]):
         sensitivities = allocation.layer_sensitivity(
             source.graphdef,
             source.state,
-            fit_data,
+            first.fit_data,
             names,
             sparsities=allocation.SPARSITIES,
             bits=allocation.BITS,
@@ -979,42 +998,57 @@ def _search(
         for a in candidates:
             key = (i, tuple(a.sparsity.items()), tuple(a.bits.items()))
             family.setdefault(key, (i, a, a.estimated_bytes + extra))
-        x = jnp.asarray(fit_data.x_train[:1])
+        x = jnp.asarray(first.fit_data.x_train[:1])
         links.append(dense_links(train.to_model(source.graphdef, source.state), x))
-    # Grouped by source, each group sorted by estimated bytes and bisected on its own.
+    # Grouped by source, each group sorted by estimated bytes and bisected on their own.
     ordered = sorted(family.values(), key=lambda c: (c[0], c[2]))
+    examples = [len(fold.fit_data.y_test) for fold in folds]
+    dense_right = [round(f.dense_accuracy * n) for f, n in zip(folds, examples, strict=True)]
+    total = sum(examples)
     probes, results = [], {}
+
+    def within(right: int) -> bool:  # right: validation images right, over all folds
+        return 100 * (sum(dense_right) - right) / total <= max_drop + 1e-9
 
     def probe(index: int) -> bool:
         i, candidate, estimate = ordered[index]
-        source = sources[i]
         widths = {**candidate.bits, **dict.fromkeys(smalls[i], BIAS_BITS)}
-        args = dict(stage_args)
-        if source.slim:  # the archive's shapes are the slim model's: readers resize to them
-            args["metadata"] = {**(stage_args["metadata"] or {}), "structured": True}
-        done = _prune_and_share(
-            source.graphdef,
-            source.state,
-            fit_data,
-            candidate.sparsity,
-            widths,
-            test=data,
-            links=links[i],
-            centroid_dtype=stage_args["small_dtype"],  # verified on the loaded archive
-            **args,
-        )
-        accuracy = _validation_accuracy(source.graphdef, done, fit_data)
-        passed = 100 * (dense_accuracy - accuracy) <= max_drop + 1e-9
-        results[index] = (done, widths, accuracy, passed)
+        dones, accuracies, right = [], [], 0
+        for k, fold in enumerate(folds):
+            source = sources[k][i]
+            args = dict(fold.stage_args)
+            if source.slim:  # the archive's shapes are the slim model's: readers resize to them
+                args["metadata"] = {**(args["metadata"] or {}), "structured": True}
+            done = _prune_and_share(
+                source.graphdef,
+                source.state,
+                fold.fit_data,
+                candidate.sparsity,
+                widths,
+                test=data,
+                links=links[i],
+                centroid_dtype=args["small_dtype"],  # verified on the loaded archive
+                **args,
+            )
+            dones.append(done)
+            accuracies.append(_validation_accuracy(source.graphdef, done, fold.fit_data))
+            right += round(accuracies[-1] * examples[k])
+            if not within(right + sum(examples[k + 1 :])):  # lost even if the rest score 100%
+                break
+        measured = sum(examples[: len(accuracies)])
+        passed = len(accuracies) == len(folds) and within(right)
+        kept = dones[0]  # the first fold's archive
+        results[index] = (kept, widths, right / measured, passed)
         probes.append(
             {
                 "candidate": index,
-                "slim": source.slim,
+                "slim": sources[0][i].slim,
                 "multiplier": candidate.multiplier,
                 "estimated_bytes": estimate,
-                "bytes": len(done.blob),
-                "dead_units": done.dead_units,
-                "validation_accuracy": accuracy,
+                "bytes": len(kept.blob),
+                "dead_units": kept.dead_units,
+                "validation_accuracy": right / measured,
+                "fold_accuracies": accuracies,
                 "passed": passed,
                 "sparsity": candidate.sparsity,
                 "bits": widths,
@@ -1022,7 +1056,7 @@ def _search(
         )
         return passed
 
-    for i in range(len(sources)):
+    for i in range(count):
         group = [k for k, c in enumerate(ordered) if c[0] == i]
         _bisect(group, probe)
     passing = [k for k, r in results.items() if r[3]]
@@ -1035,17 +1069,19 @@ def _search(
     i, chosen, _ = ordered[best]
     search = {
         "max_drop": max_drop,
-        "validation_examples": len(fit_data.y_test),
-        "dense_validation_accuracy": dense_accuracy,
+        "folds": len(folds),
+        "validation_examples": total,
+        "dense_validation_accuracy": sum(dense_right) / total,
+        "dense_fold_accuracies": [fold.dense_accuracy for fold in folds],
         "validation_accuracy": accuracy,
         "budget_met": met,
-        "slim_fractions": [s.slim for s in sources],
+        "slim_fractions": [s.slim for s in sources[0]],
         "candidates": len(ordered),
         "chosen": best,
-        "slim": sources[i].slim,
+        "slim": sources[0][i].slim,
         "probes": probes,
     }
-    return done, sources[i].graphdef, dict(chosen.sparsity), widths, search
+    return done, sources[0][i].graphdef, dict(chosen.sparsity), widths, search
 
 
 def deep_compress(
@@ -1067,6 +1103,7 @@ def deep_compress(
     progress: bool = True,
     max_drop: float | None = None,
     validation: float = 0.1,
+    folds: int = 1,
     distill: float | None = None,
 ) -> CompressionReport:
     r"""Compress ``model`` on ``data`` with pruning, weight sharing and Huffman coding.
@@ -1093,7 +1130,14 @@ def deep_compress(
     accuracy is within ``max_drop`` points of the dense model's, measured on
     a validation split (:func:`~jaxopt_nn.allocation.split_validation`,
     ``validation`` of the training data, stratified, seeded with ``seed``);
-    every stage trains on the rest. After dense training, slimmed copies are
+    every stage trains on the rest. With ``folds`` > 1 the check is
+    cross-validated: each fold holds out its own disjoint split (the next
+    block of the same stratified draw) and trains its own dense model and
+    slim copies on the rest; every probe runs in every fold and the budget
+    applies to the validation images counted over all folds (two folds of
+    136 digits images: 272, so 0.5 point allows one image lost where one
+    split allows none). The first fold's archive is kept. After dense
+    training, slimmed copies are
     made (:data:`SLIM_FRACTIONS`: half and three quarters of the channels of
     every group removed by :func:`~jaxopt_nn.structured.gradual_prune`,
     distilled from the dense model; skipped for models it cannot shrink):
@@ -1146,7 +1190,10 @@ def deep_compress(
       max_drop: accuracy budget in percentage points (``>= 0``), or ``None``
         for the fixed ``sparsity`` and ``bits``; not with them.
       validation: share of the training data held out for the budget's
-        measurements, in ``(0, 1)``.
+        measurements, in ``(0, 1)``; per fold.
+      folds: validation folds of the budget (``>= 1``; ``folds *
+        validation`` below 1): each costs a dense training and a pruning
+        run per probe.
       distill: weight in ``[0, 1]`` of the distillation from the dense model
         (:func:`~jaxopt_nn.structured.distillation_loss_fn`, temperature 4)
         in the pruning and fine-tuning stages; ``None``:
@@ -1187,7 +1234,14 @@ def deep_compress(
                 "max_drop chooses sparsity and bits per layer; pass max_drop or "
                 f"sparsity/bits, not both; got sparsity={sparsity!r}, bits={bits!r}"
             )
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+            raise ValueError(f"folds must be an integer >= 1; got folds={folds!r}")
         fit_data = allocation.split_validation(data, validation, seed=seed)
+        try:  # the last fold's split, refused now rather than after a dense training
+            allocation.split_validation(data, validation, seed=seed, fold=folds - 1)
+        except ValueError as err:
+            message = f"folds={folds} is too many for validation={validation}: {err}"
+            raise ValueError(message) from None
     else:
         fit_data = data
     # The archive's own checks, run before training rather than after it.
@@ -1246,16 +1300,18 @@ def deep_compress(
     if max_drop is None:
         done = _prune_and_share(graphdef, dense, data, targets, widths, **stage_args)
     else:
+        cross = [_Fold(fit_data, graphdef, dense, dense_accuracy, stage_args)]
+        for fold in range(1, folds):
+            part = allocation.split_validation(data, validation, seed=seed, fold=fold)
+            other = train.fit(model, tx, part, epochs=epochs, stage=f"dense {fold}", **fit_kwargs)
+            args = dict(stage_args)
+            if distill:
+                teacher = train.to_model(other.graphdef, other.state)
+                args["loss_fn"] = structured.distillation_loss_fn(teacher, weight=distill)
+            accuracy = other.history[-1]["test_accuracy"]
+            cross.append(_Fold(part, other.graphdef, other.state, accuracy, args))
         done, graphdef, targets, widths, search = _search(
-            graphdef,
-            dense,
-            data,
-            fit_data,
-            (targets, widths),
-            dense_accuracy,
-            max_drop,
-            stage_args,
-            learning_rate,
+            cross, data, (targets, widths), max_drop, learning_rate
         )
         search["validation"] = validation
         search["distill"] = distill

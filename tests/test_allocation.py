@@ -39,6 +39,36 @@ def test_validation_split_is_stratified_seeded_disjoint_and_ignores_the_test_spl
     assert part.classes == 10
 
 
+def test_validation_folds_are_disjoint_stratified_blocks_of_one_draw(digits):
+    first = allocation.split_validation(digits, 0.1, seed=3)
+    np.testing.assert_array_equal(
+        allocation.split_validation(digits, 0.1, seed=3, fold=0).y_test, first.y_test
+    )
+    rows = lambda x: {r.tobytes() for r in x.reshape(len(x), -1)}  # noqa: E731
+    folds = [allocation.split_validation(digits, 0.1, seed=3, fold=k) for k in range(3)]
+    for k, part in enumerate(folds):
+        assert len(part.y_train) + len(part.y_test) == len(digits.y_train)
+        assert rows(part.x_train) | rows(part.x_test) == rows(digits.x_train)
+        for label in range(10):
+            count = int(np.sum(digits.y_train == label))
+            assert int(np.sum(part.y_test == label)) == round(0.1 * count)
+        for other in folds[:k]:
+            assert rows(part.x_test).isdisjoint(rows(other.x_test))
+
+
+@pytest.mark.parametrize("fold", [9, 100])
+def test_a_fold_past_the_last_block_is_refused(digits, fold):
+    # Ten blocks of 10% would leave no training example of a class.
+    with pytest.raises(ValueError, match=rf"fold={fold} of validation=0.1 .* allowed: fold < "):
+        allocation.split_validation(digits, 0.1, fold=fold)
+
+
+@pytest.mark.parametrize("fold", [-1, 1.0, True, "1"])
+def test_a_fold_that_is_not_a_nonnegative_integer_is_refused(digits, fold):
+    with pytest.raises(ValueError, match=r"fold must be an integer >= 0; got fold="):
+        allocation.split_validation(digits, 0.1, fold=fold)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, True, "0.1"])
 def test_validation_fraction_out_of_range_is_refused(digits, fraction):
     with pytest.raises(ValueError, match=r"validation must be a number in \(0, 1\)"):

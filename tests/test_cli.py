@@ -217,6 +217,11 @@ def test_compress_runs_on_mnist_format_idx_files(tmp_path, capsys):
         (["compress", "--validation", "1"], "argument --validation: must be a number in (0, 1)"),
         (["compress", "--max-drop", "0.5", "--bits", "4"], "pass max_drop or sparsity/bits"),
         (["compress", "--distill", "2"], "argument --distill: must be a number in [0, 1]"),
+        (["compress", "--folds", "0"], "argument --folds: must be a positive integer; got '0'"),
+        (
+            ["compress", "--max-drop", "0.5", "--folds", "3", "--validation", "0.4"],
+            "folds=3 is too many for validation=0.4",
+        ),
     ],
 )
 def test_compress_and_evaluate_bad_arguments_give_one_error_line(argv, message, capsys):

@@ -106,6 +106,12 @@ def test_plot_report_writes_an_image(compressed, tmp_path):
         ({"max_drop": 0.5, "sparsity": 0.9}, "pass max_drop or sparsity/bits, not both"),
         ({"max_drop": 0.5, "validation": 1.5}, r"validation must be a number in \(0, 1\)"),
         ({"distill": 1.5}, r"distill must be a number in \[0, 1\] or None; got distill=1.5"),
+        ({"max_drop": 0.5, "folds": 0}, "folds must be an integer >= 1; got folds=0"),
+        ({"max_drop": 0.5, "folds": True}, "folds must be an integer >= 1; got folds=True"),
+        (
+            {"max_drop": 0.5, "folds": 3, "validation": 0.4},
+            r"folds=3 is too many for validation=0.4: fold=2 of validation=0.4 .* fold < 2",
+        ),
     ],
 )
 def test_bad_arguments_raise_before_training(digits, kwargs, match, monkeypatch):
@@ -418,6 +424,59 @@ def test_budget_search_is_identical_when_the_test_split_is_garbage(
     for name in shared:
         np.testing.assert_array_equal(stored[name], stored[name].astype(np.float16))
     assert "budget: validation accuracy" in report.search_summary()
+
+
+def test_cross_validated_budget_pools_the_validation_images_of_every_fold(digits, monkeypatch):
+    monkeypatch.setattr(pipeline.allocation, "SPARSITIES", (0.9,))
+    monkeypatch.setattr(pipeline.allocation, "BITS", (4,))
+    monkeypatch.setattr(pipeline.allocation, "SCALES", (0.5,))
+    monkeypatch.setattr(pipeline.allocation, "CAPS", (4,))
+    monkeypatch.setattr(pipeline, "SLIM_EPOCHS", 1)
+    monkeypatch.setattr(pipeline, "SLIM_FRACTIONS", (0.5,))
+    fits, pruned, real_fit, real_prune = {}, [], train.fit, pipeline._prune_and_share
+
+    def fit(model, tx, data, *, stage, **kwargs):
+        fits[stage] = data
+        return real_fit(model, tx, data, stage=stage, **kwargs)
+
+    def prune_and_share(graphdef, dense, data, *args, **kwargs):
+        pruned.append((data, kwargs.get("loss_fn")))
+        return real_prune(graphdef, dense, data, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(pipeline, "_prune_and_share", prune_and_share)
+    model = LeNet300100(64, hidden=(100, 16), rngs=nnx.Rngs(0))
+    kwargs = {"epochs": 1, "prune_epochs": 2, "finetune_epochs": 0, "progress": False}
+    report = pipeline.deep_compress(model, digits, max_drop=0.5, folds=2, **kwargs)
+    search = report.search
+    folds = [pipeline.allocation.split_validation(digits, 0.1, fold=k) for k in range(2)]
+    # Each fold's dense model trains on the rest of the training data, not on its own split.
+    for stage, fold in zip(("dense", "dense 1"), folds, strict=True):
+        np.testing.assert_array_equal(fits[stage].x_train, fold.x_train)
+        np.testing.assert_array_equal(fits[stage].y_test, fold.y_test)
+    # Probes alternate folds: the first fold, then the second unless it cannot pass any more.
+    fold_of = [0 if np.array_equal(d.y_test, folds[0].y_test) else 1 for d, _ in pruned]
+    expected = [k for p in search["probes"] for k in range(len(p["fold_accuracies"]))]
+    assert fold_of == expected
+    losses = [loss for _, loss in pruned]  # each fold distils its own dense model
+    assert all(loss is not None for loss in losses)
+    assert {id(loss) for loss, k in zip(losses, fold_of, strict=True) if k == 1}.isdisjoint(
+        {id(loss) for loss, k in zip(losses, fold_of, strict=True) if k == 0}
+    )
+    n = [len(fold.y_test) for fold in folds]
+    assert search["folds"] == 2 and search["validation_examples"] == sum(n) == 272
+    dense_right = sum(round(a * m) for a, m in zip(search["dense_fold_accuracies"], n, strict=True))
+    assert search["dense_validation_accuracy"] == dense_right / sum(n)
+    for probe in search["probes"]:
+        right = [round(a * m) for a, m in zip(probe["fold_accuracies"], n, strict=False)]
+        lost = dense_right - sum(right)
+        if len(right) == 2:  # the budget on the pooled count: 0.5 point of 272 is one image
+            assert probe["passed"] == (lost <= 1)
+        else:  # stopped: more than one image lost even if the second fold scored 100%
+            assert not probe["passed"] and lost - n[1] > 1
+    chosen = next(p for p in search["probes"] if p["candidate"] == search["chosen"])
+    assert report.info.file_bytes == chosen["bytes"]
+    assert "on 272 held-out training examples (2 folds)" in report.search_summary()
 
 
 def test_slim_sources_halve_and_quarter_an_nnx_model_and_skip_a_linen_one(monkeypatch):
