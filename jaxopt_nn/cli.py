@@ -292,9 +292,9 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--folds",
         type=_positive_int,
-        default=1,
+        default=None,
         help="validation folds of --max-drop: each holds out its own split and trains its own "
-        "models, and the budget applies to the images of all folds; default: 1",
+        "models, and the budget applies to the images of all folds; default: 2",
     )
     parser.add_argument(
         "--distill",
