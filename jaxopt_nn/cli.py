@@ -294,7 +294,7 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
         type=_positive_int,
         default=None,
         help="validation folds of --max-drop: each holds out its own split and trains its own "
-        "models, and the budget applies to the images of all folds; default: 2",
+        "models, and the budget applies to the images of all folds; default: 3",
     )
     parser.add_argument(
         "--distill",
