@@ -296,7 +296,7 @@ def main() -> None:
         "--folds",
         type=int,
         default=None,
-        help="validation folds of the budget search (default: 1)",
+        help="validation folds of the budget search (default: 3)",
     )
     parser.add_argument(
         "--distill",

@@ -874,6 +874,26 @@ class _Fold(NamedTuple):
     stage_args: dict[str, Any]  # _prune_and_share's settings (the loss distils this dense model)
 
 
+def _train_fold(
+    model: nnx.Module,
+    fit_data: Dataset,
+    epochs: int,
+    stage: str,
+    stage_args: dict[str, Any],
+    distill: float,
+) -> _Fold:
+    """Dense training on ``fit_data`` and the pruning stages' settings that distil from it."""
+    result = train.fit(
+        model, stage_args["tx"], fit_data, epochs=epochs, stage=stage, **stage_args["fit_kwargs"]
+    )
+    args = dict(stage_args)
+    if distill:
+        teacher = train.to_model(result.graphdef, result.state)
+        args["loss_fn"] = structured.distillation_loss_fn(teacher, weight=distill)
+    accuracy = result.history[-1]["test_accuracy"]  # validation accuracy if budgeted
+    return _Fold(fit_data, result.graphdef, result.state, accuracy, args)
+
+
 def _slim_sources(
     graphdef: nnx.GraphDef,
     dense: train.TrainState,
@@ -1010,17 +1030,17 @@ def _search(
     # Grouped by source, each group sorted by estimated bytes and bisected on its own.
     ordered = sorted(family.values(), key=lambda c: (c[0], c[2]))
     examples = [len(fold.fit_data.y_test) for fold in folds]
-    dense_right = [round(f.dense_accuracy * n) for f, n in zip(folds, examples, strict=True)]
+    dense_right = sum(round(f.dense_accuracy * n) for f, n in zip(folds, examples, strict=True))
     total = sum(examples)
     probes, results = [], {}
 
     def within(right: int) -> bool:  # right: validation images right, over all folds
-        return 100 * (sum(dense_right) - right) / total <= max_drop + 1e-9
+        return 100 * (dense_right - right) / total <= max_drop + 1e-9
 
     def probe(index: int) -> bool:
         i, candidate, estimate = ordered[index]
         widths = {**candidate.bits, **dict.fromkeys(smalls[i], BIAS_BITS)}
-        dones, accuracies, right = [], [], 0
+        kept, accuracies, right = None, [], 0
         for k, fold in enumerate(folds):
             source = sources[k][i]
             args = dict(fold.stage_args)
@@ -1037,14 +1057,15 @@ def _search(
                 centroid_dtype=args["small_dtype"],  # verified on the loaded archive
                 **args,
             )
-            dones.append(done)
+            if kept is None:  # the first fold's archive is the one kept
+                kept = done
             accuracies.append(_validation_accuracy(source.graphdef, done, fold.fit_data))
             right += round(accuracies[-1] * examples[k])
             if not within(right + sum(examples[k + 1 :])):  # lost even if the rest score 100%
                 break
         measured = sum(examples[: len(accuracies)])
         passed = len(accuracies) == len(folds) and within(right)
-        kept = dones[0]  # the first fold's archive
+        assert kept is not None  # folds is never empty
         results[index] = (kept, widths, right / measured, passed)
         probes.append(
             {
@@ -1078,7 +1099,7 @@ def _search(
         "max_drop": max_drop,
         "folds": len(folds),
         "validation_examples": total,
-        "dense_validation_accuracy": sum(dense_right) / total,
+        "dense_validation_accuracy": dense_right / total,
         "dense_fold_accuracies": [fold.dense_accuracy for fold in folds],
         "validation_accuracy": accuracy,
         "budget_met": met,
@@ -1281,19 +1302,7 @@ def deep_compress(
         stages.append(StageResult(name, float(accuracy), int(nbytes), time.perf_counter() - start))
 
     # 1. Dense training.
-    start = time.perf_counter()
-    result = train.fit(model, tx, fit_data, epochs=epochs, stage="dense", **fit_kwargs)
-    graphdef, dense = result.graphdef, result.state
-    weights["dense"] = _flat_selected(dense.params, names)
-    dense_accuracy = result.history[-1]["test_accuracy"]  # validation accuracy if budgeted
-    if max_drop is not None:
-        dense_accuracy_test = train.evaluate(graphdef, dense, data.x_test, data.y_test)["accuracy"]
-    else:
-        dense_accuracy_test = dense_accuracy
-    record("dense", dense_accuracy_test, original_bytes, start)
-
-    # 2-3. Pruning and sharing, at the given allocation or at the searched one.
-    stage_args = {
+    stage_args = {  # of the pruning and sharing stages
         "tx": tx,
         "prune_epochs": prune_epochs,
         "finetune_epochs": finetune_epochs,
@@ -1303,23 +1312,32 @@ def deep_compress(
     }
     if distill is None:
         distill = BUDGET_DISTILL if max_drop is not None else 0.0
-    if distill:
-        teacher = train.to_model(graphdef, dense)
-        stage_args["loss_fn"] = structured.distillation_loss_fn(teacher, weight=distill)
+    start = time.perf_counter()
+    first = _train_fold(model, fit_data, epochs, "dense", stage_args, distill)
+    graphdef, dense = first.graphdef, first.dense
+    weights["dense"] = _flat_selected(dense.params, names)
+    if max_drop is not None:
+        dense_accuracy_test = train.evaluate(graphdef, dense, data.x_test, data.y_test)["accuracy"]
+    else:
+        dense_accuracy_test = first.dense_accuracy
+    record("dense", dense_accuracy_test, original_bytes, start)
+
+    # 2-3. Pruning and sharing, at the given allocation or at the searched one.
     search = None
     if max_drop is None:
-        done = _prune_and_share(graphdef, dense, data, targets, widths, **stage_args)
+        done = _prune_and_share(graphdef, dense, data, targets, widths, **first.stage_args)
     else:
-        cross = [_Fold(fit_data, graphdef, dense, dense_accuracy, stage_args)]
-        for fold in range(1, folds):
-            part = allocation.split_validation(data, validation, seed=seed, fold=fold)
-            other = train.fit(model, tx, part, epochs=epochs, stage=f"dense {fold}", **fit_kwargs)
-            args = dict(stage_args)
-            if distill:
-                teacher = train.to_model(other.graphdef, other.state)
-                args["loss_fn"] = structured.distillation_loss_fn(teacher, weight=distill)
-            accuracy = other.history[-1]["test_accuracy"]
-            cross.append(_Fold(part, other.graphdef, other.state, accuracy, args))
+        cross = [first] + [
+            _train_fold(
+                model,
+                allocation.split_validation(data, validation, seed=seed, fold=fold),
+                epochs,
+                f"dense {fold}",
+                stage_args,
+                distill,
+            )
+            for fold in range(1, folds)
+        ]
         done, graphdef, targets, widths, search = _search(
             cross, data, (targets, widths), max_drop, learning_rate
         )
