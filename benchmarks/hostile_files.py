@@ -20,11 +20,11 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "adversarial"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the suite is the package ``adversarial``
 
-import crafted  # noqa: E402
-from bounds import Bounded  # noqa: E402
-from test_hostile_archives import HOSTILE  # noqa: E402
+from adversarial import crafted  # noqa: E402
+from adversarial.bounds import Bounded  # noqa: E402
+from adversarial.test_hostile_archives import HOSTILE  # noqa: E402
 
 LOADED = {
     "largest accepted header (2**18 JSON values)": crafted.widest_accepted_header,
