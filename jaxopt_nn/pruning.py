@@ -250,10 +250,16 @@ def saliency_masks(
 
 
 def _saliency(named: list[tuple[str, Any]], grads: list[Any]) -> list[jax.Array]:
+    # In float32 at least: |w * g| of small float16 weights and gradients underflows.
     return [
-        jnp.abs(jnp.asarray(leaf) * jnp.asarray(g))
+        jnp.abs(_at_least_f32(leaf) * _at_least_f32(g))
         for (_, leaf), g in zip(named, grads, strict=True)
     ]
+
+
+def _at_least_f32(x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_block(block: object) -> None:
@@ -292,6 +298,8 @@ def _by_score(
     normalize: bool,
 ) -> list[jax.Array]:
     """Masks keeping the highest ``scores`` (per block), sharded like their leaves."""
+    if block is not None or normalize:  # sums of float16 scores overflow
+        scores = [_at_least_f32(sc) for sc in scores]
     if block is not None:
         scores = [_block_sums(name, sc, block) for (name, _), sc in zip(named, scores, strict=True)]
     if normalize:
@@ -521,7 +529,11 @@ def _erk_sparsities(shapes: Sequence[tuple[int, ...]], sparsity: Any, power_scal
     """ERK per-leaf sparsities (NumPy for numbers, jnp for traced sparsity)."""
     xp = np if _is_number(sparsity) else jnp
     sizes = np.array([math.prod(s) for s in shapes], np.float64)
-    raw = np.array([(sum(s) / math.prod(s)) ** power_scale for s in shapes], np.float64)
+    # A leaf without weights gets no share of the kept ones.
+    raw = np.array(
+        [(sum(s) / math.prod(s)) ** power_scale if math.prod(s) else 0.0 for s in shapes],
+        np.float64,
+    )
     dtype = np.float64 if xp is np else jnp.float32
     sizes, raw = xp.asarray(sizes, dtype), xp.asarray(raw, dtype)
     dense = xp.zeros(len(shapes), bool)
@@ -667,7 +679,12 @@ def unpack_masks(packed: PyTree, like: PyTree) -> PyTree:
     """
 
     def unpack(leaf: Any, bits: jax.Array | None) -> jax.Array | None:
-        return None if bits is None else _unpack_flat(bits, np.shape(leaf))
+        if bits is None:
+            return None
+        bits = jnp.asarray(bits)
+        if bits.ndim == 0:  # prune(packed=True) keeps a scalar True where it never prunes
+            return jnp.broadcast_to(bits.astype(bool), np.shape(leaf))
+        return _unpack(bits, leaf)
 
     return jax.tree.map(unpack, like, packed)
 
@@ -1029,8 +1046,8 @@ def _zero_pruned(x: Any, mk: Any, only_if: jax.Array | None = None) -> Any:
     first moments, the smallest representable root for second moments (whose
     gradients are masked to zero from then on).
     """
-    if not hasattr(mk, "shape"):  # None, or a Variable around None (NNX state)
-        return x
+    if not hasattr(mk, "shape") or isinstance(x, optax.MaskedNode):
+        return x  # no mask (None, or a Variable around None), or no state (optax.masked)
     if isinstance(x, BlockQuantizedArray):
         return zero_where(x, mk if only_if is None else mk | ~only_if)
     if np.shape(x) != mk.shape:
@@ -1088,10 +1105,12 @@ def _pack(mask: jax.Array) -> jax.Array:
     if mask.ndim == 0:
         return mask
     spec = _explicit_spec(mask)
-    if spec is None:
-        return _pack_flat(mask)
-    if len(spec) and spec[0] is not None:
+    if spec is not None and len(spec) and spec[0] is not None:
         mask = jax.sharding.reshard(mask, P(None, *spec[1:]))  # packing regroups axis 0
+    # One layout per rank, so unpacking can tell them apart: a 1-D mask is
+    # always flat (its bits along axis 0 would be in another bit order).
+    if spec is None or mask.ndim == 1:
+        return _pack_flat(mask)
     return jnp.packbits(mask, axis=0)
 
 
@@ -1100,9 +1119,9 @@ def _unpack(bits: jax.Array | None, leaf: Any) -> jax.Array | None:
     if bits is None or bits.ndim == 0:
         return bits
     shape = np.shape(leaf)
-    if bits.ndim == len(shape):  # along the first axis (the same bits for a 1-D leaf)
+    if bits.ndim == len(shape) > 1:  # packed along the first axis (explicit mesh)
         return _like(jnp.unpackbits(bits, axis=0, count=shape[0]).astype(bool), leaf)
-    return _unpack_flat(bits, shape)
+    return _like(_unpack_flat(bits, shape), leaf)
 
 
 def _identity(x: Any) -> Any:
@@ -1261,7 +1280,9 @@ def prune(
       norm: 1 or 2 (structured); default 2.
       key: PRNG key (``method='random'``).
       inner: optional optimizer to wrap with gradient masking (required by
-        ``method='saliency'``, whose scores need the raw gradients).
+        ``method='saliency'``, whose scores need the raw gradients). Any
+        optax transform, including ``optax.masked`` / ``multi_transform``
+        states; extra arguments of ``update`` (e.g. ``value=``) reach it.
       block: ``(bh, bw)`` block sparsity for magnitude and saliency (see
         :func:`magnitude_masks`).
       normalize: per-leaf score normalisation for magnitude and saliency.
@@ -1392,6 +1413,9 @@ def prune(
             "distribution='erk' needs scope='layer' and method 'magnitude', 'random', 'set' or "
             f"'rigl'; got scope={scope!r}, method={method!r}"
         )
+    # Extra arguments of the chain (e.g. value= for reduce_on_plateau) reach
+    # inner, which may be a plain GradientTransformation.
+    inner = None if inner is None else optax.with_extra_args_support(inner)
 
     def drop_and_grow(
         named: list[tuple[str, Any]], old: list[jax.Array], grads: list[Any], step: jax.Array
@@ -1541,7 +1565,9 @@ def prune(
                 lambda x, mk: _zero_pruned(x, mk, is_update),
                 inner_state,
                 active,
-                is_leaf=lambda x: isinstance(x, BlockQuantizedArray),
+                # optax.masked / multi_transform hold a MaskedNode where the
+                # masks tree holds a leaf or None.
+                is_leaf=lambda x: isinstance(x, (BlockQuantizedArray, optax.MaskedNode)),
             )
             updates = jax.tree.map(_zero_pruned, updates, active)
         if inner is not None:

@@ -775,7 +775,7 @@ def test_every_prune_method_runs_under_an_explicit_mesh_with_sharded_masks():
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("PASS") == 3, proc.stdout
+    assert proc.stdout.count("PASS") == 4, proc.stdout
 
 
 def _sgd_chain(prune_tx):
@@ -1154,3 +1154,122 @@ def test_pruner_from_config_builds_the_same_transform_as_prune(getkey):
         pruning.pruner_from_config({"sparsity": 0.5, "schedule": {"type": "constant"}})
     with pytest.raises(ValueError, match="type"):
         pruning.pruner_from_config({"schedule": {"type": "cubic"}})
+
+
+# ------------------------------------------------ contracts with other code
+
+
+@SETTINGS
+@given(size=st.integers(1, 40), sparsity=st.floats(0.1, 0.9), seed=st.integers(0, 99))
+def test_packed_masks_of_1d_leaves_prune_the_same_weights_as_bool(size, sparsity, seed):
+    rng = np.random.default_rng(seed)
+    params = {"b": jnp.asarray(rng.normal(size=size), jnp.float32), "w": jnp.ones((3, 4))}
+    grads = jax.tree.map(jnp.ones_like, params)
+    results = []
+    for packed in (False, True):
+        tx = optax.chain(
+            optax.sgd(0.1), pruning.prune(sparsity, where=lambda n, _: True, packed=packed)
+        )
+        state = tx.init(params)
+        p = params
+        for _ in range(2):  # a mask update, then a step with the stored masks
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        results.append((p, pruning.apply_masks(params, _prune_state(state).masks)))
+    jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+    assert (np.asarray(results[1][0]["b"]) == 0).sum() == _round_f32(sparsity, size)
+
+
+def test_unpack_masks_restores_the_packed_state_masks_of_prune(getkey):
+    params = _mlp_params(getkey())
+    grads = jax.tree.map(jnp.ones_like, params)
+    states = []
+    for packed in (False, True):
+        tx = pruning.prune(0.6, packed=packed)
+        states.append(tx.update(grads, tx.init(params), params)[1])
+    restored = pruning.unpack_masks(states[1].masks, params)
+    jax.tree.map(np.testing.assert_array_equal, restored, states[0].masks)
+    assert restored["l1"]["bias"].shape == (24,) and bool(restored["l1"]["bias"].all())
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        optax.masked(optax.adam(1e-2), {"l1": True, "l2": False}),
+        optax.multi_transform(
+            {"adam": optax.adam(1e-2), "sgd": optax.sgd(1e-2)}, {"l1": "adam", "l2": "sgd"}
+        ),
+    ],
+    ids=["masked", "multi_transform"],
+)
+def test_prune_wraps_optimizers_whose_state_holds_masked_nodes(inner, getkey):
+    params = _mlp_params(getkey())
+    tx = pruning.prune(0.5, inner=inner)
+    reference = pruning.prune(0.5, inner=optax.adam(1e-2))
+    grads = jax.grad(_loss)(params, jnp.ones((4, 16)), jnp.zeros((4, 8)))
+    updates, state = tx.update(grads, tx.init(params), params)
+    expected, _ = reference.update(grads, reference.init(params), params)
+    # l1 is Adam's in both; pruned weights get -w, so they end exactly at zero
+    np.testing.assert_array_equal(updates["l1"]["kernel"], expected["l1"]["kernel"])
+    new = optax.apply_updates(params, updates)
+    mask = np.asarray(state.masks["l2"]["kernel"])
+    assert (~mask).sum() == round(0.5 * mask.size)
+    np.testing.assert_array_equal(np.asarray(new["l2"]["kernel"])[~mask], 0.0)
+    assert not np.array_equal(updates["l2"]["bias"], expected["l2"]["bias"])  # not Adam's
+
+
+def test_prune_passes_the_chain_extra_arguments_to_inner():
+    def scale_by_value():  # uses an extra argument, as reduce_on_plateau does
+        return optax.GradientTransformationExtraArgs(
+            lambda params: optax.EmptyState(),
+            lambda updates, state, params=None, *, value, **extra: (
+                jax.tree.map(lambda u: value * u, updates),
+                state,
+            ),
+        )
+
+    def plain_negate():  # a GradientTransformation that takes no extra arguments
+        return optax.GradientTransformation(
+            lambda params: optax.EmptyState(),
+            lambda updates, state, params=None: (jax.tree.map(jnp.negative, updates), state),
+        )
+
+    params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}
+    grads = {"w": jnp.ones((2, 4))}
+    for inner, factor in ((scale_by_value(), 3.0), (plain_negate(), -1.0)):
+        tx = optax.chain(pruning.prune(0.5, inner=inner), optax.contrib.reduce_on_plateau())
+        updates, _ = tx.update(grads, tx.init(params), params, value=jnp.float32(3.0))
+        kept = np.asarray(params["w"]) > 4
+        np.testing.assert_array_equal(np.asarray(updates["w"])[kept], factor)
+        np.testing.assert_array_equal(
+            np.asarray(updates["w"])[~kept], -np.asarray(params["w"])[~kept]
+        )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_normalized_block_and_saliency_scores_rank_low_precision_weights_as_float32(dtype):
+    rng = np.random.default_rng(0)
+    values = {"a": rng.normal(size=(256, 256)), "b": 1e-2 * rng.normal(size=(64, 32))}
+    params = jax.tree.map(lambda v: jnp.asarray(v, dtype), values)
+    wide = jax.tree.map(lambda p: p.astype(jnp.float32), params)  # the same values
+    grads = jax.tree.map(lambda p: jnp.asarray(1e-3 * rng.normal(size=p.shape), dtype), params)
+    wide_grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    for kwargs in ({"scope": "global", "normalize": True}, {"block": (4, 4)}):
+        got = pruning.magnitude_masks(params, 0.5, **kwargs)
+        jax.tree.map(
+            np.testing.assert_array_equal, got, pruning.magnitude_masks(wide, 0.5, **kwargs)
+        )
+    got = pruning.saliency_masks(params, grads, 0.5)
+    jax.tree.map(np.testing.assert_array_equal, got, pruning.saliency_masks(wide, wide_grads, 0.5))
+
+
+def test_erk_gives_a_leaf_without_weights_no_share():
+    params = {"a": jnp.ones((8, 8)), "c": jnp.ones((16, 4))}
+    with_empty = {**params, "z": jnp.ones((8, 0))}
+    expected = pruning.erk(params, 0.5)
+    got = pruning.erk(with_empty, 0.5)
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
+    assert 0.0 <= got["z"] <= 1.0
+    tx = pruning.prune(0.5, method="set", key=jax.random.key(0))
+    state = tx.init(with_empty)
+    assert int((~np.asarray(state.masks["a"])).sum() + (~np.asarray(state.masks["c"])).sum()) == 64

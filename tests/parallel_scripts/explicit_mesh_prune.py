@@ -150,6 +150,32 @@ def check_sparsity_stats_run_on_sharded_params():
         assert int(stats.nonzeros[row.name]) == row.nonzeros, row
 
 
+def check_packed_masks_of_sharded_1d_leaves_prune_as_bool_masks():
+    mesh = _mesh()
+    results = []
+    with jax.set_mesh(mesh):
+        params = _params(mesh)
+        params["fc1"]["bias"] = jax.device_put(
+            np.linspace(-1.0, 1.0, 32, dtype=np.float32), NamedSharding(mesh, P("model"))
+        )
+        for packed in (False, True):
+            prune = pruning.prune(SPARSITY, where=lambda name, leaf: True, packed=packed)
+            tx = optax.chain(optax.sgd(1e-2), prune)
+
+            @jax.jit
+            def step(params, state, tx=tx):
+                updates, state = tx.update(jax.grad(_loss)(params), state, params)
+                return optax.apply_updates(params, updates), state
+
+            new, state = params, tx.init(params)
+            for _ in range(STEPS):
+                new, state = step(new, state)
+            assert new["fc1"]["bias"].sharding.spec == P("model")
+            results.append(jax.device_get(new))
+    jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+    assert (results[1]["fc1"]["bias"] == 0).sum() == round(SPARSITY * 32)
+
+
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
