@@ -1258,9 +1258,12 @@ def prune(
     array: masks are then recomputed at that sparsity on every step, as with
     ``constant(s)``, and ``state.hyperparams['schedule']`` can be changed
     between steps. To keep a :class:`SparsitySchedule`'s own update steps,
-    pass ``static_args='schedule'``. ``n``, ``m``, ``axis`` and ``norm``
-    must be Python ints (name those you pass in ``static_args``), and so must
-    a callable ``where``, which inject_hyperparams would take for a schedule.
+    pass ``static_args='schedule'``. ``n``, ``m``, ``axis``, ``norm`` and
+    ``update_end`` must be Python ints (name those you pass in
+    ``static_args``), and so must a callable ``where``, which
+    inject_hyperparams would take for a schedule. With bfloat16 or float16
+    params also pass ``hyperparam_dtype=jnp.float32``: inject_hyperparams
+    otherwise casts the sparsity to the params' dtype (0.9 becomes 0.898).
 
     Args:
       schedule: a :class:`SparsitySchedule` (:func:`polynomial_schedule`,
@@ -1385,6 +1388,7 @@ def prune(
                 f"update_fraction must lie in (0, 1]; got update_fraction={update_fraction!r}"
             )
         if update_end is not None:
+            _check_static_int("update_end", update_end)
             _check_step("update_end", update_end, 1)
     if method == "rigl" and inner is None:
         raise ValueError(

@@ -820,11 +820,18 @@ def test_inject_hyperparams_evaluates_a_schedule_or_keeps_it_static(getkey):
         assert (w == 0).sum() == w.size // 2, kwargs
 
 
-def test_inject_hyperparams_refuses_a_traced_axis_naming_static_args():
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"method": "structured", "axis": 0}, "axis"),
+        ({"method": "set", "key": jax.random.key(0), "update_end": 10}, "update_end"),
+    ],
+)
+def test_inject_hyperparams_refuses_a_traced_int_naming_static_args(kwargs, name):
     tx = optax.inject_hyperparams(pruning.prune, static_args="schedule")(
-        pruning.one_shot(0, 0.5), method="structured", axis=0
+        pruning.one_shot(0, 0.5), **kwargs
     )
-    with pytest.raises(TypeError, match="axis must be an int.*static_args"):
+    with pytest.raises(TypeError, match=f"{name} must be an int.*static_args"):
         tx.init(_mlp_params(jax.random.key(0)))
 
 
