@@ -1178,7 +1178,7 @@ def prune(
     normalize: bool = False,
     packed: bool = False,
     masks: PyTree | None = None,
-    update_fraction: float | jax.Array = 0.3,
+    update_fraction: float | jax.Array | None = None,
     update_end: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradual pruning as an optax transform: pruned weights end at exactly 0.0.
@@ -1290,7 +1290,7 @@ def prune(
         :func:`magnitude_masks`).
       normalize: per-leaf score normalisation for magnitude and saliency.
       update_fraction: :math:`f` in ``(0, 1]``, the fraction of kept weights
-        dropped and regrown per update (set, rigl).
+        dropped and regrown per update (set, rigl; ``None``: 0.3).
       update_end: step from which masks stay fixed (set, rigl); also the
         end of the cosine decay of ``update_fraction``.
       masks: the fixed masks of ``method='static'``, a tree like ``params``
@@ -1359,6 +1359,22 @@ def prune(
     _check_choice("distribution", distribution, _DISTRIBUTIONS)
     _check_static_int("axis", axis)
     _check_static_int("norm", norm)
+    for name, value in (("packed", packed), ("normalize", normalize)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool; got {name}={value!r}")
+    # An argument the method does not read is refused rather than ignored.
+    for name, value, users in (
+        ("axis", axis, ("nm", "structured")),
+        ("norm", norm, ("structured",)),
+        ("update_fraction", update_fraction, _DYNAMIC),
+        ("update_end", update_end, _DYNAMIC),
+    ):
+        if value is not None and method not in users:
+            raise ValueError(
+                f"{name} is only used by method {' or '.join(map(repr, users))}; "
+                f"got {name}={value!r} with method={method!r}"
+            )
+    update_fraction = 0.3 if update_fraction is None else update_fraction
     axis = -1 if axis is None else axis
     norm = 2 if norm is None else norm
     if method == "nm":

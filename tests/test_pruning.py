@@ -374,6 +374,16 @@ def _p():
         (lambda: pruning.prune(0.5, key=jax.random.key(0)), ValueError, "key"),
         (lambda: pruning.prune(0.5, method="structured", scope="global"), ValueError, "scope"),
         (lambda: pruning.prune(0.5, method="structured", norm=0), ValueError, "norm"),
+        (lambda: pruning.prune(0.5, axis=0), ValueError, "axis is only used by method 'nm'"),
+        (lambda: pruning.prune(0.5, method="nm", n=2, m=4, norm=1), ValueError, "norm=1 with"),
+        (
+            lambda: pruning.prune(0.5, update_fraction=0.1),
+            ValueError,
+            "update_fraction is only used by method 'set' or 'rigl'; got update_fraction=0.1",
+        ),
+        (lambda: pruning.prune(0.5, method="ste", update_end=9), ValueError, "update_end="),
+        (lambda: pruning.prune(0.5, packed="yes"), TypeError, "packed must be a bool"),
+        (lambda: pruning.prune(0.5, normalize=1), TypeError, "normalize must be a bool"),
         (
             lambda: pruning.prune(0.5, distribution="erk", scope="global"),
             ValueError,
