@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.core import Tracer
 from jax.experimental import sparse as jsparse
 from jax.sharding import PartitionSpec as P
 
@@ -76,7 +77,14 @@ def _check_unit_interval(name: str, value: object, *, arrays: bool = True) -> No
     if _is_number(value):
         if not 0.0 <= float(value) < 1.0:
             raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
-    elif not (arrays and isinstance(value, (jax.Array, np.ndarray))):
+    elif arrays and isinstance(value, (jax.Array, np.ndarray)):
+        # Checked when its values are known here: not traced, not split across hosts.
+        known = not isinstance(value, Tracer) and getattr(
+            value, "is_fully_addressable", True
+        )
+        if known and not np.all((np.asarray(value) >= 0) & (np.asarray(value) < 1)):
+            raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
+    else:
         allowed = "a number in [0, 1)" + (" or an array" if arrays else "")
         raise TypeError(f"{name} must be {allowed}; got {name}={value!r}")
 
@@ -1142,6 +1150,7 @@ def _as_schedule(schedule: Any) -> SparsitySchedule:
     if isinstance(schedule, (jax.Array, np.ndarray)) and np.ndim(schedule) == 0:
         # A scalar array, e.g. from optax.inject_hyperparams: masks are
         # recomputed at this sparsity on every step, as constant(s) does.
+        _check_unit_interval("schedule", schedule)  # its value, unless traced
         return SparsitySchedule(
             lambda t: jnp.asarray(schedule, jnp.float32),
             lambda t: jnp.ones((), bool),

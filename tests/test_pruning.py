@@ -375,6 +375,17 @@ def _p():
         (lambda: pruning.prune(0.5, method="structured", scope="global"), ValueError, "scope"),
         (lambda: pruning.prune(0.5, method="structured", norm=0), ValueError, "norm"),
         (lambda: pruning.prune(0.5, axis=0), ValueError, "axis is only used by method 'nm'"),
+        (lambda: pruning.prune(jnp.float32(1.5)), ValueError, r"schedule must lie in \[0, 1\)"),
+        (
+            lambda: optax.inject_hyperparams(pruning.prune)(1.0).init(_p()),
+            ValueError,
+            r"schedule must lie in \[0, 1\)",
+        ),
+        (
+            lambda: pruning.magnitude_masks(_p(), jnp.float32(-0.5)),
+            ValueError,
+            r"sparsity must lie in \[0, 1\)",
+        ),
         (lambda: pruning.prune(0.5, method="nm", n=2, m=4, norm=1), ValueError, "norm=1 with"),
         (
             lambda: pruning.prune(0.5, update_fraction=0.1),
