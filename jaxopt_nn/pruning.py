@@ -26,6 +26,7 @@ never gathered or reshaped.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -79,9 +80,7 @@ def _check_unit_interval(name: str, value: object, *, arrays: bool = True) -> No
             raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
     elif arrays and isinstance(value, (jax.Array, np.ndarray)):
         # Checked when its values are known here: not traced, not split across hosts.
-        known = not isinstance(value, Tracer) and getattr(
-            value, "is_fully_addressable", True
-        )
+        known = not isinstance(value, Tracer) and getattr(value, "is_fully_addressable", True)
         if known and not np.all((np.asarray(value) >= 0) & (np.asarray(value) < 1)):
             raise ValueError(f"{name} must lie in [0, 1); got {name}={value!r}")
     else:
@@ -1688,8 +1687,10 @@ def pruner_from_config(
       The transform ``prune(...)`` builds.
 
     Raises:
-      ValueError: for an unknown key or schedule type, a missing or doubled
-        sparsity, or anything :func:`prune` refuses.
+      ValueError: for an unknown key or schedule type, schedule arguments
+        that do not fit it, a missing or doubled sparsity, or anything
+        :func:`prune` refuses.
+      TypeError: for a config, schedule, sparsity or seed of the wrong type.
 
     Example:
       >>> tx = pruner_from_config({
@@ -1699,6 +1700,8 @@ def pruner_from_config(
       >>> type(tx).__name__
       'GradientTransformationExtraArgs'
     """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping (a dict); got config={config!r}")
     allowed = {*_CONFIG_KEYS, "block", "seed", "sparsity", "schedule"}
     unknown = sorted(set(config) - allowed)
     if unknown:
@@ -1710,14 +1713,38 @@ def pruner_from_config(
             f"method 'static'); got keys {sorted(config)}"
         )
     schedule: Any = config.get("sparsity")
+    if "sparsity" in config:
+        _check_unit_interval("config['sparsity']", schedule)
     if "schedule" in config:
+        if not isinstance(config["schedule"], Mapping):
+            raise TypeError(
+                "config['schedule'] must be a mapping with a 'type' and that schedule's "
+                f"arguments; got config['schedule']={config['schedule']!r}"
+            )
         spec = dict(config["schedule"])
         kind = spec.pop("type", None)
         _check_choice("config['schedule']['type']", kind, list(_SCHEDULES))
-        schedule = _SCHEDULES[kind](**spec)
+        factory = _SCHEDULES[kind]
+        signature = inspect.signature(factory)
+        try:
+            signature.bind(**spec)
+        except TypeError as err:
+            takes = [
+                name if p.default is p.empty else f"{name}={p.default!r}"
+                for name, p in signature.parameters.items()
+            ]
+            raise ValueError(
+                f"config['schedule'] of type {kind!r} takes {', '.join(takes)} ({err}); "
+                f"got config['schedule']={config['schedule']!r}"
+            ) from None
+        schedule = factory(**spec)
     kwargs = {k: config[k] for k in _CONFIG_KEYS if k in config}
-    if "block" in config:
-        kwargs["block"] = tuple(config["block"])
+    if "block" in config:  # a JSON list; anything else reaches prune's own check
+        block = config["block"]
+        kwargs["block"] = tuple(block) if isinstance(block, (list, tuple)) else block
     if "seed" in config:
-        kwargs["key"] = jax.random.key(config["seed"])
+        seed = config["seed"]
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise TypeError(f"config['seed'] must be an int; got config['seed']={seed!r}")
+        kwargs["key"] = jax.random.key(seed)
     return prune(schedule, inner=inner, where=where, masks=masks, **kwargs)

@@ -1184,6 +1184,31 @@ def test_pruner_from_config_builds_the_same_transform_as_prune(getkey):
         pruning.pruner_from_config({"schedule": {"type": "cubic"}})
 
 
+@pytest.mark.parametrize(
+    ("config", "error", "match"),
+    [
+        ([("sparsity", 0.5)], TypeError, r"config must be a mapping \(a dict\); got config=\["),
+        ({"schedule": 0.5}, TypeError, r"config\['schedule'\] must be a mapping.*got .*=0.5"),
+        (
+            {"schedule": {"type": "one_shot", "sparsity": 0.5}},
+            ValueError,
+            r"'one_shot' takes step, sparsity \(missing a required argument: 'step'\)",
+        ),
+        ({"sparsity": "0.5"}, TypeError, r"config\['sparsity'\] must be a number"),
+        ({"sparsity": 1.5}, ValueError, r"config\['sparsity'\] must lie in \[0, 1\)"),
+        ({"sparsity": 0.5, "block": 4}, ValueError, "block must be a pair.*got block=4"),
+        (
+            {"sparsity": 0.5, "method": "random", "seed": 1.5},
+            TypeError,
+            r"config\['seed'\] must be an int; got .*=1.5",
+        ),
+    ],
+)
+def test_pruner_from_config_refuses_wrongly_typed_values_naming_them(config, error, match):
+    with pytest.raises(error, match=match):
+        pruning.pruner_from_config(config)
+
+
 # ------------------------------------------------ contracts with other code
 
 
