@@ -520,7 +520,7 @@ def _structured(
     axes = [_normalize_axis(axis, np.ndim(leaf), name) for name, leaf in named]
     scores = []
     for ax, (_, leaf) in zip(axes, named, strict=True):
-        x = jnp.abs(jnp.asarray(leaf).astype(jnp.promote_types(leaf.dtype, jnp.float32)))
+        x = jnp.abs(_at_least_f32(leaf))
         others = tuple(d for d in range(x.ndim) if d != ax)
         scores.append(jnp.sum(x, others) if norm == 1 else jnp.sqrt(jnp.sum(x * x, others)))
     pruned = _prune_lowest(scores, sparsities, "layer")
